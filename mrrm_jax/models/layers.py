@@ -1,0 +1,50 @@
+"""Small building blocks shared by the ViT, the adapter and the language model."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+
+class Dense(nn.Module):
+    """`y = x @ kernel (+ bias)`, kernel stored [in, out] (the transpose of torch's Linear).
+
+    Every projection of the model goes through this one module, so that LoRA (a parameter
+    transform, see lora.py) has a single place to act on.
+    """
+
+    features: int
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, x_in):
+        kernel_io = self.param("kernel", self.kernel_init, (x_in.shape[-1], self.features), self.param_dtype)
+        y_out = jnp.dot(x_in.astype(self.dtype), kernel_io.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            y_out = y_out + bias.astype(self.dtype)
+        return y_out
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as transformers' Molmo2RMSNorm: statistics in float32, then `weight * x` in the input dtype."""
+
+    eps: float = 1e-6
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def swiglu(gate, up):
+    return jax.nn.silu(gate) * up

