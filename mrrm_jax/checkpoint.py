@@ -81,7 +81,7 @@ def load_base(base_dir: str | pathlib.Path, shardings=None, dtype=None) -> tuple
     """
     base_dir = pathlib.Path(base_dir).absolute()
     cfg = load_config(base_dir)
-    flat = ocp.load_pytree(base_dir / PARAMS_DIR)
+    flat = ocp.load(base_dir / PARAMS_DIR)
     flat = jax.tree.map(np.asarray, flat)
     params = _stack_layers(flat)
     if dtype is not None:

@@ -84,7 +84,8 @@ CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
     "{%- else -%}"
-    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text')"
+    " | map(attribute='text') | join(' ') -%}"
     "{%- endif -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + text -}}"
     "{%- if not (loop.last and message['role'] == 'assistant') -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
@@ -92,6 +93,8 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
+# transformers' Molmo2VideoProcessor, unlike Molmo2ImageProcessor and the original remote-code class, has
+# no defaults for these (the released config files set them); unset, video frames come out as raw uint8.
 VIDEO_PIXEL_DEFAULTS = {"do_convert_rgb": True, "do_resize": True, "do_rescale": True, "do_normalize": True}
 
 
@@ -166,15 +169,15 @@ def build_qwen_tokenizer(ranks: dict[bytes, int] | None = None) -> tokenizers.To
     return tokenizer
 
 
-def write_molmo2_processor_dir(out_dir, *, image_processor_kwargs=None, video_processor_kwargs=None) -> pathlib.Path:
-    """Write a Molmo2 tokenizer + processor directory, loadable offline with `AutoTokenizer` / `AutoProcessor`.
+def write_molmo2_processor_dir(
+    out_dir, *, image_processor_kwargs=None, video_processor_kwargs=None
+) -> pathlib.Path:
+    """Write a Molmo2 tokenizer + processor directory that `AutoTokenizer` / `AutoProcessor` load offline.
 
     The kwargs override `Molmo2ImageProcessor` / `Molmo2VideoProcessor` defaults (e.g. `max_crops`, `size`,
     `num_frames`, `max_fps`).
     """
     out_dir = pathlib.Path(out_dir)
-    # transformers' Molmo2VideoProcessor leaves these unset (the released config files set them), and
-    # unset means video frames come out as raw uint8 pixels; images get them from their class defaults.
     video_processor_kwargs = {**VIDEO_PIXEL_DEFAULTS, **(video_processor_kwargs or {})}
     tokenizer = TokenizersBackend(
         tokenizer_object=build_qwen_tokenizer(),
