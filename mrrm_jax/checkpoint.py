@@ -59,33 +59,67 @@ def load_config(base_dir: str | pathlib.Path) -> Molmo2Config:
     return Molmo2Config.from_json(path.read_text())
 
 
-def _stack_layers(tree: dict) -> dict:
-    """{'layers': {'0': sub, '1': sub, ...}} -> {'layers': stacked sub} wherever it occurs."""
-    out = {}
-    for key, value in tree.items():
-        if key == "layers" and isinstance(value, dict) and all(re.fullmatch(r"\d+", k) for k in value):
-            per_layer = [value[str(i)] for i in range(len(value))]
-            out[key] = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
-        elif isinstance(value, dict):
-            out[key] = _stack_layers(value)
-        else:
-            out[key] = value
-    return out
+def _per_layer(stacked_name: str, cfg: Molmo2Config) -> list[str] | None:
+    """'language_model/layers/mlp/up_proj/kernel' -> its per-layer checkpoint names (None: not stacked)."""
+    match = re.fullmatch(r"(\w+)/layers/(.*)", stacked_name)
+    if match is None:
+        return None
+    num_layers = {"vision_tower": cfg.vision.num_layers, "language_model": cfg.text.num_layers}[match.group(1)]
+    return [f"{match.group(1)}/layers/{i}/{match.group(2)}" for i in range(num_layers)]
+
+
+def _layer_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of one layer's slice of a stacked leaf (drop the layer axis)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+    return sharding  # single-device and replicated shardings do not depend on rank
 
 
 def load_base(base_dir: str | pathlib.Path, shardings=None, dtype=None) -> tuple[Molmo2Config, dict]:
     """(config, params) with params in the model's (stacked) layout.
 
-    `shardings`: an optional pytree of `jax.sharding.Sharding` matching the params; each leaf is
-    then placed straight into it. `dtype`: optional cast of floating leaves (e.g. "bfloat16").
+    `shardings`: optional pytree of `jax.sharding.Sharding` matching the params: every layer slice
+    is restored by Orbax straight into its shard of the stacked leaf's sharding (no host copy of
+    the whole model). `dtype`: optional cast of the floating leaves, e.g. "bfloat16".
     """
     base_dir = pathlib.Path(base_dir).absolute()
     cfg = load_config(base_dir)
-    flat = ocp.load(base_dir / PARAMS_DIR)
-    flat = jax.tree.map(np.asarray, flat)
-    params = _stack_layers(flat)
-    if dtype is not None:
-        params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    stored = {_name(path): leaf for path, leaf in
+              jax.tree_util.tree_flatten_with_path(ocp.metadata(base_dir / PARAMS_DIR).metadata)[0]}
+    stacked_names = sorted({re.sub(r"/layers/\d+/", "/layers/", n) for n in stored})
     if shardings is None:
-        return cfg, jax.tree.map(jnp.asarray, params)
-    return cfg, jax.tree.map(jax.device_put, params, shardings)
+        shardings_by_name = {n: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for n in stacked_names}
+    else:
+        shardings_by_name = {_name(p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+
+    def leaf_dtype(meta):
+        return jnp.dtype(dtype) if dtype is not None and jnp.issubdtype(meta.dtype, jnp.floating) else meta.dtype
+
+    abstract = {}
+    for name in stacked_names:
+        parts = _per_layer(name, cfg)
+        if parts is None:
+            meta = stored[name]
+            abstract[name] = jax.ShapeDtypeStruct(meta.shape, leaf_dtype(meta), sharding=shardings_by_name[name])
+        for part in parts or ():
+            meta = stored[part]
+            abstract[part] = jax.ShapeDtypeStruct(meta.shape, leaf_dtype(meta),
+                                                  sharding=_layer_sharding(shardings_by_name[name]))
+    restored = _flatten(ocp.load(base_dir / PARAMS_DIR, _nest(abstract)))
+    flat = {}
+    for name in stacked_names:
+        parts = _per_layer(name, cfg)
+        if parts is None:
+            flat[name] = restored.pop(name)
+        else:
+            stack = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=shardings_by_name[name])
+            flat[name] = stack(*[restored.pop(p) for p in parts])
+    return cfg, _nest(flat)
+
+
+def _name(path) -> str:
+    return "/".join(str(p.key) for p in path)
+
+
+def _flatten(tree: dict) -> dict:
+    return {_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
