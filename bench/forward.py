@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import resource
 import statistics
 import tempfile
 import time
@@ -34,10 +35,14 @@ from transformers import AutoProcessor
 from transformers import Molmo2Config as HFMolmo2Config
 from transformers import Molmo2ForConditionalGeneration
 
-from mrrm_jax import checkpoint
+from mrrm_jax import checkpoint, convert
 from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
-from mrrm_jax.models.molmo2 import Molmo2
-from tests import oracle
+from mrrm_jax.models.molmo2 import Molmo2, Molmo2Config
+
+try:  # processor outputs -> our batch layout (moved out of tests/oracle.py)
+    from mrrm_jax.hf_interop import batch_from_processor
+except ImportError:
+    from tests.oracle import to_batch as batch_from_processor
 
 HEAD_DIM = 64
 VIT_HIDDEN = 128
@@ -84,8 +89,23 @@ def build_inputs(processor, text_tokens: int, seed: int = 0) -> dict:
     return run(max(0, text_tokens - overhead))
 
 
-def median_seconds(samples: list[float]) -> float:
-    return statistics.median(samples)
+def convert_checkpoint(hf_dir: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    """What tools/convert_checkpoint.py does."""
+    cfg = Molmo2Config.from_hf_dir(hf_dir)
+    shards = convert.SafetensorsShards(hf_dir)
+    has_lm_head = any(convert.native_name(k) == "lm_head.weight" for k in shards.entries)
+    cfg = cfg.replace(with_lm_head=has_lm_head and not cfg.text.tie_word_embeddings)
+    return checkpoint.save_base(out, cfg, convert.converted_leaves(shards, cfg))
+
+
+def busy_cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds used by the whole machine, by this process) so far: their difference over the
+    timed window is what OTHER processes took from us (the machine may be shared)."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    machine = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return machine, own.ru_utime + own.ru_stime
 
 
 def main():
@@ -117,11 +137,11 @@ def main():
                 if "norm" in name:
                     p.add_(0.1 * torch.randn_like(p))
         torch_model.save_pretrained(tmp / "hf", save_original_format=False)
-        converted = oracle.convert_dir(tmp / "hf", tmp / "ours")
+        converted = convert_checkpoint(tmp / "hf", tmp / "ours")
         cfg, params = checkpoint.load_base(converted)
     print(f"attention implementation (pytorch): {torch_model.config._attn_implementation}")
 
-    batch_np = oracle.to_batch(inputs, cfg)
+    batch_np = batch_from_processor(inputs, cfg)
     batch = jax.device_put({k: np.asarray(v) for k, v in batch_np.items()})
     tokens_per_forward = int(batch_np["tokens"].size)
     image_tokens = int(inputs["mm_token_type_ids"].sum())
@@ -157,16 +177,22 @@ def main():
     if args.with_logits:
         runs.update({"ours+logits": ours("logits"), "pytorch+logits": pytorch_full})
 
-    # Warm-up (and the outputs for the agreement check).
+    # Warm-up, 3 rounds (the first runs of both sides are slow), and the outputs for the agreement check.
     outputs = {name: fn() for name, fn in runs.items()}
-    for fn in runs.values():
-        fn()
+    for _ in range(2):
+        for fn in runs.values():
+            fn()
     seconds = {name: [] for name in runs}
+    machine_start, own_start = busy_cpu_seconds()
+    wall_start = time.perf_counter()
     for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both sides alike
         for name, fn in runs.items():
             start = time.perf_counter()
             fn()
             seconds[name].append(time.perf_counter() - start)
+    wall_seconds = time.perf_counter() - wall_start
+    machine_end, own_end = busy_cpu_seconds()
+    other_cpu_seconds = max(0.0, (machine_end - machine_start) - (own_end - own_start))
 
     real = batch_np["segment_ids"].astype(bool)
     hidden_diff = float(np.abs(np.asarray(outputs["ours"]) - outputs["pytorch"].float().numpy())[real].max())
@@ -175,17 +201,22 @@ def main():
     print(f"\ncompile seconds (ours, excluded from timings): "
           + ", ".join(f"{k} {v:.2f}" for k, v in compile_seconds.items()))
     print(f"\nLM {args.lm_layers} layers x {args.hidden} wide; median of {args.repeats} interleaved runs, batch 1\n")
-    print(f"{'':16}{'tokens':>8}{'median s':>11}{'tokens/s':>11}{'min s':>9}{'max s':>9}")
+    print(f"{'':16}{'tokens':>8}{'median s':>11}{'tokens/s':>11}{'min s':>9}{'max s':>9}{'tokens/s @min':>15}")
     tokens_per_s = {}
     for name, samples in seconds.items():
-        med = median_seconds(samples)
+        med = statistics.median(samples)
         tokens_per_s[name] = tokens_per_forward / med
         print(f"{name:16}{tokens_per_forward:>8}{med:>11.4f}{tokens_per_s[name]:>11.0f}{min(samples):>9.4f}"
-              f"{max(samples):>9.4f}")
-    print(f"\nratio ours/pytorch tokens/s (hidden states): {tokens_per_s['ours'] / tokens_per_s['pytorch']:.2f}x")
+              f"{max(samples):>9.4f}{tokens_per_forward / min(samples):>15.0f}")
+    print(f"\nother processes used {other_cpu_seconds:.1f} CPU-seconds of the {cores * wall_seconds:.1f} available "
+          f"during the timed runs" + (" (shared machine: timings are noisy; the min column is the less disturbed "
+                                      "estimate)" if other_cpu_seconds > 0.05 * cores * wall_seconds else ""))
+    pairs = [("hidden states", "ours", "pytorch")] + ([("with logits", "ours+logits", "pytorch+logits")]
+                                                     if args.with_logits else [])
+    for label, a, b in pairs:
+        print(f"ratio ours/pytorch tokens/s ({label}): median {tokens_per_s[a] / tokens_per_s[b]:.2f}x, "
+              f"min {min(seconds[b]) / min(seconds[a]):.2f}x")
     if args.with_logits:
-        print(f"ratio ours/pytorch tokens/s (with logits):   "
-              f"{tokens_per_s['ours+logits'] / tokens_per_s['pytorch+logits']:.2f}x")
         logits_diff = float(np.abs(np.asarray(outputs["ours+logits"]) - outputs["pytorch+logits"].float().numpy())
                             [real].max())
     print(f"\noutputs agree: max abs diff of final hidden states over non-pad tokens {hidden_diff:.2e} "

@@ -12,6 +12,7 @@ from transformers import AutoProcessor, Molmo2ForConditionalGeneration
 from transformers.video_utils import VideoMetadata
 
 from mrrm_jax import checkpoint
+from mrrm_jax.hf_interop import batch_from_processor
 from mrrm_jax.models.molmo2 import Molmo2
 from tests import oracle
 
@@ -27,9 +28,11 @@ def _ours(converted_dir, batch):
 
 
 def _compare(tiny, inputs, report=None):
-    hf_hidden, hf_logits = oracle.hf_forward(tiny.torch_model, inputs)
     cfg = checkpoint.load_config(tiny.converted_native)
-    hidden, logits = _ours(tiny.converted_native, oracle.to_batch(inputs, cfg))
+    batch = batch_from_processor(inputs, cfg)
+    # Left-padded rows: both sides get the same positions (the reference's default is arange).
+    hf_hidden, hf_logits = oracle.hf_forward(tiny.torch_model, {**inputs, "position_ids": torch.tensor(batch["positions"])})
+    hidden, logits = _ours(tiny.converted_native, batch)
     real = inputs["attention_mask"].numpy().astype(bool)  # padding positions are unspecified
     err_h = np.abs(hidden - hf_hidden)[real].max()
     err_l = np.abs(logits - hf_logits)[real].max()
@@ -117,7 +120,7 @@ def test_olmo_qk_norm_and_norm_after(tmp_path):
 def test_bfloat16_forward_stays_close_to_float32(tiny_models, processor):
     inputs = _chat(processor, [{"type": "image"}, {"type": "text", "text": "Describe."}], images=[_image(8, 200, 160)])
     cfg, params = checkpoint.load_base(tiny_models.converted_native)
-    batch = oracle.to_batch(inputs, cfg)
+    batch = batch_from_processor(inputs, cfg)
     h32 = Molmo2(cfg).apply({"params": params}, batch)
     p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     h16 = Molmo2(cfg.replace(dtype="bfloat16", param_dtype="bfloat16")).apply({"params": p16}, batch)

@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrrm_jax.lora import LoraKernel
+
 Dtype = jnp.dtype
 
 
@@ -25,11 +27,23 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x_in):
         kernel_io = self.param("kernel", self.kernel_init, (x_in.shape[-1], self.features), self.param_dtype)
-        y_out = jnp.dot(x_in.astype(self.dtype), kernel_io.astype(self.dtype))
+        x_in = x_in.astype(self.dtype)
+        if isinstance(kernel_io, LoraKernel):
+            y_out = jnp.dot(x_in, kernel_io.w.astype(self.dtype)) + self._lora(x_in, kernel_io)
+        else:
+            y_out = jnp.dot(x_in, kernel_io.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y_out = y_out + bias.astype(self.dtype)
         return y_out
+
+    def _lora(self, x_in, kernel: LoraKernel):
+        """`dropout(x) A B * alpha / r`, in the order that never forms an [in, out] matrix."""
+        if kernel.dropout > 0 and self.has_rng("dropout"):
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - kernel.dropout, x_in.shape)
+            x_in = jnp.where(keep, x_in / (1 - kernel.dropout), 0).astype(x_in.dtype)
+        x_r = jnp.dot(x_in, kernel.a.astype(self.dtype))
+        return jnp.dot(x_r, kernel.b.astype(self.dtype)) * kernel.scale
 
 
 class RMSNorm(nn.Module):

@@ -1,0 +1,150 @@
+"""The multi-response reward: read positions -> value head -> scores [B, N] -> N-way losses.
+
+Scores follow the paper: `score = head(h) / sqrt(H)` with `h` the final-norm hidden state at the
+response's read position (the token just before its `<|resp_sep|>`, or the last token for the last
+response). Padded responses (read position -1) score -inf, so they vanish from every softmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mrrm_jax import lora
+
+POOLINGS = ("last", "first", "first_last_concat", "first_last_add", "first_last_sub", "response_mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    """The release's `reward_model_config.json` options; the defaults are the paper's."""
+
+    head_type: str = "mlp"  # "mlp": Linear(H, hidden) -> SiLU -> Linear(hidden, 1); "linear": Linear(H, 1)
+    hidden_dim: int = 1024
+    pooling: str = "last"  # one of POOLINGS; all but "last" need `response_starts` in the batch
+    scale_by_sqrt_hidden: bool = True
+
+    def __post_init__(self):
+        if self.head_type not in ("mlp", "linear"):
+            raise ValueError(f"head_type={self.head_type!r}: expected 'mlp' or 'linear'")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r}: expected one of {POOLINGS}")
+
+
+class ValueHead(nn.Module):
+    """Pooled response features [..., F] -> one scalar each [...] (before the 1/sqrt(H) scaling)."""
+
+    config: HeadConfig
+
+    @nn.compact
+    def __call__(self, features):
+        init = dict(kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros)
+        x = features.astype(jnp.float32)
+        if self.config.head_type == "mlp":
+            x = jax.nn.silu(nn.Dense(self.config.hidden_dim, name="0", **init)(x))
+            return nn.Dense(1, name="2", **init)(x)[..., 0]
+        return nn.Dense(1, name="0", **init)(x)[..., 0]
+
+
+def pool(hidden_btd, read_positions_bn, response_starts_bn=None, pooling: str = "last"):
+    """Features [B, N, F] of each response from the hidden states; F = D, or 2D for "first_last_concat"."""
+    take = lambda idx_bn: jnp.take_along_axis(hidden_btd, jnp.clip(idx_bn, 0)[..., None], axis=1)
+    last_bnd = take(read_positions_bn)
+    if pooling == "last":
+        return last_bnd
+    if response_starts_bn is None:
+        raise ValueError(f"pooling={pooling!r} needs `response_starts` in the batch")
+    first_bnd = take(response_starts_bn)
+    if pooling == "first":
+        return first_bnd
+    if pooling == "first_last_concat":
+        return jnp.concatenate([first_bnd, last_bnd], axis=-1)
+    if pooling == "first_last_add":
+        return first_bnd + last_bnd
+    if pooling == "first_last_sub":
+        return last_bnd - first_bnd
+    # response_mean: mean over [start, read position] of each response.
+    t = jnp.arange(hidden_btd.shape[1])
+    inside_bnt = (t >= response_starts_bn[..., None]) & (t <= read_positions_bn[..., None])
+    total_bnd = jnp.einsum("bnt,btd->bnd", inside_bnt.astype(jnp.float32), hidden_btd.astype(jnp.float32))
+    return total_bnd / jnp.maximum(inside_bnt.sum(-1, keepdims=True), 1)
+
+
+def scores(head: ValueHead, head_params, hidden_btd, batch: dict):
+    """[B, N] float32 scores; -inf where `read_positions` is -1 (no such response)."""
+    features = pool(hidden_btd, batch["read_positions"], batch.get("response_starts"), head.config.pooling)
+    scores_bn = head.apply({"params": head_params}, features)
+    if head.config.scale_by_sqrt_hidden:
+        scores_bn = scores_bn / math.sqrt(hidden_btd.shape[-1])
+    return jnp.where(batch["read_positions"] >= 0, scores_bn, -jnp.inf)
+
+
+# -- labels and losses -------------------------------------------------------------------------
+
+def label_from_rankings(rankings, rng: np.random.Generator) -> int:
+    """Index of the best-ranked response (rank 1 = best); ties broken uniformly at random."""
+    rankings = np.asarray(rankings)
+    best = np.flatnonzero(rankings == rankings.min())
+    return int(rng.choice(best))
+
+
+def cross_entropy(scores_bn, labels_b):
+    """Per-example N-way cross-entropy [B]; -inf scores (padding) take no probability."""
+    log_probs_bn = jax.nn.log_softmax(scores_bn, axis=-1)
+    return -jnp.take_along_axis(log_probs_bn, labels_b[:, None], axis=-1)[:, 0]
+
+
+def plackett_luce(scores_bn, order_bn):
+    """Listwise loss over the full ranking [B] (our extension, off by default).
+
+    `order_bn[b]` lists response indices from best to worst (ties already broken), padded with -1.
+    Loss = -sum_i [s_(i) - logsumexp(s_(i), ..., s_(n))] over the real responses.
+    """
+    valid_bn = order_bn >= 0
+    ordered_bn = jnp.take_along_axis(scores_bn, jnp.clip(order_bn, 0), axis=-1)
+    ordered_bn = jnp.where(valid_bn, ordered_bn, -jnp.inf)
+    # logsumexp over each suffix: reverse cumulative logaddexp.
+    suffix_bn = jax.lax.cumlogsumexp(ordered_bn, axis=ordered_bn.ndim - 1, reverse=True)
+    terms_bn = jnp.where(valid_bn, ordered_bn - suffix_bn, 0.0)
+    # The last real response's term is log 1 = 0; it is kept for clarity.
+    return -terms_bn.sum(-1)
+
+
+def order_from_rankings(rankings, rng: np.random.Generator) -> np.ndarray:
+    """Best-to-worst response indices, ties broken uniformly at random (for `plackett_luce`)."""
+    rankings = np.asarray(rankings)
+    return np.lexsort((rng.permutation(len(rankings)), rankings))
+
+
+# -- the reward model as a function of (base, trainable) ---------------------------------------
+
+def forward_scores(backbone, head: ValueHead, base_params, trainable: dict, batch: dict, lora_spec=None, rng=None):
+    """Scores [B, N]. `trainable` = {"head": ..., "lora": factors or {}}; the base stays frozen.
+
+    With `rng`, LoRA dropout is active (training); without, the pass is deterministic.
+    """
+    base_params = jax.lax.stop_gradient(base_params)  # frozen: no gradient can reach the base
+    params = lora.apply(base_params, trainable["lora"], lora_spec) if trainable.get("lora") else base_params
+    rngs = {} if rng is None else {"dropout": rng}
+    hidden_btd = backbone.apply({"params": params}, batch, rngs=rngs)
+    return scores(head, trainable["head"], hidden_btd, batch)
+
+
+def loss(backbone, head: ValueHead, base_params, trainable: dict, batch: dict, lora_spec=None, rng=None,
+         objective: str = "cross_entropy"):
+    """Mean loss over the batch's examples, and the scores. Examples with label -1 are padding."""
+    scores_bn = forward_scores(backbone, head, base_params, trainable, batch, lora_spec, rng)
+    real_b = batch["labels"] >= 0
+    if objective == "cross_entropy":
+        per_example_b = cross_entropy(scores_bn, jnp.clip(batch["labels"], 0))
+    elif objective == "plackett_luce":
+        per_example_b = plackett_luce(scores_bn, batch["order"])
+    else:
+        raise ValueError(f"objective={objective!r}: expected 'cross_entropy' or 'plackett_luce'")
+    per_example_b = jnp.where(real_b, per_example_b, 0.0)
+    return per_example_b.sum() / jnp.maximum(real_b.sum(), 1), scores_bn
