@@ -12,6 +12,8 @@ straight into a sharding.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import pathlib
 import re
 from typing import Iterable
@@ -123,3 +125,43 @@ def _name(path) -> str:
 
 def _flatten(tree: dict) -> dict:
     return {_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+# -- reward-model directories -------------------------------------------------------------------
+#
+#   base/                 a converted base checkpoint (see above)
+#   trainable/            Orbax: {"lora": {kernel path: {"a", "b"}}, "head": value-head params}
+#   reward_config.json    {"head": HeadConfig fields, "lora": LoraSpec fields or null}
+#   processor/            tokenizer + processor files, `<|resp_sep|>` included
+
+BASE_DIR, TRAINABLE_DIR, REWARD_CONFIG_FILE, PROCESSOR_DIR = "base", "trainable", "reward_config.json", "processor"
+
+
+def save_trainable(out_dir: str | pathlib.Path, trainable: dict, head_config, lora_spec) -> None:
+    """Writes `trainable/` and `reward_config.json` into a reward-model directory."""
+    out_dir = pathlib.Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Orbax keys must be plain names: kernel paths ("a/b/kernel") are flattened with "|".
+    tree = {"head": trainable["head"]}
+    if trainable.get("lora"):
+        tree["lora"] = {path.replace("/", "|"): ab for path, ab in trainable["lora"].items()}
+    ocp.save_pytree(out_dir / TRAINABLE_DIR, jax.tree.map(np.asarray, tree))
+    spec = None if lora_spec is None else dataclasses.asdict(lora_spec)
+    (out_dir / REWARD_CONFIG_FILE).write_text(json.dumps({"head": dataclasses.asdict(head_config), "lora": spec}, indent=1))
+
+
+def load_trainable(reward_dir: str | pathlib.Path):
+    """(trainable, HeadConfig, LoraSpec or None) of a reward-model directory."""
+    from mrrm_jax.lora import LoraSpec
+    from mrrm_jax.reward import HeadConfig
+
+    reward_dir = pathlib.Path(reward_dir).absolute()
+    path = reward_dir / REWARD_CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not a reward-model directory (import or train one first)")
+    raw = json.loads(path.read_text())
+    head = HeadConfig(**raw["head"])
+    spec = None if raw["lora"] is None else LoraSpec(**{**raw["lora"], "targets": tuple(raw["lora"]["targets"])})
+    tree = ocp.load_pytree(reward_dir / TRAINABLE_DIR)
+    trainable = {"head": tree["head"], "lora": {k.replace("|", "/"): v for k, v in tree.get("lora", {}).items()}}
+    return jax.tree.map(jnp.asarray, trainable), head, spec
