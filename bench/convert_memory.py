@@ -12,7 +12,7 @@ them to the original release layout that `save_pretrained` writes by default (fu
 `wte.embedding` / `wte.new_embedding`, `transformer.*` / `vision_backbone.*` names).
 
 Then runs `python tools/convert_checkpoint.py` in a subprocess and reads its peak RSS (ru_maxrss
-from wait4), and the same for a bare `python -c "import jax, orbax.checkpoint, mrrm_jax.convert"`
+from wait4, in a bare launcher process: see `_LAUNCHER`), and the same for a bare `python -c "import jax, orbax.checkpoint, mrrm_jax.convert"`
 baseline. Finally loads the result with `mrrm_jax.checkpoint.load_base` and checks a few leaves
 against the source tensors. Everything is deleted at the end.
 """
@@ -142,17 +142,28 @@ def write_checkpoint(out_dir: pathlib.Path, config: HFMolmo2Config, shapes: dict
     return files
 
 
+# ru_maxrss of a child forked from THIS process starts at this process's own peak (exec keeps the
+# high-water mark of the pre-exec address space, and torch + transformers are loaded here), so a
+# bare launcher process runs the command and reports the peak RSS of ITS child instead.
+_LAUNCHER = """
+import os, subprocess, sys
+with open(sys.argv[1], "wb") as log:
+    proc = subprocess.Popen(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
 def peak_rss_bytes(command: list[str], log_path: pathlib.Path) -> tuple[int, float]:
-    """(peak RSS of the child, wall seconds); raises if it fails (its output is in log_path)."""
+    """(peak RSS of `command`, wall seconds); raises if it fails (its output is in log_path)."""
     start = time.perf_counter()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+    result = subprocess.run([sys.executable, "-c", _LAUNCHER, str(log_path), *command], cwd=REPO,
+                            capture_output=True, text=True, check=True)
     seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
-    return usage.ru_maxrss * 1024, seconds  # Linux reports KiB
+    returncode, max_rss_kib = map(int, result.stdout.split())
+    if returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({returncode}):\n{log_path.read_text()[-3000:]}")
+    return max_rss_kib * 1024, seconds  # Linux reports KiB
 
 
 def read_tensor(hf_dir: pathlib.Path, name: str) -> np.ndarray:

@@ -145,7 +145,7 @@ def save_trainable(out_dir: str | pathlib.Path, trainable: dict, head_config, lo
     tree = {"head": trainable["head"]}
     if trainable.get("lora"):
         tree["lora"] = {path.replace("/", "|"): ab for path, ab in trainable["lora"].items()}
-    ocp.save_pytree(out_dir / TRAINABLE_DIR, jax.tree.map(np.asarray, tree))
+    ocp.save(out_dir / TRAINABLE_DIR, jax.tree.map(np.asarray, tree))
     spec = None if lora_spec is None else dataclasses.asdict(lora_spec)
     (out_dir / REWARD_CONFIG_FILE).write_text(json.dumps({"head": dataclasses.asdict(head_config), "lora": spec}, indent=1))
 
@@ -162,6 +162,6 @@ def load_trainable(reward_dir: str | pathlib.Path):
     raw = json.loads(path.read_text())
     head = HeadConfig(**raw["head"])
     spec = None if raw["lora"] is None else LoraSpec(**{**raw["lora"], "targets": tuple(raw["lora"]["targets"])})
-    tree = ocp.load_pytree(reward_dir / TRAINABLE_DIR)
+    tree = ocp.load(reward_dir / TRAINABLE_DIR)
     trainable = {"head": tree["head"], "lora": {k.replace("|", "/"): v for k, v in tree.get("lora", {}).items()}}
     return jax.tree.map(jnp.asarray, trainable), head, spec

@@ -86,6 +86,19 @@ def scores(head: ValueHead, head_params, hidden_btd, batch: dict):
 
 # -- labels and losses -------------------------------------------------------------------------
 
+def check_rankings(rankings, num_responses: int, record: str = "record") -> np.ndarray:
+    """Training needs N >= 2 responses and one integer rank per response (1 = best, ties allowed)."""
+    if num_responses < 2:
+        raise ValueError(f"{record}: training needs at least 2 responses, got {num_responses}")
+    if rankings is None or len(rankings) != num_responses:
+        got = "none" if rankings is None else len(rankings)
+        raise ValueError(f"{record}: field 'rankings' needs {num_responses} entries (one per response), got {got}")
+    rankings = np.asarray(rankings)
+    if not np.issubdtype(rankings.dtype, np.integer) or rankings.min() < 1:
+        raise ValueError(f"{record}: field 'rankings' must be integers >= 1 (1 = best), got {rankings.tolist()}")
+    return rankings
+
+
 def label_from_rankings(rankings, rng: np.random.Generator) -> int:
     """Index of the best-ranked response (rank 1 = best); ties broken uniformly at random."""
     rankings = np.asarray(rankings)

@@ -25,3 +25,28 @@ def processor_dir(tmp_path_factory) -> pathlib.Path:
     from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
 
     return write_molmo2_processor_dir(tmp_path_factory.mktemp("processor"), **oracle.PROCESSOR_KWARGS)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_dir(tmp_path_factory, tiny_models, processor_dir) -> pathlib.Path:
+    """A reward-model directory around the tiny base: LoRA with non-zero B, a random value head."""
+    import shutil
+
+    import jax
+    import jax.numpy as jnp
+
+    from mrrm_jax import checkpoint, lora, reward
+    from mrrm_jax.data.formatting import load_processor
+
+    out = tmp_path_factory.mktemp("reward")
+    shutil.copytree(tiny_models.converted_native, out / checkpoint.BASE_DIR)
+    config, base = checkpoint.load_base(out / checkpoint.BASE_DIR)
+    spec = lora.LoraSpec(rank=4, alpha=8)
+    factors = lora.init(base, spec, jax.random.key(0))
+    factors = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(1), x.shape), factors)
+    head_config = reward.HeadConfig()
+    head = reward.ValueHead(head_config).init(jax.random.key(2), jnp.zeros((1, config.text.hidden_size)))["params"]
+    head = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), head)
+    checkpoint.save_trainable(out, {"lora": factors, "head": head}, head_config, spec)
+    load_processor(processor_dir).save_pretrained(out / checkpoint.PROCESSOR_DIR)
+    return out

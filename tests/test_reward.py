@@ -133,3 +133,14 @@ def test_lora_training_step_costs_at_most_2_2_forwards():
     forward_flops, step_flops, ratio = lora_step_flops_ratio()
     print(f"forward {forward_flops:.3e} FLOPs, LoRA step {step_flops:.3e} FLOPs, ratio {ratio:.2f}")
     assert ratio <= 2.2
+
+
+@pytest.mark.parametrize("rankings, n, message", [
+    ([1], 1, "at least 2 responses"),
+    ([1, 2, 3], 2, "needs 2 entries"),
+    (None, 3, "got none"),
+    ([0, 1], 2, "integers >= 1"),
+])
+def test_bad_training_targets_are_clear_errors(rankings, n, message):
+    with pytest.raises(ValueError, match=message):
+        reward.check_rankings(rankings, n, record="record 7")

@@ -1,0 +1,145 @@
+"""Scoring with a multi-response reward model: a Python API and a JSONL command line.
+
+    python -m mrrm_jax.score --checkpoint=DIR --input=in.jsonl --output=out.jsonl [--mode=single]
+
+Records follow the paper's schema (`prompt`, `responses`, optional `image` path or list, `video`
+path; paths relative to the input file). Each output line is `{"index", "id"?, "scores"}` or, for a
+record that cannot be scored, `{"index", "id"?, "error"}`; the other records are still scored.
+`--mode=single` is the conventional baseline: every response in its own pass (same head, same
+read-position rule), for comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from mrrm_jax import checkpoint, lora, reward
+from mrrm_jax.data import collate, formatting, media
+from mrrm_jax.hf_interop import batch_from_processor
+from mrrm_jax.models.molmo2 import Molmo2
+
+
+class RewardModel:
+    """A loaded reward model: the base with its LoRA merged in (fast scoring), the head, the processor."""
+
+    def __init__(self, config, params, head_config, head_params, processor):
+        self.config = config.replace(with_lm_head=False)
+        self.backbone, self.head = Molmo2(self.config), reward.ValueHead(head_config)
+        self.params, self.head_params, self.processor = params, head_params, processor
+        self._scores = jax.jit(lambda p, h, batch: reward.forward_scores(
+            self.backbone, self.head, p, {"head": h, "lora": {}}, batch))
+
+    @classmethod
+    def load(cls, reward_dir: str | pathlib.Path, dtype: str | None = None) -> RewardModel:
+        reward_dir = pathlib.Path(reward_dir)
+        config, base = checkpoint.load_base(reward_dir / checkpoint.BASE_DIR, dtype=dtype)
+        trainable, head_config, spec = checkpoint.load_trainable(reward_dir)
+        params = lora.merge(base, trainable["lora"], spec) if trainable["lora"] else base
+        params.pop("lm_head", None)  # the reward path never uses it (design decision 8)
+        if dtype is not None:
+            config = config.replace(dtype=dtype, param_dtype=dtype)
+        processor = formatting.load_processor(reward_dir / checkpoint.PROCESSOR_DIR)
+        return cls(config, params, head_config, trainable["head"], processor)
+
+    def example(self, prompt, responses, images=None, video=None, video_metadata=None) -> dict:
+        """One example as a one-row model batch with its read positions."""
+        formatted = formatting.format_example(self.processor, prompt, responses, images, video, video_metadata)
+        batch = batch_from_processor(formatted.processor_outputs, self.config)
+        batch["read_positions"] = formatted.read_positions[None].astype(np.int32)
+        return batch
+
+    def score_examples(self, examples: list[dict]) -> list[np.ndarray]:
+        """Scores of several examples (from `example`) in one padded batch: one array [N_i] each."""
+        batch = collate.collate(examples)
+        scores_bn = np.asarray(self._scores(self.params, self.head_params, batch))
+        return [scores_bn[i, : e["read_positions"].shape[1]] for i, e in enumerate(examples)]
+
+    def score(self, prompt, responses, images=None, video=None, video_metadata=None) -> np.ndarray:
+        """Scores [N] of the N responses, in one forward pass."""
+        return self.score_examples([self.example(prompt, responses, images, video, video_metadata)])[0]
+
+    def score_single(self, prompt, responses, images=None, video=None, video_metadata=None) -> np.ndarray:
+        """The conventional baseline: each response scored in its own pass."""
+        examples = [self.example(prompt, [r], images, video, video_metadata) for r in responses]
+        return np.concatenate(self.score_examples(examples))
+
+
+def _record_media(record: dict, root: pathlib.Path) -> dict:
+    images = record.get("image")
+    images = [] if images is None else [images] if isinstance(images, str) else images
+    loaded = {"images": [media.load_image(root / p) for p in images] or None}
+    if record.get("video") is not None:
+        loaded["video"], loaded["video_metadata"] = media.load_video(root / record["video"])
+    return loaded
+
+
+def score_file(model: RewardModel, input_path: pathlib.Path, output_path: pathlib.Path, batch_size: int = 8,
+               mode: str = "multi") -> tuple[int, int]:
+    """Scores every record of a JSONL file; returns (scored, failed)."""
+    lines = input_path.read_text().splitlines()
+    scored = failed = 0
+    start = time.time()
+    with open(output_path, "w") as out:
+        pending: list[tuple[dict, list[dict]]] = []
+
+        def flush():
+            nonlocal scored
+            flat = [e for _, examples in pending for e in examples]
+            results = iter(model.score_examples(flat)) if flat else iter(())
+            for entry, examples in pending:
+                parts = [next(results) for _ in examples]
+                out.write(json.dumps({**entry, "scores": np.concatenate(parts).tolist()}) + "\n")
+                scored += 1
+            pending.clear()
+
+        for index, line in enumerate(lines):
+            if not line.strip():
+                continue
+            entry = {"index": index}
+            try:
+                record = json.loads(line)
+                if "id" in record:
+                    entry["id"] = record["id"]
+                if not isinstance(record.get("responses"), list):
+                    raise ValueError("field 'responses' must be a list of strings")
+                loaded = _record_media(record, input_path.parent)
+                groups = [record["responses"]] if mode == "multi" else [[r] for r in record["responses"]]
+                examples = [model.example(record.get("prompt", ""), g, **loaded) for g in groups]
+            except Exception as error:  # a bad record must not stop the file: report it in its line
+                flush()
+                out.write(json.dumps({**entry, "error": f"{type(error).__name__}: {error}"}) + "\n")
+                failed += 1
+                continue
+            pending.append((entry, examples))
+            if sum(len(e) for _, e in pending) >= batch_size:
+                flush()
+                print(f"\r{scored + failed}/{len(lines)} records, {time.time() - start:.1f}s", end="", file=sys.stderr)
+        flush()
+    print(f"\rscored {scored}, failed {failed} of {len(lines)} records in {time.time() - start:.1f}s", file=sys.stderr)
+    return scored, failed
+
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Reward-model directory (imported or trained).")
+_INPUT = flags.DEFINE_string("input", None, "Input JSONL, paper schema.")
+_OUTPUT = flags.DEFINE_string("output", None, "Output JSONL: one line per input record.")
+_MODE = flags.DEFINE_enum("mode", "multi", ["multi", "single"], "multi: N responses in one pass; single: one each.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute and parameter dtype.")
+
+
+def main(argv):
+    del argv
+    model = RewardModel.load(_CHECKPOINT.value, dtype=_DTYPE.value)
+    score_file(model, pathlib.Path(_INPUT.value), pathlib.Path(_OUTPUT.value), _BATCH.value, _MODE.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["checkpoint", "input", "output"])
+    app.run(main)

@@ -1,0 +1,62 @@
+"""Scoring: the Python API, batching without leakage, the JSONL command line, the single baseline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mrrm_jax.score import RewardModel, score_file
+
+RESPONSES = ["A red square on a blue background.", "A cat.", "Two circles, one green.", "Nothing at all."]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_reward_dir):
+    return RewardModel.load(tiny_reward_dir)
+
+
+def _image(seed=0, size=(160, 120)):
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (*size[::-1], 3), dtype=np.uint8))
+
+
+def test_scores_do_not_depend_on_the_batch_they_are_in(model):
+    alone = model.score("What is in the picture?", RESPONSES, images=[_image()])
+    assert alone.shape == (4,) and np.isfinite(alone).all()
+    other = model.example("A much longer prompt " * 20, RESPONSES[:2], images=[_image(1, (300, 200))])
+    text_only = model.example("No image here.", RESPONSES[:3])
+    mine = model.example("What is in the picture?", RESPONSES, images=[_image()])
+    batched = model.score_examples([other, text_only, mine])
+    np.testing.assert_allclose(batched[2], alone, atol=1e-5)
+    np.testing.assert_allclose(batched[1], model.score("No image here.", RESPONSES[:3]), atol=1e-5)
+
+
+def test_single_mode_scores_each_response_alone(model):
+    single = model.score_single("What is in the picture?", RESPONSES[:3], images=[_image()])
+    one = model.score("What is in the picture?", [RESPONSES[1]], images=[_image()])
+    assert single.shape == (3,)
+    np.testing.assert_allclose(single[1], one[0], atol=1e-5)
+
+
+def test_command_line_scores_good_records_and_reports_bad_ones(model, tmp_path):
+    _image().save(tmp_path / "a.png")
+    records = [
+        {"id": "ok", "prompt": "Describe.", "responses": RESPONSES[:2], "image": "a.png"},
+        {"id": "missing", "prompt": "Describe.", "responses": RESPONSES[:2], "image": "nope.png"},
+        {"id": "no-responses", "prompt": "Describe."},
+        {"id": "empty", "prompt": "Describe.", "responses": ["fine", ""]},
+        {"id": "text", "prompt": "Pick one.", "responses": RESPONSES},
+    ]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\nnot json\n")
+    scored, failed = score_file(model, tmp_path / "in.jsonl", tmp_path / "out.jsonl", batch_size=2)
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert (scored, failed) == (2, 4) and len(out) == 6
+    by_id = {o.get("id", o["index"]): o for o in out}
+    assert len(by_id["ok"]["scores"]) == 2 and len(by_id["text"]["scores"]) == 4
+    assert "nope.png" in by_id["missing"]["error"]
+    assert "responses" in by_id["no-responses"]["error"]
+    assert "empty" in by_id["empty"]["error"]
+    assert "error" in by_id[5]
+    np.testing.assert_allclose(by_id["text"]["scores"], model.score("Pick one.", RESPONSES), atol=1e-5)
