@@ -203,7 +203,10 @@ def check_leaves(hf_dir: pathlib.Path, out_dir: pathlib.Path, layout: str, mlp: 
         "v_proj bias": lambda: lm["layers"]["self_attn"]["v_proj"]["bias"][layer],
         "gate_proj kernel": lambda: lm["layers"]["mlp"]["gate_proj"]["kernel"][layer],
     }
-    lines = []
+    import jax
+
+    loaded_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+    lines = [f"  loaded params: {loaded_bytes / GiB:.3f} GiB in {len(jax.tree.leaves(params))} stacked leaves"]
     for what, source in sources.items():
         expected, got = source(), np.asarray(ours[what]())
         equal = expected.shape == got.shape and np.array_equal(expected, got)

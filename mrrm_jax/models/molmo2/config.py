@@ -106,6 +106,9 @@ class Molmo2Config:
     dtype: str = "float32"  # compute dtype
     remat: str = "none"  # "none" | "full" | "dots" | "dots_no_batch": see language.py
     attention: str = "xla"  # attention backend, see models/attention.py
+    # Layers unrolled per scan step. 1 compiles fastest; a full unroll lets XLA's cost analysis
+    # (which counts a loop body once) see every layer, and can help scheduling on small models.
+    scan_unroll: int = 1
     with_lm_head: bool = True  # the reward path never uses it (design decision 8)
 
     def replace(self, **changes) -> Molmo2Config:

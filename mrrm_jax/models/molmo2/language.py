@@ -88,7 +88,7 @@ class LanguageModel(nn.Module):
             layer = nn.remat(layer, policy=REMAT_POLICIES[self.config.remat], prevent_cse=False)
         self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                               in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                              length=cfg.num_layers)(self.config)
+                              length=cfg.num_layers, unroll=self.config.scan_unroll)(self.config)
         self.norm = RMSNorm(cfg.rms_norm_eps, self.config.param_dtype)
 
     def embed(self, tokens_bt):

@@ -73,6 +73,6 @@ class VisionTower(nn.Module):
         num_features = len(self.config.adapter.feature_layers)
         features_fnpd = jnp.zeros((num_features, *h_npd.shape), h_npd.dtype)
         layers = nn.scan(VisionLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                         length=cfg.num_layers)(self.config, name="layers")
+                         length=cfg.num_layers, unroll=self.config.scan_unroll)(self.config, name="layers")
         (_, features_fnpd), _ = layers((h_npd, features_fnpd), jnp.arange(cfg.num_layers))
         return jnp.concatenate(list(features_fnpd), axis=-1)
