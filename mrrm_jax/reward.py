@@ -51,37 +51,42 @@ class ValueHead(nn.Module):
         return nn.Dense(1, name="0", **init)(x)[..., 0]
 
 
-def pool(hidden_btd, read_positions_bn, response_starts_bn=None, pooling: str = "last"):
-    """Features [B, N, F] of each response from the hidden states; F = D, or 2D for "first_last_concat"."""
-    take = lambda idx_bn: jnp.take_along_axis(hidden_btd, jnp.clip(idx_bn, 0)[..., None], axis=1)
-    last_bnd = take(read_positions_bn)
+def pool(hidden_btd, read_positions, response_starts=None, pooling: str = "last"):
+    """Features [B, ..., F] of each response; F = D, or 2D for "first_last_concat".
+
+    `read_positions` [B, N] (one example per row) or [B, E, N] (packed rows), indices into T.
+    """
+    index_shape = read_positions.shape
+    flat = lambda idx: idx.reshape(index_shape[0], -1)
+    take = lambda idx: jnp.take_along_axis(hidden_btd, jnp.clip(flat(idx), 0)[..., None], axis=1)
+    last = take(read_positions)
     if pooling == "last":
-        return last_bnd
-    if response_starts_bn is None:
+        features = last
+    elif response_starts is None:
         raise ValueError(f"pooling={pooling!r} needs `response_starts` in the batch")
-    first_bnd = take(response_starts_bn)
-    if pooling == "first":
-        return first_bnd
-    if pooling == "first_last_concat":
-        return jnp.concatenate([first_bnd, last_bnd], axis=-1)
-    if pooling == "first_last_add":
-        return first_bnd + last_bnd
-    if pooling == "first_last_sub":
-        return last_bnd - first_bnd
-    # response_mean: mean over [start, read position] of each response.
-    t = jnp.arange(hidden_btd.shape[1])
-    inside_bnt = (t >= response_starts_bn[..., None]) & (t <= read_positions_bn[..., None])
-    total_bnd = jnp.einsum("bnt,btd->bnd", inside_bnt.astype(jnp.float32), hidden_btd.astype(jnp.float32))
-    return total_bnd / jnp.maximum(inside_bnt.sum(-1, keepdims=True), 1)
+    elif pooling == "first":
+        features = take(response_starts)
+    elif pooling == "first_last_concat":
+        features = jnp.concatenate([take(response_starts), last], axis=-1)
+    elif pooling == "first_last_add":
+        features = take(response_starts) + last
+    elif pooling == "first_last_sub":
+        features = last - take(response_starts)
+    else:  # response_mean: mean over [start, read position] of each response
+        t = jnp.arange(hidden_btd.shape[1])
+        inside_bmt = (t >= flat(response_starts)[..., None]) & (t <= flat(read_positions)[..., None])
+        total = jnp.einsum("bmt,btd->bmd", inside_bmt.astype(jnp.float32), hidden_btd.astype(jnp.float32))
+        features = total / jnp.maximum(inside_bmt.sum(-1, keepdims=True), 1)
+    return features.reshape(*index_shape, features.shape[-1])
 
 
 def scores(head: ValueHead, head_params, hidden_btd, batch: dict):
-    """[B, N] float32 scores; -inf where `read_positions` is -1 (no such response)."""
+    """Float32 scores shaped like `read_positions` ([B, N] or packed [B, E, N]); -inf where it is -1."""
     features = pool(hidden_btd, batch["read_positions"], batch.get("response_starts"), head.config.pooling)
-    scores_bn = head.apply({"params": head_params}, features)
+    values = head.apply({"params": head_params}, features)
     if head.config.scale_by_sqrt_hidden:
-        scores_bn = scores_bn / math.sqrt(hidden_btd.shape[-1])
-    return jnp.where(batch["read_positions"] >= 0, scores_bn, -jnp.inf)
+        values = values / math.sqrt(hidden_btd.shape[-1])
+    return jnp.where(batch["read_positions"] >= 0, values, -jnp.inf)
 
 
 # -- labels and losses -------------------------------------------------------------------------
@@ -151,13 +156,17 @@ def forward_scores(backbone, head: ValueHead, base_params, trainable: dict, batc
 def loss(backbone, head: ValueHead, base_params, trainable: dict, batch: dict, lora_spec=None, rng=None,
          objective: str = "cross_entropy"):
     """Mean loss over the batch's examples, and the scores. Examples with label -1 are padding."""
-    scores_bn = forward_scores(backbone, head, base_params, trainable, batch, lora_spec, rng)
-    real_b = batch["labels"] >= 0
+    all_scores = forward_scores(backbone, head, base_params, trainable, batch, lora_spec, rng)
+    # Packed rows hold several examples: flatten to one row per example slot. Empty slots (label -1)
+    # score -inf everywhere; zero them so no NaN arises even in unused branches.
+    labels_b = batch["labels"].reshape(-1)
+    real_b = labels_b >= 0
+    scores_bn = jnp.where(real_b[:, None], all_scores.reshape(-1, all_scores.shape[-1]), 0.0)
     if objective == "cross_entropy":
-        per_example_b = cross_entropy(scores_bn, jnp.clip(batch["labels"], 0))
+        per_example_b = cross_entropy(scores_bn, jnp.clip(labels_b, 0))
     elif objective == "plackett_luce":
-        per_example_b = plackett_luce(scores_bn, batch["order"])
+        per_example_b = plackett_luce(scores_bn, batch["order"].reshape(-1, all_scores.shape[-1]))
     else:
         raise ValueError(f"objective={objective!r}: expected 'cross_entropy' or 'plackett_luce'")
     per_example_b = jnp.where(real_b, per_example_b, 0.0)
-    return per_example_b.sum() / jnp.maximum(real_b.sum(), 1), scores_bn
+    return per_example_b.sum() / jnp.maximum(real_b.sum(), 1), all_scores

@@ -1,0 +1,105 @@
+"""Packing several multi-response examples into fixed-size rows.
+
+One segment = one example: its prompt, media and ALL its responses (design decision 3). A row holds
+`row_tokens` tokens, `row_crops` ViT crops, `row_pooled` pooled image tokens and at most
+`row_examples` examples. Two examples in a row of 14 tokens (b = bos, P = image patch, q = prompt,
+a = response text, | = `<|resp_sep|>`, . = padding); the first has a 2-patch image:
+
+    index           0 1 2 3 4 5 6   7 8 9 10 11   12 13
+    tokens          b P P q a | a   b q a |  a    .  .
+    segment_ids     1 1 1 1 1 1 1   2 2 2 2  2    0  0     padding is segment 0
+    positions       0 1 2 3 4 5 6   0 1 2 3  4    0  0     restart per example
+    read_positions  [[4, 6], [9, 11]]    per example: the token before each `|`, then its last token
+    labels          [label_1, label_2]   -1 in empty example slots
+    crops           [crops of example 1, zero padding]
+    pooling         [pooled rows of example 1 (indices into this row's crops), -1 rows]
+
+Scores come out [rows, row_examples, max_responses], -inf where a read position is -1.
+The pooled rows of a later example are shifted by the crops before it, so the k-th `<im_patch>`
+of the row still takes the row's k-th pooled feature. grain's own packers pack 1-D features
+without re-basing index-valued ones (pooling, read positions), so rows are assembled here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class RowBudget:
+    row_tokens: int
+    row_crops: int
+    row_pooled: int
+    row_examples: int
+    max_responses: int
+
+    def fits(self, used: dict, example: dict) -> bool:
+        return (used["tokens"] + example["tokens"].shape[1] <= self.row_tokens
+                and used["crops"] + _num(example, "crops") <= self.row_crops
+                and used["pooled"] + _num(example, "pooling") <= self.row_pooled
+                and used["examples"] < self.row_examples)
+
+
+def _num(example: dict, field: str) -> int:
+    return example[field].shape[1] if field in example else 0
+
+
+def first_fit(examples: list[dict], budget: RowBudget) -> list[list[int]]:
+    """Example indices per row, first-fit in the given order. An example larger than a row is an error."""
+    rows, used = [], []
+    for index, example in enumerate(examples):
+        empty = {"tokens": 0, "crops": 0, "pooled": 0, "examples": 0}
+        if not budget.fits(empty, example) or example["read_positions"].shape[1] > budget.max_responses:
+            raise ValueError(f"example {index} does not fit an empty row ({example['tokens'].shape[1]} tokens, "
+                             f"{_num(example, 'crops')} crops, {example['read_positions'].shape[1]} responses)")
+        for row, counts in zip(rows, used):
+            if budget.fits(counts, example):
+                break
+        else:
+            row, counts = [], {"tokens": 0, "crops": 0, "pooled": 0, "examples": 0}
+            rows.append(row)
+            used.append(counts)
+        row.append(index)
+        counts["tokens"] += example["tokens"].shape[1]
+        counts["crops"] += _num(example, "crops")
+        counts["pooled"] += _num(example, "pooling")
+        counts["examples"] += 1
+    return rows
+
+
+def pack_row(examples: list[dict], budget: RowBudget, patch_dim: tuple[int, int]) -> dict:
+    """One packed row (a batch of 1) from one-row examples; see the module docstring for the arrays.
+
+    `patch_dim` = (patches per crop, values per patch), for the crop array of a row without media.
+    """
+    patches, values = patch_dim
+    row = {
+        "tokens": np.zeros((1, budget.row_tokens), np.int32),
+        "positions": np.zeros((1, budget.row_tokens), np.int32),
+        "segment_ids": np.zeros((1, budget.row_tokens), np.int32),
+        "crops": np.zeros((1, budget.row_crops, patches, values), np.float32),
+        "pooling": None,
+        "read_positions": np.full((1, budget.row_examples, budget.max_responses), -1, np.int32),
+        "labels": np.full((1, budget.row_examples), -1, np.int32),
+    }
+    slots = max((e["pooling"].shape[2] for e in examples if "pooling" in e), default=1)
+    row["pooling"] = np.full((1, budget.row_pooled, slots), -1, np.int32)
+    token, crop, pooled = 0, 0, 0
+    for slot, example in enumerate(examples):
+        length = example["tokens"].shape[1]
+        row["tokens"][0, token: token + length] = example["tokens"][0]
+        row["positions"][0, token: token + length] = example["positions"][0]
+        row["segment_ids"][0, token: token + length] = slot + 1
+        if "crops" in example:
+            crops, pooling = example["crops"][0], example["pooling"][0]
+            row["crops"][0, crop: crop + len(crops)] = crops
+            row["pooling"][0, pooled: pooled + len(pooling), : pooling.shape[1]] = np.where(
+                pooling >= 0, pooling + crop * patches, -1)
+            crop, pooled = crop + len(crops), pooled + len(pooling)
+        reads = example["read_positions"][0]
+        row["read_positions"][0, slot, : len(reads)] = np.where(reads >= 0, reads + token, -1)
+        row["labels"][0, slot] = example.get("labels", np.array([-1]))[0]
+        token += length
+    return row

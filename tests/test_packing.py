@@ -1,0 +1,58 @@
+"""Packing: several examples in one row score exactly as each example alone (design decision 3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mrrm_jax.data import packing
+from mrrm_jax.score import RewardModel
+
+
+@pytest.fixture(scope="module")
+def model(tiny_reward_dir):
+    return RewardModel.load(tiny_reward_dir)
+
+
+def _examples(model):
+    rng = np.random.RandomState(0)
+    image = Image.fromarray(rng.randint(0, 256, (120, 200, 3), dtype=np.uint8))
+    frames = rng.randint(0, 256, (6, 90, 120, 3), dtype=np.uint8)
+    return [
+        model.example("What is shown?", ["A red square.", "A blue circle.", "Nothing."], images=[image]),
+        model.example("Which answer is right?", ["Four.", "Five, because two plus three."]),
+        model.example("What moves?", ["A ball, to the left.", "Nothing moves.", "A car.", "A bird."], video=frames,
+                      video_metadata={"fps": 2.0, "total_num_frames": 6, "duration": 3.0}),
+        model.example("Pick one.", ["Yes.", "No."], images=[image, image]),
+    ]
+
+
+def test_packed_row_scores_equal_each_example_alone(model):
+    examples = _examples(model)
+    budget = packing.RowBudget(row_tokens=sum(e["tokens"].shape[1] for e in examples) + 7,
+                               row_crops=32, row_pooled=1024, row_examples=5, max_responses=4)
+    assert packing.first_fit(examples, budget) == [[0, 1, 2, 3]]
+    v = model.config.vision
+    row = packing.pack_row(examples, budget, (v.num_patches, v.patch_dim))
+    packed = np.asarray(model._scores(model.params, model.head_params, row))[0]
+    assert packed.shape == (5, 4) and np.isneginf(packed[4]).all()
+    for slot, example in enumerate(examples):
+        alone = model.score_examples([example])[0]
+        n = len(alone)
+        np.testing.assert_allclose(packed[slot, :n], alone, atol=1e-4)
+        assert np.isneginf(packed[slot, n:]).all()
+
+
+def test_first_fit_respects_every_budget():
+    def example(tokens, crops, responses=2):
+        e = {"tokens": np.zeros((1, tokens), np.int32), "read_positions": np.zeros((1, responses), np.int32)}
+        if crops:
+            e.update(crops=np.zeros((1, crops, 4, 3), np.float32), pooling=np.zeros((1, crops, 2), np.int32))
+        return e
+
+    budget = packing.RowBudget(row_tokens=100, row_crops=4, row_pooled=4, row_examples=3, max_responses=4)
+    examples = [example(60, 0), example(50, 2), example(30, 3), example(10, 0), example(5, 0), example(5, 0)]
+    assert packing.first_fit(examples, budget) == [[0, 2, 3], [1, 4, 5]]
+    with pytest.raises(ValueError, match="example 0 does not fit"):
+        packing.first_fit([example(101, 0)], budget)
