@@ -44,7 +44,21 @@ def _xla(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt):
     return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask_b1tt, implementation="xla")
 
 
-_BACKENDS = {"xla": _xla}
+def _pallas(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt):
+    from mrrm_jax.models.segment_flash import segment_flash_attention  # Pallas imports are slow; on demand
+
+    return segment_flash_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt)
+
+
+def _cudnn(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt):
+    # cuDNN fused attention on GPU (bf16/fp16); it takes the mask densely, as it has no segment ids.
+    mask_b1tt = segment_mask(segment_ids_bt, is_vision_bt)
+    return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask_b1tt, implementation="cudnn")
+
+
+# "xla": dense reference, anywhere. "pallas": block-sparse flash kernel for TPU (interpret mode
+# elsewhere, for tests). "cudnn": GPU.
+_BACKENDS = {"xla": _xla, "pallas": _pallas, "cudnn": _cudnn}
 
 
 def segment_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt, backend: str = "xla"):

@@ -1,0 +1,231 @@
+"""A Pallas TPU flash-attention kernel for the segment-aware multimodal mask.
+
+Splash attention takes its mask as static numpy, but our mask depends on the data: which tokens of
+a row are image/frame tokens, and where its examples start and end. Here every block builds its
+mask from two small per-token arrays,
+
+    code[t] = 2 * segment_id[t] + is_vision[t]
+    allowed(q, k) = segment(q) == segment(k) AND (k <= q OR (vision(q) AND vision(k)))
+
+and a per-row table of active blocks, computed from per-block segment ranges and vision flags,
+lets the kernel skip blocks that are certainly empty (other examples, or the future with no
+vision token on both sides). Text between two images of one example is handled exactly, since
+nothing is inferred from positions.
+
+Layouts: q [B, H, T, D], k/v [B, KV, T, D] (GQA: query head h reads KV head h // (H / KV)).
+Running max and sum are kept lane-replicated ([block, 128]) as TPU kernels like splash do.
+On CPU the kernels run in Pallas' interpret mode (tests).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp() of masked entries is exactly 0
+LANES = 128
+
+
+def _allowed(code_q, code_k, q_start, k_start, block_q, block_k):
+    """[block_q, block_k] bool from codes (block_q, 1) and (1, block_k) and the blocks' first indices."""
+    q_index = q_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+    k_index = k_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
+    same_segment = (code_q >> 1) == (code_k >> 1)
+    both_vision = ((code_q & 1) & (code_k & 1)) == 1
+    return same_segment & ((k_index <= q_index) | both_vision)
+
+
+def active_blocks(codes_bt, block_q: int, block_k: int):
+    """int32 [B * nq * nk]: 1 where a (q block, k block) pair may hold an allowed entry (conservative)."""
+    batch, seq_len = codes_bt.shape
+    seg_bqn = (codes_bt >> 1).reshape(batch, -1, block_q)
+    vis_bqn = (codes_bt & 1).reshape(batch, -1, block_q)
+    seg_bkn = (codes_bt >> 1).reshape(batch, -1, block_k)
+    vis_bkn = (codes_bt & 1).reshape(batch, -1, block_k)
+    q_lo, q_hi = seg_bqn.min(-1)[:, :, None], seg_bqn.max(-1)[:, :, None]
+    k_lo, k_hi = seg_bkn.min(-1)[:, None, :], seg_bkn.max(-1)[:, None, :]
+    overlap = (q_lo <= k_hi) & (k_lo <= q_hi)
+    q_last = (jnp.arange(seq_len // block_q) + 1) * block_q - 1
+    k_first = jnp.arange(seq_len // block_k) * block_k
+    causal = (k_first[None, :] <= q_last[:, None])[None]
+    vision = (vis_bqn.max(-1)[:, :, None] > 0) & (vis_bkn.max(-1)[:, None, :] > 0)
+    return (overlap & (causal | vision)).astype(jnp.int32).reshape(-1)
+
+
+def _block_index(active_ref, b, i, j, nq, nk):
+    return active_ref[(b * nq + i) * nk + j]
+
+
+def _forward_kernel(active_ref, q_ref, k_ref, v_ref, cq_ref, ck_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr,
+                    *, scale, block_q, block_k, nq, nk):
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _init():
+        m_scr[...] = jnp.full_like(m_scr, MASK_VALUE)
+        l_scr[...] = jnp.zeros_like(l_scr)
+        acc_scr[...] = jnp.zeros_like(acc_scr)
+
+    @pl.when(_block_index(active_ref, b, i, j, nq, nk) != 0)
+    def _compute():
+        q, k, v = q_ref[...], k_ref[...], v_ref[...]
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+        allowed = _allowed(cq_ref[...], ck_ref[...], i * block_q, j * block_k, block_q, block_k)
+        s = jnp.where(allowed, s, MASK_VALUE)
+        m_prev = m_scr[...]
+        m_new = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))  # [block_q, LANES], lanes equal
+        alpha = jnp.exp(m_prev - m_new)
+        p = jnp.exp(s - m_new[:, :1])
+        l_scr[...] = alpha * l_scr[...] + p.sum(axis=-1, keepdims=True)
+        pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        acc_scr[...] = alpha[:, :1] * acc_scr[...] + pv
+        m_scr[...] = m_new
+
+    @pl.when(j == nk - 1)
+    def _finish():
+        o_ref[...] = (acc_scr[...] / l_scr[:, :1]).astype(o_ref.dtype)
+        lse_ref[...] = (m_scr[...] + jnp.log(l_scr[...])).astype(lse_ref.dtype)
+
+
+def _dq_kernel(active_ref, q_ref, k_ref, v_ref, cq_ref, ck_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr,
+               *, scale, block_q, block_k, nq, nk):
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _init():
+        dq_scr[...] = jnp.zeros_like(dq_scr)
+
+    @pl.when(_block_index(active_ref, b, i, j, nq, nk) != 0)
+    def _compute():
+        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+        allowed = _allowed(cq_ref[...], ck_ref[...], i * block_q, j * block_k, block_q, block_k)
+        p = jnp.where(allowed, jnp.exp(s - lse_ref[...][:, :1]), 0.0)
+        dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        ds = p * (dp - delta_ref[...][:, :1])
+        dq_scr[...] += jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
+                                           preferred_element_type=jnp.float32) * scale
+
+    @pl.when(j == nk - 1)
+    def _finish():
+        dq_ref[...] = dq_scr[...].astype(dq_ref.dtype)
+
+
+def _dkv_kernel(active_ref, q_ref, k_ref, v_ref, cq_ref, ck_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                dk_scr, dv_scr, *, scale, block_q, block_k, nq, nk):
+    # Grid (B, H, nk, nq): the reduction runs over query blocks for one key block.
+    b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(i == 0)
+    def _init():
+        dk_scr[...] = jnp.zeros_like(dk_scr)
+        dv_scr[...] = jnp.zeros_like(dv_scr)
+
+    @pl.when(_block_index(active_ref, b, i, j, nq, nk) != 0)
+    def _compute():
+        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+        allowed = _allowed(cq_ref[...], ck_ref[...], i * block_q, j * block_k, block_q, block_k)
+        p = jnp.where(allowed, jnp.exp(s - lse_ref[...][:, :1]), 0.0)
+        dv_scr[...] += jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
+                                           preferred_element_type=jnp.float32)
+        dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        ds = p * (dp - delta_ref[...][:, :1])
+        dk_scr[...] += jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
+                                           preferred_element_type=jnp.float32) * scale
+
+    @pl.when(i == nq - 1)
+    def _finish():
+        dk_ref[...] = dk_scr[...].astype(dk_ref.dtype)
+        dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+
+def _specs(block_q, block_k, head_dim, groups, kv_major: bool):
+    """BlockSpecs for q, k, v, code_q, code_k and per-query-row arrays, on grid (b, h, i, j) or (b, h, j, i)."""
+    def order(fn):
+        return (lambda b, h, j, i, *_: fn(b, h, i, j)) if kv_major else (lambda b, h, i, j, *_: fn(b, h, i, j))
+    q = pl.BlockSpec((None, None, block_q, head_dim), order(lambda b, h, i, j: (b, h, i, 0)))
+    kv = pl.BlockSpec((None, None, block_k, head_dim), order(lambda b, h, i, j: (b, h // groups, j, 0)))
+    code_q = pl.BlockSpec((None, block_q, 1), order(lambda b, h, i, j: (b, i, 0)))
+    code_k = pl.BlockSpec((None, 1, block_k), order(lambda b, h, i, j: (b, 0, j)))
+    rows = pl.BlockSpec((None, None, block_q, LANES), order(lambda b, h, i, j: (b, h, i, 0)))
+    return q, kv, code_q, code_k, rows
+
+
+def _call(kernel, grid_shape, in_specs, out_specs, out_shape, scratch, interpret, *args):
+    grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid_shape, in_specs=in_specs,
+                                             out_specs=out_specs, scratch_shapes=scratch)
+    params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+    return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, compiler_params=params,
+                          interpret=interpret)(*args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(q, k, v, codes_q, codes_k, block_q, block_k, interpret):
+    return _forward(q, k, v, codes_q, codes_k, block_q, block_k, interpret)[0]
+
+
+def _forward(q, k, v, codes_q, codes_k, block_q, block_k, interpret):
+    batch, heads, seq_len, head_dim = q.shape
+    groups = heads // k.shape[1]
+    nq, nk = seq_len // block_q, seq_len // block_k
+    active = active_blocks(codes_q[..., 0], block_q, block_k)
+    q_spec, kv_spec, cq_spec, ck_spec, rows_spec = _specs(block_q, block_k, head_dim, groups, kv_major=False)
+    kernel = functools.partial(_forward_kernel, scale=head_dim ** -0.5, block_q=block_q, block_k=block_k, nq=nq, nk=nk)
+    out, lse = _call(
+        kernel, (batch, heads, nq, nk), [q_spec, kv_spec, kv_spec, cq_spec, ck_spec], [q_spec, rows_spec],
+        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, seq_len, LANES), jnp.float32)],
+        [pltpu.VMEM((block_q, LANES), jnp.float32), pltpu.VMEM((block_q, LANES), jnp.float32),
+         pltpu.VMEM((block_q, head_dim), jnp.float32)],
+        interpret, active, q, k, v, codes_q, codes_k)
+    return out, (q, k, v, codes_q, codes_k, out, lse, active)
+
+
+def _backward(block_q, block_k, interpret, residuals, d_out):
+    q, k, v, codes_q, codes_k, out, lse, active = residuals
+    batch, heads, seq_len, head_dim = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    nq, nk = seq_len // block_q, seq_len // block_k
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    delta = jnp.broadcast_to(delta, (batch, heads, seq_len, LANES))
+    common = dict(scale=head_dim ** -0.5, block_q=block_q, block_k=block_k, nq=nq, nk=nk)
+    q_spec, kv_spec, cq_spec, ck_spec, rows_spec = _specs(block_q, block_k, head_dim, groups, kv_major=False)
+    d_q = _call(functools.partial(_dq_kernel, **common), (batch, heads, nq, nk),
+                [q_spec, kv_spec, kv_spec, cq_spec, ck_spec, q_spec, rows_spec, rows_spec], q_spec,
+                jax.ShapeDtypeStruct(q.shape, q.dtype), [pltpu.VMEM((block_q, head_dim), jnp.float32)],
+                interpret, active, q, k, v, codes_q, codes_k, d_out, lse, delta)
+    # dk, dv per QUERY head (each kv block is written by one program), summed over the group after.
+    q_spec, kv_spec, cq_spec, ck_spec, rows_spec = _specs(block_q, block_k, head_dim, groups, kv_major=True)
+    per_head_kv = pl.BlockSpec((None, None, block_k, head_dim), lambda b, h, j, i, *_: (b, h, j, 0))
+    d_k, d_v = _call(functools.partial(_dkv_kernel, **common), (batch, heads, nk, nq),
+                     [q_spec, kv_spec, kv_spec, cq_spec, ck_spec, q_spec, rows_spec, rows_spec],
+                     [per_head_kv, per_head_kv],
+                     [jax.ShapeDtypeStruct(q.shape, k.dtype), jax.ShapeDtypeStruct(q.shape, v.dtype)],
+                     [pltpu.VMEM((block_k, head_dim), jnp.float32), pltpu.VMEM((block_k, head_dim), jnp.float32)],
+                     interpret, active, q, k, v, codes_q, codes_k, d_out, lse, delta)
+    fold = lambda x: x.reshape(batch, kv_heads, groups, seq_len, head_dim).sum(2)
+    return d_q, fold(d_k), fold(d_v), None, None
+
+
+_attention.defvjp(_forward, _backward)
+
+
+def segment_flash_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt, block_q=128, block_k=128,
+                            interpret=None):
+    """Same contract as `attention.segment_attention` (q [B, T, H, D], k/v [B, T, KV, D])."""
+    seq_len = q_btnh.shape[1]
+    block_q, block_k = min(block_q, seq_len), min(block_k, seq_len)
+    if seq_len % block_q or seq_len % block_k:
+        raise ValueError(f"sequence length {seq_len} must be a multiple of the blocks ({block_q}, {block_k})")
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    codes_bt = (2 * segment_ids_bt + is_vision_bt.astype(jnp.int32)).astype(jnp.int32)
+    to_heads = lambda x: jnp.swapaxes(x, 1, 2)
+    out = _attention(to_heads(q_btnh), to_heads(k_btkh), to_heads(v_btkh), codes_bt[:, :, None], codes_bt[:, None, :],
+                     block_q, block_k, interpret)
+    return to_heads(out)

@@ -1,0 +1,58 @@
+"""The attention backends agree with the dense reference, forward and backward (design decision 4)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mrrm_jax.models.attention import segment_attention, segment_mask
+from mrrm_jax.models.segment_flash import active_blocks, segment_flash_attention
+
+
+def test_mask_picture_from_the_docstring():
+    segment_ids = jnp.array([[1, 1, 1, 1, 2, 2, 2, 0]])
+    is_vision = jnp.array([[0, 1, 1, 0, 0, 1, 0, 0]], bool)
+    picture = ["10000000", "11100000", "11100000", "11110000", "00001000", "00001100", "00001110", "00000001"]
+    want = np.array([[int(c) for c in row] for row in picture], bool)
+    np.testing.assert_array_equal(segment_mask(segment_ids, is_vision)[0, 0], want)
+
+
+def _packed_row(seq_len, rng):
+    """Three examples and padding; the first has text between two images (one vision block)."""
+    segment_ids = np.zeros(seq_len, np.int32)
+    is_vision = np.zeros(seq_len, bool)
+    bounds = [0, seq_len // 2, seq_len // 2 + seq_len // 8, seq_len - seq_len // 16]
+    for seg, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
+        segment_ids[start:stop] = seg
+    is_vision[3:40] = is_vision[52:70] = True  # two images of example 1, text between them
+    is_vision[bounds[2] + 2: bounds[2] + 30] = True  # a video in example 3
+    return segment_ids, is_vision
+
+
+@pytest.mark.parametrize("heads, kv_heads, blocks", [(4, 2, (32, 32)), (2, 2, (64, 32))])
+def test_pallas_kernel_matches_xla_forward_and_backward(heads, kv_heads, blocks):
+    rng = np.random.RandomState(0)
+    batch, seq_len, head_dim = 2, 256, 16
+    rows = [_packed_row(seq_len, rng), (np.ones(seq_len, np.int32), np.zeros(seq_len, bool))]
+    segment_ids = jnp.asarray(np.stack([r[0] for r in rows]))
+    is_vision = jnp.asarray(np.stack([r[1] for r in rows]))
+    q = jnp.asarray(rng.randn(batch, seq_len, heads, head_dim), jnp.float32)
+    k = jnp.asarray(rng.randn(batch, seq_len, kv_heads, head_dim), jnp.float32)
+    v = jnp.asarray(rng.randn(batch, seq_len, kv_heads, head_dim), jnp.float32)
+    d_out = jnp.asarray(rng.randn(batch, seq_len, heads, head_dim), jnp.float32)
+
+    def run(fn):
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, segment_ids, is_vision), q, k, v)
+        return (out, *vjp(d_out))
+
+    flash = lambda *args: segment_flash_attention(*args, block_q=blocks[0], block_k=blocks[1], interpret=True)
+    for name, want, got in zip(["out", "dq", "dk", "dv"], run(segment_attention), run(flash)):
+        np.testing.assert_allclose(got, want, atol=2e-5, err_msg=name)
+
+
+def test_block_table_skips_other_examples_and_the_future():
+    segment_ids = np.repeat(np.array([1, 1, 2, 2], np.int32), 32)[None]
+    active = np.asarray(active_blocks(jnp.asarray(2 * segment_ids), 32, 32)).reshape(4, 4)
+    np.testing.assert_array_equal(active, [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]])
