@@ -28,14 +28,18 @@ def _examples(model):
     ]
 
 
-def test_packed_row_scores_equal_each_example_alone(model):
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_packed_row_scores_equal_each_example_alone(model, backend):
     examples = _examples(model)
-    budget = packing.RowBudget(row_tokens=sum(e["tokens"].shape[1] for e in examples) + 7,
+    used_tokens = sum(e["tokens"].shape[1] for e in examples)
+    budget = packing.RowBudget(row_tokens=-(-(used_tokens + 7) // 128) * 128,  # kernel blocks are 128
                                row_crops=32, row_pooled=1024, row_examples=5, max_responses=4)
     assert packing.first_fit(examples, budget) == [[0, 1, 2, 3]]
     v = model.config.vision
     row = packing.pack_row(examples, budget, (v.num_patches, v.patch_dim))
-    packed = np.asarray(model._scores(model.params, model.head_params, row))[0]
+    packed_model = RewardModel(model.config.replace(attention=backend), model.params, model.head.config,
+                               model.head_params, model.processor)
+    packed = np.asarray(packed_model._scores(model.params, model.head_params, row))[0]
     assert packed.shape == (5, 4) and np.isneginf(packed[4]).all()
     for slot, example in enumerate(examples):
         alone = model.score_examples([example])[0]
