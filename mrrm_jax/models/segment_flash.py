@@ -34,7 +34,7 @@ def _allowed(code_q, code_k, q_start, k_start, block_q, block_k):
     """[block_q, block_k] bool from codes (block_q, 1) and (1, block_k) and the blocks' first indices."""
     q_index = q_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
     k_index = k_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
-    same_segment = (code_q >> 1) == (code_k >> 1)
+    same_segment = jax.lax.shift_right_logical(code_q, 1) == jax.lax.shift_right_logical(code_k, 1)
     both_vision = ((code_q & 1) & (code_k & 1)) == 1
     return same_segment & ((k_index <= q_index) | both_vision)
 
@@ -149,7 +149,8 @@ def _specs(block_q, block_k, head_dim, groups, kv_major: bool):
     def order(fn):
         return (lambda b, h, j, i, *_: fn(b, h, i, j)) if kv_major else (lambda b, h, i, j, *_: fn(b, h, i, j))
     q = pl.BlockSpec((None, None, block_q, head_dim), order(lambda b, h, i, j: (b, h, i, 0)))
-    kv = pl.BlockSpec((None, None, block_k, head_dim), order(lambda b, h, i, j: (b, h // groups, j, 0)))
+    # lax.div truncates (h >= 0); Python's `//` lowers through `sign`, which Mosaic cannot lower off-TPU.
+    kv = pl.BlockSpec((None, None, block_k, head_dim), order(lambda b, h, i, j: (b, jax.lax.div(h, groups), j, 0)))
     code_q = pl.BlockSpec((None, block_q, 1), order(lambda b, h, i, j: (b, i, 0)))
     code_k = pl.BlockSpec((None, 1, block_k), order(lambda b, h, i, j: (b, 0, j)))
     rows = pl.BlockSpec((None, None, block_q, LANES), order(lambda b, h, i, j: (b, h, i, 0)))
