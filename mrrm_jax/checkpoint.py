@@ -13,6 +13,7 @@ straight into a sharding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import re
@@ -113,10 +114,17 @@ def load_base(base_dir: str | pathlib.Path, shardings=None, dtype=None) -> tuple
         parts = _per_layer(name, cfg)
         if parts is None:
             flat[name] = restored.pop(name)
+        elif shardings is None:
+            flat[name] = jnp.stack([restored.pop(p) for p in parts])
         else:
-            stack = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=shardings_by_name[name])
-            flat[name] = stack(*[restored.pop(p) for p in parts])
+            flat[name] = _stack_into(shardings_by_name[name])(*[restored.pop(p) for p in parts])
     return cfg, _nest(flat)
+
+
+@functools.cache
+def _stack_into(sharding):
+    """One jitted stack per target sharding (not per leaf), placing the result straight in it."""
+    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)
 
 
 def _name(path) -> str:

@@ -247,3 +247,17 @@ def check_plan(target_plan: Plan, shards: SafetensorsShards, cfg: Molmo2Config) 
         if tuple(shape) != tuple(expected[target][0]):
             raise ValueError(f"{target}: checkpoint gives shape {shape}, config expects {expected[target][0]} "
                              f"(from {[k for k, _ in parts]})")
+
+
+def convert_dir(hf_dir, out_dir, dtype=None):
+    """A Hugging Face Molmo2 directory -> a converted base checkpoint (what tools/convert_checkpoint.py runs)."""
+    import pathlib
+
+    from mrrm_jax import checkpoint
+
+    hf_dir = pathlib.Path(hf_dir)
+    cfg = Molmo2Config.from_hf_dir(hf_dir)
+    shards = SafetensorsShards(hf_dir)
+    has_lm_head = any(native_name(k) == "lm_head.weight" for k in shards.entries)
+    cfg = cfg.replace(with_lm_head=has_lm_head and not cfg.text.tie_word_embeddings)
+    return checkpoint.save_base(out_dir, cfg, converted_leaves(shards, cfg, dtype=dtype))

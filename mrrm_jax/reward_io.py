@@ -37,9 +37,10 @@ from mrrm_jax.models.molmo2.config import Molmo2Config
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 HEAD_SAFETENSORS, HEAD_PT, REWARD_MODEL_CONFIG = "value_head.safetensors", "value_head.pt", "reward_model_config.json"
 
-# `base_model.model.<module>.lora_A.weight`; state dicts taken straight from a PeftModel keep the
-# adapter name (`.lora_A.default.weight`), files written by `save_pretrained` drop it.
-_PEFT_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight")
+# `base_model.model.<module>.lora_A.weight`. A state dict taken straight from a PeftModel keeps the
+# adapter name (`.lora_A.default.weight`), PEFT's `save_pretrained` drops it; transformers' own
+# adapter saving drops the `base_model.model.` prefix.
+_PEFT_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight")
 
 # adapter_config.json options that change what the factors mean, with the only value we import
 # (absent, null or empty counts as that value).
@@ -118,11 +119,7 @@ def import_peft(base_hf_dir, adapter_dir, out_dir) -> pathlib.Path:
     head_config, head_params = _read_head(adapter_dir, cfg.text.hidden_size)
     processor = formatting.load_processor(_processor_source(adapter_dir, base_hf_dir))
 
-    shards = convert.SafetensorsShards(base_hf_dir)
-    # As tools/convert_checkpoint.py: keep the LM head only where the checkpoint has an untied one.
-    has_lm_head = any(convert.native_name(k) == "lm_head.weight" for k in shards.entries)
-    cfg = cfg.replace(with_lm_head=has_lm_head and not cfg.text.tie_word_embeddings)
-    checkpoint.save_base(out_dir / checkpoint.BASE_DIR, cfg, convert.converted_leaves(shards, cfg))
+    convert.convert_dir(base_hf_dir, out_dir / checkpoint.BASE_DIR)
     checkpoint.save_trainable(out_dir, {"lora": factors, "head": head_params}, head_config, lora_spec)
     processor.save_pretrained(out_dir / checkpoint.PROCESSOR_DIR)
     return out_dir
@@ -287,7 +284,7 @@ def export_peft(reward_dir, out_dir, layout: str = "native") -> pathlib.Path:
         "target_modules": "|".join(re.escape(m).replace(re.escape("{}"), r"\d+") for m in exported_modules),
     }
     release_config = {"value_head_type": head_type, "value_head_hidden_dim": head_config.hidden_dim if head_type == "mlp" else None,
-                      "value_head_activation": "silu", "value_head_input_dim": head_tensors[_HEAD_LAYERS[head_type]["0"] + "weight"].shape[1],
+                      "value_head_activation": "silu", "value_head_input_dim": np.shape(trainable["head"]["0"]["kernel"])[0],
                       "resp_repr_mode": head_config.pooling}
 
     shutil.copytree(processor_dir, out_dir, dirs_exist_ok=True)

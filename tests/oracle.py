@@ -10,8 +10,7 @@ import torch
 from transformers import Molmo2Config as HFMolmo2Config
 from transformers import Molmo2ForConditionalGeneration
 
-from mrrm_jax import checkpoint, convert
-from mrrm_jax.models.molmo2 import Molmo2Config
+from mrrm_jax import convert
 
 # Small crops (9 x 9 patches) keep the ViT cheap; 9 is odd, so 2x2 pooling has empty (-1) slots.
 CROP = 126
@@ -47,13 +46,6 @@ class TinyModels:
     converted_original: pathlib.Path
 
 
-def convert_dir(hf_dir: pathlib.Path, out: pathlib.Path, dtype=None) -> pathlib.Path:
-    """What tools/convert_checkpoint.py does."""
-    cfg = Molmo2Config.from_hf_dir(hf_dir)
-    shards = convert.SafetensorsShards(hf_dir)
-    return checkpoint.save_base(out, cfg, convert.converted_leaves(shards, cfg, dtype=dtype))
-
-
 def make_tiny_models(root: pathlib.Path, seed: int = 0, **text_overrides) -> TinyModels:
     torch.manual_seed(seed)
     model = Molmo2ForConditionalGeneration(tiny_hf_config(**text_overrides)).eval()
@@ -65,8 +57,8 @@ def make_tiny_models(root: pathlib.Path, seed: int = 0, **text_overrides) -> Tin
     native, original = root / "hf_native", root / "hf_original"
     model.save_pretrained(native, save_original_format=False)
     model.save_pretrained(original)
-    return TinyModels(model, native, original, convert_dir(native, root / "ours_native"),
-                      convert_dir(original, root / "ours_original"))
+    return TinyModels(model, native, original, convert.convert_dir(native, root / "ours_native"),
+                      convert.convert_dir(original, root / "ours_original"))
 
 
 def hf_forward(model, inputs: dict) -> tuple[np.ndarray, np.ndarray]:

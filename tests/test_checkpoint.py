@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from transformers import Molmo2Config as HFMolmo2Config
 
-from mrrm_jax import checkpoint
+from mrrm_jax import checkpoint, convert
 from mrrm_jax.models.molmo2 import Molmo2Config
 from tests import oracle
 
@@ -80,13 +80,13 @@ def _copy_with(tiny, tmp_path, edit):
 def test_unknown_tensor_is_named(tiny_models, tmp_path):
     hf_dir = _copy_with(tiny_models, tmp_path, lambda t: t.update({"model.extra_head.weight": np.zeros(3, np.float32)}))
     with pytest.raises(ValueError, match="model.extra_head.weight"):
-        oracle.convert_dir(hf_dir, tmp_path / "out")
+        convert.convert_dir(hf_dir, tmp_path / "out")
 
 
 def test_missing_tensor_is_named(tiny_models, tmp_path):
     hf_dir = _copy_with(tiny_models, tmp_path, lambda t: t.pop("model.language_model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(ValueError, match="language_model/layers/1/mlp/up_proj/kernel"):
-        oracle.convert_dir(hf_dir, tmp_path / "out")
+        convert.convert_dir(hf_dir, tmp_path / "out")
     assert not (tmp_path / "out" / "params").exists()  # nothing written
 
 
@@ -94,7 +94,7 @@ def test_wrong_shape_is_named(tiny_models, tmp_path):
     key = "model.language_model.layers.0.self_attn.q_proj.weight"
     hf_dir = _copy_with(tiny_models, tmp_path, lambda t: t.update({key: t[key][:-1]}))
     with pytest.raises(ValueError, match="language_model/layers/0/self_attn/q_proj/kernel"):
-        oracle.convert_dir(hf_dir, tmp_path / "out")
+        convert.convert_dir(hf_dir, tmp_path / "out")
 
 
 def test_converted_leaves_equal_the_torch_weights(tiny_models):
@@ -112,7 +112,7 @@ def test_load_straight_into_a_sharding(tiny_models):
     script = textwrap.dedent(f"""
         import jax, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from mrrm_jax import checkpoint
+        from mrrm_jax import checkpoint, convert
         mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("fsdp", "tensor"))
         _, plain = checkpoint.load_base({str(tiny_models.converted_native)!r})
         def spec(x):  # layers over nothing, last axis over 'tensor' when it divides

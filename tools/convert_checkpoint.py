@@ -6,12 +6,9 @@ Accepts the transformers-native layout and the original release layout; reads te
 (no PyTorch needed) and writes one layer at a time.
 """
 
-import pathlib
+from absl import app, flags, logging
 
-from absl import app, flags
-
-from mrrm_jax import checkpoint, convert
-from mrrm_jax.models.molmo2 import Molmo2Config
+from mrrm_jax import convert
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory (config.json + *.safetensors).")
 _OUT = flags.DEFINE_string("out", None, "Output directory for the converted checkpoint.")
@@ -20,13 +17,9 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Cast weights
 
 def main(argv):
     del argv
-    hf_dir = pathlib.Path(_HF_DIR.value)
-    cfg = Molmo2Config.from_hf_dir(hf_dir)
-    shards = convert.SafetensorsShards(hf_dir)
-    has_lm_head = any(convert.native_name(k) == "lm_head.weight" for k in shards.entries)
-    cfg = cfg.replace(with_lm_head=has_lm_head and not cfg.text.tie_word_embeddings)
-    out = checkpoint.save_base(_OUT.value, cfg, convert.converted_leaves(shards, cfg, dtype=_DTYPE.value))
-    print(f"converted {len(shards.entries)} tensors from {hf_dir} -> {out}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every partial save at INFO
+    out = convert.convert_dir(_HF_DIR.value, _OUT.value, dtype=_DTYPE.value)
+    print(f"converted {_HF_DIR.value} -> {out}")
 
 
 if __name__ == "__main__":
