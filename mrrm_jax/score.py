@@ -53,6 +53,7 @@ class RewardModel:
         formatted = formatting.format_example(self.processor, prompt, responses, images, video, video_metadata)
         batch = batch_from_processor(formatted.processor_outputs, self.config)
         batch["read_positions"] = formatted.read_positions[None].astype(np.int32)
+        batch["response_starts"] = formatted.response_starts[None].astype(np.int32)
         return batch
 
     def score_examples(self, examples: list[dict]) -> list[np.ndarray]:

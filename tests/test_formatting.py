@@ -172,3 +172,15 @@ def test_needs_a_processor_with_the_separator(processor_dir):
 def test_bad_input(processor, kwargs, error, message):
     with pytest.raises(error, match=message):
         format_example(processor, **{"prompt": "Q?", "responses": ["a", "b"], **kwargs})
+
+
+def test_response_starts_point_at_each_responses_first_token(processor_dir):
+    processor = load_processor(processor_dir)
+    responses = ["Alpha is first.", " beta, with a space", "\nGamma after a newline", "delta"]
+    example = format_example(processor, "Q?", responses)
+    tokenizer = processor.tokenizer
+    for start, read, response in zip(example.response_starts, example.read_positions, responses):
+        assert start <= read
+        span = tokenizer.decode(example.input_ids[start: read + 1])
+        # The first token may also hold the "\n\n" (or "assistant\n") before the response, never more.
+        assert response.strip() in span and len(span) - len(response) <= len("assistant\n\n\n")

@@ -144,3 +144,17 @@ def test_lora_training_step_costs_at_most_2_2_forwards():
 def test_bad_training_targets_are_clear_errors(rankings, n, message):
     with pytest.raises(ValueError, match=message):
         reward.check_rankings(rankings, n, record="record 7")
+
+
+def test_poolings_by_hand():
+    hidden = jnp.arange(2 * 6 * 3, dtype=jnp.float32).reshape(2, 6, 3)
+    reads, starts = jnp.array([[2, 5], [4, -1]]), jnp.array([[1, 3], [0, -1]])
+    h = np.asarray(hidden)
+    np.testing.assert_array_equal(reward.pool(hidden, reads)[0, 1], h[0, 5])
+    np.testing.assert_array_equal(reward.pool(hidden, reads, starts, "first")[1, 0], h[1, 0])
+    np.testing.assert_array_equal(reward.pool(hidden, reads, starts, "first_last_concat")[0, 0],
+                                  np.concatenate([h[0, 1], h[0, 2]]))
+    np.testing.assert_array_equal(reward.pool(hidden, reads, starts, "first_last_sub")[0, 1], h[0, 5] - h[0, 3])
+    np.testing.assert_allclose(reward.pool(hidden, reads, starts, "response_mean")[0, 1], h[0, 3:6].mean(0))
+    packed = reward.pool(hidden, reads[:, None], starts[:, None], "response_mean")
+    assert packed.shape == (2, 1, 2, 3)

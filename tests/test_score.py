@@ -60,3 +60,20 @@ def test_command_line_scores_good_records_and_reports_bad_ones(model, tmp_path):
     assert "empty" in by_id["empty"]["error"]
     assert "error" in by_id[5]
     np.testing.assert_allclose(by_id["text"]["scores"], model.score("Pick one.", RESPONSES), atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["first", "response_mean", "first_last_concat"])
+def test_release_poolings_score_consistently(model, pooling):
+    import jax
+    import jax.numpy as jnp
+
+    from mrrm_jax import reward
+
+    config = reward.HeadConfig(pooling=pooling)
+    width = model.config.text.hidden_size * (2 if pooling == "first_last_concat" else 1)
+    head = reward.ValueHead(config).init(jax.random.key(0), jnp.zeros((1, width)))["params"]
+    other = RewardModel(model.config, model.params, config, head, model.processor)
+    alone = other.score("Which?", RESPONSES[:3])
+    batched = other.score_examples([other.example("Longer prompt " * 9, RESPONSES), other.example("Which?", RESPONSES[:3])])
+    assert np.isfinite(alone).all()
+    np.testing.assert_allclose(batched[1], alone, atol=1e-5)

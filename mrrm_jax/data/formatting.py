@@ -42,6 +42,9 @@ class FormattedExample:
     input_ids: np.ndarray  # int32 [T]
     # int32 [N]: the token before each `<|resp_sep|>`, then the last token of the sequence.
     read_positions: np.ndarray
+    # int32 [N]: the first token holding any character of each response (for the release's `first`
+    # and `response_mean` poolings; a leading "\n\n" may share that token).
+    response_starts: np.ndarray
     num_responses: int
     # What `processor(...)` returns for this example, batch of 1, numpy (`input_ids`, `attention_mask`,
     # `mm_token_type_ids`, and pixel_values / image_token_pooling / image_grids / image_num_crops and
@@ -115,20 +118,31 @@ def format_example(processor, prompt, responses, images=None, video=None, video_
     # What follows the processor's part: plain text (str) and special token ids (int), in order.
     pieces = [head[processor_text_end:], prompt]
     pieces += _template_pieces(middle, special_pattern, tokenizer)
-    pieces.append(responses[0])
+    pieces.append(_ResponseText(responses[0]))
     for response in responses[1:]:
-        pieces += [_TEXT_BEFORE_SEP, sep_id, _TEXT_AFTER_SEP, response]
+        pieces += [_TEXT_BEFORE_SEP, sep_id, _TEXT_AFTER_SEP, _ResponseText(response)]
     pieces += _template_pieces(tail, special_pattern, tokenizer)
 
     input_ids_t = list(outputs["input_ids"][0])
-    plain_text = ""
+    response_starts_n = []
+    plain_text, response_chars = "", []  # the pending plain stretch, and where its responses start
+
+    def flush_plain():
+        ids, offsets = _plain_ids(tokenizer, plain_text)
+        for char in response_chars:
+            response_starts_n.append(len(input_ids_t) + next(i for i, (_, end) in enumerate(offsets) if end > char))
+        input_ids_t.extend(ids)
+
     for piece in pieces:
         if isinstance(piece, str):
+            if isinstance(piece, _ResponseText):
+                response_chars.append(len(plain_text))
             plain_text += piece
         else:
-            input_ids_t += _plain_ids(tokenizer, plain_text) + [piece]
-            plain_text = ""
-    input_ids_t += _plain_ids(tokenizer, plain_text)
+            flush_plain()
+            input_ids_t.append(piece)
+            plain_text, response_chars = "", []
+    flush_plain()
 
     input_ids_t = np.asarray(input_ids_t, outputs["input_ids"].dtype)
     outputs["input_ids"] = input_ids_t[None]
@@ -140,7 +154,12 @@ def format_example(processor, prompt, responses, images=None, video=None, video_
     assert len(sep_positions) == len(responses) - 1, (len(sep_positions), len(responses))
     read_positions_n = np.append(sep_positions - 1, len(input_ids_t) - 1).astype(np.int32)
     return FormattedExample(input_ids=input_ids_t.astype(np.int32), read_positions=read_positions_n,
+                            response_starts=np.asarray(response_starts_n, np.int32),
                             num_responses=len(responses), processor_outputs=outputs)
+
+
+class _ResponseText(str):
+    """Marks response text among the plain pieces, to find where each response's tokens start."""
 
 
 def _check_inputs(prompt, responses, images, video) -> None:
@@ -194,8 +213,9 @@ def _template_pieces(text, special_pattern, tokenizer) -> list:
     return [tokenizer.convert_tokens_to_ids(part) if index % 2 else part for index, part in enumerate(parts)]
 
 
-def _plain_ids(tokenizer, text: str) -> list[int]:
-    """Ids of `text` with every special-token literal in it tokenized as ordinary text."""
+def _plain_ids(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids (and their character spans) of `text`, every special-token literal in it tokenized as plain text."""
     if not text:
-        return []
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return [], []
+    encoded = tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+    return encoded["input_ids"], encoded["offset_mapping"]

@@ -82,6 +82,7 @@ def pack_row(examples: list[dict], budget: RowBudget, patch_dim: tuple[int, int]
         "crops": np.zeros((1, budget.row_crops, patches, values), np.float32),
         "pooling": None,
         "read_positions": np.full((1, budget.row_examples, budget.max_responses), -1, np.int32),
+        "response_starts": np.full((1, budget.row_examples, budget.max_responses), -1, np.int32),
         "labels": np.full((1, budget.row_examples), -1, np.int32),
     }
     slots = max((e["pooling"].shape[2] for e in examples if "pooling" in e), default=1)
@@ -98,8 +99,9 @@ def pack_row(examples: list[dict], budget: RowBudget, patch_dim: tuple[int, int]
             row["pooling"][0, pooled: pooled + len(pooling), : pooling.shape[1]] = np.where(
                 pooling >= 0, pooling + crop * patches, -1)
             crop, pooled = crop + len(crops), pooled + len(pooling)
-        reads = example["read_positions"][0]
-        row["read_positions"][0, slot, : len(reads)] = np.where(reads >= 0, reads + token, -1)
+        for field in ("read_positions", "response_starts"):
+            indices = example[field][0] if field in example else np.full(example["read_positions"].shape[1], -1)
+            row[field][0, slot, : len(indices)] = np.where(indices >= 0, indices + token, -1)
         row["labels"][0, slot] = example.get("labels", np.array([-1]))[0]
         token += length
     return row
