@@ -37,7 +37,7 @@ from transformers import Molmo2ForConditionalGeneration
 
 from mrrm_jax import checkpoint, convert
 from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
-from mrrm_jax.models.molmo2 import Molmo2, Molmo2Config
+from mrrm_jax.models.molmo2 import Molmo2
 
 try:  # processor outputs -> our batch layout (moved out of tests/oracle.py)
     from mrrm_jax.hf_interop import batch_from_processor
@@ -89,15 +89,6 @@ def build_inputs(processor, text_tokens: int, seed: int = 0) -> dict:
     return run(max(0, text_tokens - overhead))
 
 
-def convert_checkpoint(hf_dir: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
-    """What tools/convert_checkpoint.py does."""
-    cfg = Molmo2Config.from_hf_dir(hf_dir)
-    shards = convert.SafetensorsShards(hf_dir)
-    has_lm_head = any(convert.native_name(k) == "lm_head.weight" for k in shards.entries)
-    cfg = cfg.replace(with_lm_head=has_lm_head and not cfg.text.tie_word_embeddings)
-    return checkpoint.save_base(out, cfg, convert.converted_leaves(shards, cfg))
-
-
 def busy_cpu_seconds() -> tuple[float, float]:
     """(CPU seconds used by the whole machine, by this process) so far: their difference over the
     timed window is what OTHER processes took from us (the machine may be shared)."""
@@ -137,7 +128,7 @@ def main():
                 if "norm" in name:
                     p.add_(0.1 * torch.randn_like(p))
         torch_model.save_pretrained(tmp / "hf", save_original_format=False)
-        converted = convert_checkpoint(tmp / "hf", tmp / "ours")
+        converted = convert.convert_dir(tmp / "hf", tmp / "ours")
         cfg, params = checkpoint.load_base(converted)
     print(f"attention implementation (pytorch): {torch_model.config._attn_implementation}")
 
@@ -198,7 +189,7 @@ def main():
     hidden_diff = float(np.abs(np.asarray(outputs["ours"]) - outputs["pytorch"].float().numpy())[real].max())
     hidden_scale = float(np.abs(outputs["pytorch"].float().numpy())[real].max())
 
-    print(f"\ncompile seconds (ours, excluded from timings): "
+    print("\ncompile seconds (ours, excluded from timings): "
           + ", ".join(f"{k} {v:.2f}" for k, v in compile_seconds.items()))
     print(f"\nLM {args.lm_layers} layers x {args.hidden} wide; median of {args.repeats} interleaved runs, batch 1\n")
     print(f"{'':16}{'tokens':>8}{'median s':>11}{'tokens/s':>11}{'min s':>9}{'max s':>9}{'tokens/s @min':>15}")

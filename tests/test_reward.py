@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mrrm_jax import lora, reward
-from mrrm_jax.models.molmo2 import Molmo2, Molmo2Config, TextConfig
+from mrrm_jax.models.molmo2 import Molmo2, Molmo2Config
 from tests.test_compile import _batch, _config
 
 

@@ -1,7 +1,9 @@
 """Padding single examples into one fixed-shape batch, with sizes rounded up to buckets.
 
 Buckets keep the number of compiled programs small: a batch is padded to the next multiple of
-`token_bucket` tokens and to the next power of two of crops, pooled tokens and responses.
+`token_bucket` tokens and to the next power of two of pooled tokens and responses. Crops are padded
+to the batch's largest count only: every padded crop costs a full ViT pass (Molmo2 makes few
+distinct counts: 1 + its tiling, or the number of frames).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def collate(examples: list[dict], token_bucket: int = 128, batch_size: int | Non
         shape = [max(a.shape[axis] for a in arrays) for axis in range(1, arrays[0].ndim)]
         if name in ("tokens", "positions", "segment_ids"):
             shape[0] = -(-shape[0] // token_bucket) * token_bucket
-        elif name in ("crops", "pooling", "read_positions", "response_starts"):
+        elif name in ("pooling", "read_positions", "response_starts"):
             shape[0] = _pow2(shape[0])
         out = np.full((rows, *shape), PAD_VALUES[name], arrays[0].dtype)
         for row, a in enumerate(arrays):
