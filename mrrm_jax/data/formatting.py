@@ -78,7 +78,8 @@ def load_processor(model_dir):
     return processor
 
 
-def format_example(processor, prompt, responses, images=None, video=None, video_metadata=None) -> FormattedExample:
+def format_example(processor, prompt, responses, images=None, video=None, video_metadata=None,
+                   **media_options) -> FormattedExample:
     """Token ids, media arrays and read positions of one prompt (+ images / one video) with N responses.
 
     `images`: a list of PIL images. `video`: one video, uint8 frames [T, H, W, 3] or a list of PIL
@@ -107,7 +108,8 @@ def format_example(processor, prompt, responses, images=None, video=None, video_
     head_matches = list(special_pattern.finditer(head))
     processor_text_end = head_matches[-1].end() if head_matches else 0
 
-    media_kwargs = {"images": images} if images else {}
+    # `media_options` go to the image / video processors for this call (e.g. max_crops, num_frames).
+    media_kwargs = dict(media_options, images=images) if images else dict(media_options)
     if video is not None:
         media_kwargs["videos"] = [video]
         if video_metadata is not None:

@@ -1,0 +1,95 @@
+"""Training examples from records: validation, response shuffling, and the length budget.
+
+A record is the paper's schema (`prompt`, `responses`, `rankings`, optional media). Per example, per
+epoch, the responses are shuffled (rankings alongside) with a generator the caller derives from
+(seed, epoch, record index), so the order is reproducible and differs between epochs. The budget
+policy follows the release: images fall back from 8 crops to 4, 2, 1; videos drop frames evenly
+(halving the frame count); then responses that still do not fit are dropped from the end of the
+(shuffled) order and the label is re-derived from the survivors' ranks. An example that cannot fit
+with two responses is skipped. Every drop and skip is counted by reason: nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+
+from mrrm_jax import reward
+from mrrm_jax.data import formatting
+from mrrm_jax.hf_interop import batch_from_processor
+from mrrm_jax.models.molmo2.config import Molmo2Config
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    max_tokens: int = 24576  # the paper's maximum sequence length
+    max_vision_tokens: int = 16384  # image/frame block tokens
+    crop_fallback: tuple[int, ...] = (8, 4, 2, 1)  # max_crops tried in turn for images
+    max_frames: int = 64  # first video frame count tried; halved while over budget
+    min_frames: int = 2
+
+
+class Skip(Exception):
+    """An example that cannot be used; `reason` is the counter key."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _media_attempts(budget: Budget, images, video) -> list[dict]:
+    if video is not None:
+        frames, options = budget.max_frames, []
+        while frames >= budget.min_frames:
+            options.append({"num_frames": frames})
+            frames //= 2
+        return options
+    return [{"max_crops": crops} for crops in budget.crop_fallback] if images else [{}]
+
+
+def training_example(record: dict, media: dict, processor, config: Molmo2Config, budget: Budget,
+                     rng: np.random.Generator, counts: collections.Counter, record_id: str = "record") -> dict:
+    """One-row model batch with `read_positions`, `response_starts` and `labels`; raises `Skip`.
+
+    `media`: decoded media ({"images": [...]} and/or {"video": frames, "video_metadata": {...}}).
+    `counts` receives one count per drop (e.g. "crops_reduced", "response_dropped").
+    """
+    responses = record.get("responses")
+    if not isinstance(responses, list) or not responses or not all(isinstance(r, str) and r for r in responses):
+        raise Skip("bad_responses", f"{record_id}: field 'responses' must be a list of non-empty strings")
+    try:
+        rankings = reward.check_rankings(record.get("rankings"), len(responses), record_id)
+    except ValueError as error:
+        raise Skip("bad_rankings", str(error)) from error
+
+    order = rng.permutation(len(responses))
+    responses, rankings = [responses[i] for i in order], rankings[order]
+    attempts = _media_attempts(budget, media.get("images"), media.get("video"))
+    for attempt, options in enumerate(attempts):
+        formatted = formatting.format_example(processor, record.get("prompt", ""), responses, **media, **options)
+        vision_tokens = int(formatted.processor_outputs["mm_token_type_ids"].sum())
+        if vision_tokens <= budget.max_vision_tokens:
+            break
+    else:
+        raise Skip("vision_too_long", f"{record_id}: {vision_tokens} vision tokens even with {options}")
+    if attempt:
+        counts["frames_reduced" if "num_frames" in options else "crops_reduced"] += 1
+
+    while len(formatted.input_ids) > budget.max_tokens:
+        if len(responses) == 2:
+            raise Skip("too_long", f"{record_id}: {len(formatted.input_ids)} tokens with 2 responses "
+                                   f"(budget {budget.max_tokens})")
+        counts["response_dropped"] += 1
+        if rankings[-1] == rankings.min() and (rankings == rankings.min()).sum() == 1:
+            counts["best_response_dropped"] += 1  # the label moves to the best survivor: counted
+        responses, rankings = responses[:-1], rankings[:-1]
+        formatted = formatting.format_example(processor, record.get("prompt", ""), responses, **media, **options)
+
+    batch = batch_from_processor(formatted.processor_outputs, config)
+    batch["read_positions"] = formatted.read_positions[None]
+    batch["response_starts"] = formatted.response_starts[None]
+    batch["labels"] = np.array([reward.label_from_rankings(rankings, rng)], np.int32)
+    batch["rankings"] = rankings[None].astype(np.int32)
+    return batch
