@@ -6,9 +6,24 @@ Accepts the transformers-native layout and the original release layout; reads te
 (no PyTorch needed) and writes one layer at a time.
 """
 
-from absl import app, flags, logging
+import ctypes
 
-from mrrm_jax import convert
+
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives every writer thread (tensorstore's) its own arena, and freed tensor-sized blocks
+    stay spread over them: measured, peak RSS then grows with the checkpoint instead of with its
+    largest tensor (4.4x vs 3.2x the largest tensor on a 4 GB checkpoint). Same as MALLOC_ARENA_MAX."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+    except OSError:  # not glibc: nothing to tune
+        pass
+
+
+_limit_malloc_arenas()  # before jax and tensorstore start their threads
+
+from absl import app, flags, logging  # noqa: E402
+
+from mrrm_jax import convert  # noqa: E402
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory (config.json + *.safetensors).")
 _OUT = flags.DEFINE_string("out", None, "Output directory for the converted checkpoint.")
