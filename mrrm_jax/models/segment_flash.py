@@ -91,6 +91,16 @@ def _forward_kernel(active_ref, q_ref, k_ref, v_ref, cq_ref, ck_ref, o_ref, lse_
         lse_ref[...] = (m_scr[...] + jnp.log(l_scr[...])).astype(lse_ref.dtype)
 
 
+def _recompute(q_ref, k_ref, v_ref, cq_ref, ck_ref, do_ref, lse_ref, delta_ref, i, j, scale, block_q, block_k):
+    """Backward quantities of one block: the probabilities p and the score gradients ds."""
+    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+    allowed = _allowed(cq_ref[...], ck_ref[...], i * block_q, j * block_k, block_q, block_k)
+    p = jnp.where(allowed, jnp.exp(s - lse_ref[...][:, :1]), 0.0)
+    dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return p, p * (dp - delta_ref[...][:, :1])
+
+
 def _dq_kernel(active_ref, q_ref, k_ref, v_ref, cq_ref, ck_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr,
                *, scale, block_q, block_k, nq, nk):
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
@@ -101,12 +111,9 @@ def _dq_kernel(active_ref, q_ref, k_ref, v_ref, cq_ref, ck_ref, do_ref, lse_ref,
 
     @pl.when(_block_index(active_ref, b, i, j, nq, nk) != 0)
     def _compute():
-        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-        allowed = _allowed(cq_ref[...], ck_ref[...], i * block_q, j * block_k, block_q, block_k)
-        p = jnp.where(allowed, jnp.exp(s - lse_ref[...][:, :1]), 0.0)
-        dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        ds = p * (dp - delta_ref[...][:, :1])
+        _, ds = _recompute(q_ref, k_ref, v_ref, cq_ref, ck_ref, do_ref, lse_ref, delta_ref, i, j, scale,
+                           block_q, block_k)
+        k = k_ref[...]
         dq_scr[...] += jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
                                            preferred_element_type=jnp.float32) * scale
 
@@ -127,14 +134,11 @@ def _dkv_kernel(active_ref, q_ref, k_ref, v_ref, cq_ref, ck_ref, do_ref, lse_ref
 
     @pl.when(_block_index(active_ref, b, i, j, nq, nk) != 0)
     def _compute():
-        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-        allowed = _allowed(cq_ref[...], ck_ref[...], i * block_q, j * block_k, block_q, block_k)
-        p = jnp.where(allowed, jnp.exp(s - lse_ref[...][:, :1]), 0.0)
+        p, ds = _recompute(q_ref, k_ref, v_ref, cq_ref, ck_ref, do_ref, lse_ref, delta_ref, i, j, scale,
+                           block_q, block_k)
+        q, do = q_ref[...], do_ref[...]
         dv_scr[...] += jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
                                            preferred_element_type=jnp.float32)
-        dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        ds = p * (dp - delta_ref[...][:, :1])
         dk_scr[...] += jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
                                            preferred_element_type=jnp.float32) * scale
 
