@@ -1,4 +1,4 @@
-"""Decoding media files for scoring: images with PIL, videos with PyAV."""
+"""Decoding media files: images with PIL, videos with PyAV, and directories of frames."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import pathlib
 import av
 import numpy as np
 from PIL import Image, ImageOps
+
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def load_image(path: str | pathlib.Path) -> Image.Image:
@@ -20,12 +22,30 @@ def load_image(path: str | pathlib.Path) -> Image.Image:
     return image if image.mode in ("RGB", "RGBA") else image.convert("RGB")
 
 
-def load_video(path: str | pathlib.Path) -> tuple[np.ndarray, dict]:
-    """All frames uint8 [T, H, W, 3] and the metadata Molmo2's video processor samples from."""
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
-        fps = float(stream.average_rate) if stream.average_rate else None
-    if fps is None:
-        raise ValueError(f"{path}: video has no frame rate")
-    return frames, {"fps": fps, "total_num_frames": len(frames), "duration": len(frames) / fps}
+def load_video(path: str | pathlib.Path, fps: float | None = None) -> tuple[np.ndarray, dict]:
+    """All frames uint8 [T, H, W, 3] and the metadata Molmo2's video processor samples from.
+
+    A directory is a video of its image files in name order; its frame rate comes from `fps`
+    (the record's `fps`, or 1 / `sampling_interval`), as the files carry none.
+    """
+    path = pathlib.Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+        if fps is None:
+            raise ValueError(f"{path}: a frame directory needs 'fps' or 'sampling_interval' in the record")
+        frames = [np.asarray(load_image(f).convert("RGB")) for f in files]
+    else:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            frames = []
+            for packet in container.demux(stream):
+                try:
+                    frames += [f.to_ndarray(format="rgb24") for f in packet.decode()]
+                except av.error.InvalidDataError:
+                    continue  # a corrupt packet: keep the frames around it
+            fps = fps or (float(stream.average_rate) if stream.average_rate else None)
+        if fps is None:
+            raise ValueError(f"{path}: video has no frame rate")
+    if not frames:
+        raise ValueError(f"{path}: no decodable frames")
+    return np.stack(frames), {"fps": fps, "total_num_frames": len(frames), "duration": len(frames) / fps}

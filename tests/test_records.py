@@ -1,0 +1,86 @@
+"""Records -> examples: good records become examples; every bad input is a counted skip with its id."""
+
+from __future__ import annotations
+
+import json
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from mrrm_jax import checkpoint
+from mrrm_jax.data import examples, records
+from mrrm_jax.data.formatting import load_processor
+
+
+def write_mp4(path, num_frames=6, size=(64, 48), fps=4):
+    # faststart puts the index before the frames, so a cut file still opens (see `no_frames.mp4`).
+    with av.open(str(path), mode="w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        rng = np.random.RandomState(0)
+        for _ in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(rng.randint(0, 256, (size[1], size[0], 3), dtype=np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "media").mkdir()
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(root / "media" / "ok.png")
+    (root / "media" / "empty.png").write_bytes(b"")
+    write_mp4(root / "media" / "ok.mp4")
+    data = (root / "media" / "ok.mp4").read_bytes()
+    (root / "media" / "truncated.mp4").write_bytes(data[:600])  # not even the index is left
+    # The index survives, the frames are cut away after their first bytes: nothing decodes.
+    (root / "media" / "no_frames.mp4").write_bytes(data[: data.find(b"mdat") + 8])
+    frames = root / "media" / "frames"
+    frames.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((30, 30, 3), 40 * i, np.uint8)).save(frames / f"{i:03d}.jpg")
+    (root / "outside.png").write_bytes((root / "media" / "ok.png").read_bytes())
+    good = {"prompt": "What is it?", "responses": ["A.", "B."], "rankings": [1, 2]}
+    lines = [
+        {**good, "image": "ok.png"},
+        {**good, "video": "ok.mp4"},
+        {**good, "video": "frames", "sampling_interval": 0.5},
+        good,
+        {**good, "image": "empty.png"},
+        {**good, "image": "missing.png"},
+        {**good, "image": "../outside.png"},
+        {**good, "video": "truncated.mp4"},
+        {**good, "video": "no_frames.mp4"},
+        {"prompt": "x", "rankings": [1, 2]},
+        {**good, "rankings": [1, 2, 3]},
+    ]
+    text = "\n".join(json.dumps(line) for line in lines) + "\n{not json\n"
+    (root / "train.jsonl").write_text(text)
+    return root
+
+
+def test_bad_inputs_are_counted_skips_and_the_rest_is_used(corpus, processor_dir, tiny_models, caplog):
+    processor = load_processor(processor_dir)
+    config = checkpoint.load_config(tiny_models.converted_native)
+    counter = records.SkipCounter()
+    built = records.build_examples(corpus / "train.jsonl", processor, config, examples.Budget(),
+                                   np.random.default_rng(0), counter, media_root=corpus / "media")
+    assert len(built) == 4
+    assert counter["bad_image"] == 1 and counter["missing_file"] == 1 and counter["path_outside_root"] == 1
+    assert counter["bad_video"] == 1 and counter["no_frames"] == 1
+    assert counter["bad_responses"] == 1 and counter["bad_rankings"] == 1 and counter["bad_json"] == 1
+    assert "train.jsonl:5" in caplog.text and "empty.png" in caplog.text
+
+
+def test_frame_directory_needs_a_rate(corpus):
+    with pytest.raises(examples.Skip, match="needs 'fps' or 'sampling_interval'"):
+        records.load_media({"video": "frames"}, "r:1", corpus / "media")
+    loaded = records.load_media({"video": "frames", "fps": 2}, "r:1", corpus / "media")
+    assert loaded["video"].shape == (4, 30, 30, 3) and loaded["video_metadata"]["duration"] == 2.0
+
+
+def test_a_missing_data_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl does not exist"):
+        records.read_jsonl(tmp_path / "nope.jsonl")
