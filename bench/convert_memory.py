@@ -12,9 +12,10 @@ them to the original release layout that `save_pretrained` writes by default (fu
 `wte.embedding` / `wte.new_embedding`, `transformer.*` / `vision_backbone.*` names).
 
 Then runs `python tools/convert_checkpoint.py` in a subprocess and reads its peak RSS (ru_maxrss
-from wait4, in a bare launcher process: see `_LAUNCHER`), and the same for a bare `python -c "import jax, orbax.checkpoint, mrrm_jax.convert"`
-baseline. Finally loads the result with `mrrm_jax.checkpoint.load_base` and checks a few leaves
-against the source tensors. Everything is deleted at the end.
+from wait4, in a bare launcher process: see `_LAUNCHER`), and the same for a bare
+`python -c "import jax, orbax.checkpoint, mrrm_jax.convert"` baseline (and one that also starts
+the jax backend, as the converter does). Finally loads the result with `mrrm_jax.checkpoint.load_base`
+and checks a few leaves against the source tensors. Everything is deleted at the end.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ _TO_ORIGINAL = [
     (r"^model\.language_model\.layers\.(\d+)\.mlp\.down_proj\.", r"model.transformer.blocks.\1.mlp.ff_out."),
     (r"^model\.language_model\.layers\.(\d+)\.", r"model.transformer.blocks.\1."),
     (r"^model\.language_model\.norm\.", "model.transformer.ln_f."),
-    (r"^model\.multi_modal_projector\.image_pooling_2d\.([qkvo])_proj\.", r"model.vision_backbone.image_pooling_2d.w\1."),
+    (r"^model\.multi_modal_projector\.image_pooling_2d\.([qkvo])_proj\.",
+     r"model.vision_backbone.image_pooling_2d.w\1."),
     (r"^model\.multi_modal_projector\.image_projector\.gate_proj\.", "model.vision_backbone.image_projector.w1."),
     (r"^model\.multi_modal_projector\.image_projector\.down_proj\.", "model.vision_backbone.image_projector.w2."),
     (r"^model\.multi_modal_projector\.image_projector\.up_proj\.", "model.vision_backbone.image_projector.w3."),
@@ -76,8 +78,10 @@ _TO_ORIGINAL = [
      r"model.vision_backbone.image_vit.transformer.resblocks.\1.attention.w\2."),
     (r"^model\.vision_tower\.layers\.(\d+)\.mlp\.fc([12])\.",
      r"model.vision_backbone.image_vit.transformer.resblocks.\1.feed_forward.w\2."),
-    (r"^model\.vision_tower\.layers\.(\d+)\.layer_norm1\.", r"model.vision_backbone.image_vit.transformer.resblocks.\1.attention_norm."),
-    (r"^model\.vision_tower\.layers\.(\d+)\.layer_norm2\.", r"model.vision_backbone.image_vit.transformer.resblocks.\1.ffn_norm."),
+    (r"^model\.vision_tower\.layers\.(\d+)\.layer_norm1\.",
+     r"model.vision_backbone.image_vit.transformer.resblocks.\1.attention_norm."),
+    (r"^model\.vision_tower\.layers\.(\d+)\.layer_norm2\.",
+     r"model.vision_backbone.image_vit.transformer.resblocks.\1.ffn_norm."),
     (r"^model\.vision_tower\.", "model.vision_backbone.image_vit."),
 ]
 
@@ -86,7 +90,8 @@ def original_shapes(native: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, 
     """The same model in the original release layout (as `save_pretrained` writes it by default)."""
     out: dict[str, tuple[int, ...]] = {}
     for name, shape in native.items():
-        fused = re.match(r"model\.language_model\.layers\.(\d+)\.(self_attn\.[qkv]_proj|mlp\.(?:gate|up)_proj)\.(\w+)", name)
+        fused = re.match(r"model\.language_model\.layers\.(\d+)\.(self_attn\.[qkv]_proj|mlp\.(?:gate|up)_proj)\.(\w+)",
+                         name)
         if name == "model.language_model.embed_tokens.weight":
             half = (shape[0] // 2, *shape[1:])
             out["model.transformer.wte.embedding"] = half
@@ -192,7 +197,8 @@ def check_leaves(hf_dir: pathlib.Path, out_dir: pathlib.Path, layout: str, mlp: 
         sources = {
             "embedding": lambda: np.concatenate([read_tensor(hf_dir, "model.transformer.wte.embedding"),
                                                  read_tensor(hf_dir, "model.transformer.wte.new_embedding")]),
-            "k_proj kernel": lambda: read_tensor(hf_dir, prefix + "self_attn.att_proj.weight")[q_rows: q_rows + kv_rows].T,
+            "k_proj kernel": lambda: read_tensor(hf_dir, prefix + "self_attn.att_proj.weight")[
+                q_rows: q_rows + kv_rows].T,
             "v_proj bias": lambda: read_tensor(hf_dir, prefix + "self_attn.att_proj.bias")[q_rows + kv_rows:],
             "gate_proj kernel": lambda: read_tensor(hf_dir, prefix + "mlp.ff_proj.weight")[mlp: 2 * mlp].T,
         }
@@ -269,6 +275,8 @@ def main():
             ("(peak - baseline) / largest source", f"{(peak_bytes - baseline_bytes) / tensor_bytes[largest_name]:.2f}"),
             ("(peak - baseline) / largest leaf", f"{(peak_bytes - baseline_bytes) / largest_leaf_bytes:.2f}"),
             ("(peak - baseline) / checkpoint", f"{(peak_bytes - baseline_bytes) / checkpoint_bytes:.2f}"),
+            ("(peak - baseline+backend) / largest",
+             f"{(peak_bytes - baseline_backend_bytes) / largest_leaf_bytes:.2f}"),
         ]
         print()
         for key, value in rows:

@@ -1,6 +1,7 @@
 """Forward throughput on CPU: our jitted Flax Molmo2 vs transformers' PyTorch Molmo2, same weights.
 
     python -m bench.forward [--lm_layers=4] [--hidden=256] [--text_tokens=512] [--repeats=5] [--max_crops=8]
+                            [--threads=1] [--no-with_logits]
 
 Run from the repository root. Builds a small random transformers `Molmo2ForConditionalGeneration`
 (LM: `--lm_layers` layers of width `--hidden`, head_dim 64, hidden/64 heads, half as many KV heads,
@@ -12,7 +13,10 @@ one random 640 x 480 image plus about `--text_tokens` text tokens, through `Molm
 Timed, in one process, interleaved, median of `--repeats` runs each:
   ours      jit(Molmo2.apply) -> final-norm hidden states (compile time reported separately)
   pytorch   model.model(...) (the base model, no LM head) under torch.inference_mode()
-and, with `--with_logits` (default on), both again including the LM head.
+and, with `--with_logits` (default on), both again including the LM head. Both sides use all cores
+(torch.set_num_threads), or, with `--threads=1`, the process is pinned to one core. The machine may
+be shared: the script prints how much CPU other processes took during the timed runs, and min
+times beside medians.
 """
 
 from __future__ import annotations
@@ -107,10 +111,18 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max_crops", type=int, default=None, help="image processor max_crops (default: its own, 8)")
     parser.add_argument("--with_logits", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="cores for both sides (default: all); fewer pins the whole process to that many cores")
     args = parser.parse_args()
 
-    cores = os.cpu_count()
-    torch.set_num_threads(cores)
+    cores = len(os.sched_getaffinity(0))
+    threads = args.threads or cores
+    if threads < cores:
+        # XLA:CPU ignores --xla_cpu_multi_thread_eigen / intra_op_parallelism_threads here (measured: it
+        # still keeps 2 cores busy), so pin the process; must happen before the jax backend starts.
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
+        cores = threads
+    torch.set_num_threads(threads)
     print(f"cores={cores} torch threads={torch.get_num_threads()} jax devices={jax.devices()} "
           f"jax {jax.__version__} torch {torch.__version__}")
 
@@ -174,13 +186,15 @@ def main():
         for fn in runs.values():
             fn()
     seconds = {name: [] for name in runs}
+    cpu_seconds = {name: 0.0 for name in runs}  # this process's CPU time: how many cores each side kept busy
     machine_start, own_start = busy_cpu_seconds()
     wall_start = time.perf_counter()
     for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both sides alike
         for name, fn in runs.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), sum(os.times()[:2])
             fn()
             seconds[name].append(time.perf_counter() - start)
+            cpu_seconds[name] += sum(os.times()[:2]) - cpu_start
     wall_seconds = time.perf_counter() - wall_start
     machine_end, own_end = busy_cpu_seconds()
     other_cpu_seconds = max(0.0, (machine_end - machine_start) - (own_end - own_start))
@@ -191,17 +205,21 @@ def main():
 
     print("\ncompile seconds (ours, excluded from timings): "
           + ", ".join(f"{k} {v:.2f}" for k, v in compile_seconds.items()))
-    print(f"\nLM {args.lm_layers} layers x {args.hidden} wide; median of {args.repeats} interleaved runs, batch 1\n")
-    print(f"{'':16}{'tokens':>8}{'median s':>11}{'tokens/s':>11}{'min s':>9}{'max s':>9}{'tokens/s @min':>15}")
+    print(f"\nLM {args.lm_layers} layers x {args.hidden} wide; {threads} thread(s) per side; median of {args.repeats} "
+          f"interleaved runs, batch 1\n")
+    print(f"{'':16}{'tokens':>8}{'median s':>11}{'tokens/s':>11}{'min s':>9}{'max s':>9}{'tokens/s @min':>15}"
+          f"{'cores busy':>12}")
     tokens_per_s = {}
     for name, samples in seconds.items():
         med = statistics.median(samples)
         tokens_per_s[name] = tokens_per_forward / med
         print(f"{name:16}{tokens_per_forward:>8}{med:>11.4f}{tokens_per_s[name]:>11.0f}{min(samples):>9.4f}"
-              f"{max(samples):>9.4f}{tokens_per_forward / min(samples):>15.0f}")
-    print(f"\nother processes used {other_cpu_seconds:.1f} CPU-seconds of the {cores * wall_seconds:.1f} available "
+              f"{max(samples):>9.4f}{tokens_per_forward / min(samples):>15.0f}"
+              f"{cpu_seconds[name] / sum(samples):>12.2f}")
+    machine_cpu_seconds = os.cpu_count() * wall_seconds
+    print(f"\nother processes used {other_cpu_seconds:.1f} CPU-seconds of the machine's {machine_cpu_seconds:.1f} "
           f"during the timed runs" + (" (shared machine: timings are noisy; the min column is the less disturbed "
-                                      "estimate)" if other_cpu_seconds > 0.05 * cores * wall_seconds else ""))
+                                      "estimate)" if other_cpu_seconds > 0.05 * machine_cpu_seconds else ""))
     pairs = [("hidden states", "ours", "pytorch")] + ([("with logits", "ours+logits", "pytorch+logits")]
                                                      if args.with_logits else [])
     for label, a, b in pairs:
