@@ -235,8 +235,5 @@ def _build(cls, raw: dict, fields: dict):
 
 
 def _tupled(value):
-    if isinstance(value, list):
-        return tuple(_tupled(v) for v in value)
-    if isinstance(value, dict):
-        return value
-    return value
+    """JSON lists -> tuples, so configs stay hashable (they are static arguments under jit)."""
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
