@@ -24,6 +24,7 @@ setup(
         "pillow==13.0.0",
         "av==18.1.0",
         "psutil==7.2.2",
+        "tensorboardX==2.6.5",
     ],
     extras_require={
         # The PyTorch oracle for parity tests; torch 2.14.1 is the build torchvision 0.29.1 pairs with.

@@ -142,25 +142,41 @@ def order_from_rankings(rankings, rng: np.random.Generator) -> np.ndarray:
 # -- the reward model as a function of (base, trainable) ---------------------------------------
 
 def forward_scores(backbone, head: ValueHead, base_params, trainable: dict, batch: dict, lora_spec=None, rng=None):
-    """Scores [B, N]. `trainable` = {"head": ..., "lora": factors or {}}; the base stays frozen.
+    """Scores [B, N]. `trainable` = {"head": ..., "lora": factors or {}, "base": optional sub-tree}.
 
+    The base stays frozen. `trainable["base"]`, when present, is a sub-tree of the backbone's
+    parameters trained in full (e.g. a randomly initialised demo model); it replaces those leaves.
     With `rng`, LoRA dropout is active (training); without, the pass is deterministic.
     """
-    base_params = jax.lax.stop_gradient(base_params)  # frozen: no gradient can reach the base
-    params = lora.apply(base_params, trainable["lora"], lora_spec) if trainable.get("lora") else base_params
+    params = jax.lax.stop_gradient(base_params)  # frozen: no gradient can reach the base
+    if trainable.get("base"):
+        params = overlay(params, trainable["base"])
+    if trainable.get("lora"):
+        params = lora.apply(params, trainable["lora"], lora_spec)
     rngs = {} if rng is None else {"dropout": rng}
     hidden_btd = backbone.apply({"params": params}, batch, rngs=rngs)
     return scores(head, trainable["head"], hidden_btd, batch)
 
 
-def loss(backbone, head: ValueHead, base_params, trainable: dict, batch: dict, lora_spec=None, rng=None,
-         objective: str = "cross_entropy"):
-    """Mean loss over the batch's examples, and the scores. Examples with label -1 are padding."""
+def overlay(tree: dict, sub: dict) -> dict:
+    """`tree` with the leaves of the nested dict `sub` put in their place."""
+    out = dict(tree)
+    for key, value in sub.items():
+        out[key] = overlay(tree[key], value) if isinstance(value, dict) else value
+    return out
+
+
+def example_losses(backbone, head: ValueHead, base_params, trainable: dict, batch: dict, lora_spec=None, rng=None,
+                   objective: str = "cross_entropy"):
+    """(per-example losses [E], real-example mask [E], scores) over every example slot of the batch.
+
+    Packed rows hold several examples: scores [B, E, N] are flattened to one row per slot. Empty slots
+    (label -1) have loss 0 and are False in the mask.
+    """
     all_scores = forward_scores(backbone, head, base_params, trainable, batch, lora_spec, rng)
-    # Packed rows hold several examples: flatten to one row per example slot. Empty slots (label -1)
-    # score -inf everywhere; zero them so no NaN arises even in unused branches.
     labels_b = batch["labels"].reshape(-1)
     real_b = labels_b >= 0
+    # Empty slots score -inf everywhere; zero them so no NaN arises even in unused branches.
     scores_bn = jnp.where(real_b[:, None], all_scores.reshape(-1, all_scores.shape[-1]), 0.0)
     if objective == "cross_entropy":
         per_example_b = cross_entropy(scores_bn, jnp.clip(labels_b, 0))
@@ -168,5 +184,12 @@ def loss(backbone, head: ValueHead, base_params, trainable: dict, batch: dict, l
         per_example_b = plackett_luce(scores_bn, batch["order"].reshape(-1, all_scores.shape[-1]))
     else:
         raise ValueError(f"objective={objective!r}: expected 'cross_entropy' or 'plackett_luce'")
-    per_example_b = jnp.where(real_b, per_example_b, 0.0)
+    return jnp.where(real_b, per_example_b, 0.0), real_b, all_scores
+
+
+def loss(backbone, head: ValueHead, base_params, trainable: dict, batch: dict, lora_spec=None, rng=None,
+         objective: str = "cross_entropy"):
+    """Mean loss over the batch's examples, and the scores. Examples with label -1 are padding."""
+    per_example_b, real_b, all_scores = example_losses(backbone, head, base_params, trainable, batch, lora_spec,
+                                                       rng, objective)
     return per_example_b.sum() / jnp.maximum(real_b.sum(), 1), all_scores

@@ -4,26 +4,18 @@ from __future__ import annotations
 
 import json
 
-import av
 import numpy as np
 import pytest
 from PIL import Image
 
 from mrrm_jax import checkpoint
-from mrrm_jax.data import examples, records
+from mrrm_jax.data import examples, media, records
 from mrrm_jax.data.formatting import load_processor
 
 
 def write_mp4(path, num_frames=6, size=(64, 48), fps=4):
-    # faststart puts the index before the frames, so a cut file still opens (see `no_frames.mp4`).
-    with av.open(str(path), mode="w", options={"movflags": "faststart"}) as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        rng = np.random.RandomState(0)
-        for _ in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(rng.randint(0, 256, (size[1], size[0], 3), dtype=np.uint8), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
+    frames = np.random.RandomState(0).randint(0, 256, (num_frames, size[1], size[0], 3), dtype=np.uint8)
+    media.write_mp4(path, frames, fps)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fractions
 import pathlib
 
 import av
@@ -49,3 +50,16 @@ def load_video(path: str | pathlib.Path, fps: float | None = None) -> tuple[np.n
     if not frames:
         raise ValueError(f"{path}: no decodable frames")
     return np.stack(frames), {"fps": fps, "total_num_frames": len(frames), "duration": len(frames) / fps}
+
+
+def write_mp4(path: str | pathlib.Path, frames: np.ndarray, fps: float) -> None:
+    """Encode uint8 frames [T, H, W, 3] (even H and W) as H.264 mp4; for generated data and tests.
+
+    faststart puts the index before the frames, so a file cut short still opens.
+    """
+    with av.open(str(path), mode="w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=fractions.Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())

@@ -10,7 +10,7 @@ a = response text, | = `<|resp_sep|>`, . = padding); the first has a 2-patch ima
     segment_ids     1 1 1 1 1 1 1   2 2 2 2  2    0  0     padding is segment 0
     positions       0 1 2 3 4 5 6   0 1 2 3  4    0  0     restart per example
     read_positions  [[4, 6], [9, 11]]    per example: the token before each `|`, then its last token
-    labels          [label_1, label_2]   -1 in empty example slots
+    labels          [label_1, label_2]   -1 in empty example slots (media_kind likewise)
     crops           [crops of example 1, zero padding]
     pooling         [pooled rows of example 1 (indices into this row's crops), -1 rows]
 
@@ -34,6 +34,9 @@ class RowBudget:
     row_pooled: int
     row_examples: int
     max_responses: int
+    # Patches pooled per image token: 4 for Molmo2's 2x2 image pooling, 9 for its 3x3 video pooling.
+    # Fixed, so rows with and without video have one shape.
+    pool_slots: int = 9
 
     def fits(self, used: dict, example: dict) -> bool:
         return (used["tokens"] + example["tokens"].shape[1] <= self.row_tokens
@@ -51,7 +54,8 @@ def first_fit(examples: list[dict], budget: RowBudget) -> list[list[int]]:
     rows, used = [], []
     for index, example in enumerate(examples):
         empty = {"tokens": 0, "crops": 0, "pooled": 0, "examples": 0}
-        if not budget.fits(empty, example) or example["read_positions"].shape[1] > budget.max_responses:
+        too_wide = "pooling" in example and example["pooling"].shape[2] > budget.pool_slots
+        if not budget.fits(empty, example) or example["read_positions"].shape[1] > budget.max_responses or too_wide:
             raise ValueError(f"example {index} does not fit an empty row ({example['tokens'].shape[1]} tokens, "
                              f"{_num(example, 'crops')} crops, {example['read_positions'].shape[1]} responses)")
         for row, counts in zip(rows, used):
@@ -84,9 +88,9 @@ def pack_row(examples: list[dict], budget: RowBudget, patch_dim: tuple[int, int]
         "read_positions": np.full((1, budget.row_examples, budget.max_responses), -1, np.int32),
         "response_starts": np.full((1, budget.row_examples, budget.max_responses), -1, np.int32),
         "labels": np.full((1, budget.row_examples), -1, np.int32),
+        "media_kind": np.full((1, budget.row_examples), -1, np.int32),  # index into pipeline.MEDIA_KINDS
     }
-    slots = max((e["pooling"].shape[2] for e in examples if "pooling" in e), default=1)
-    row["pooling"] = np.full((1, budget.row_pooled, slots), -1, np.int32)
+    row["pooling"] = np.full((1, budget.row_pooled, budget.pool_slots), -1, np.int32)
     token, crop, pooled = 0, 0, 0
     for slot, example in enumerate(examples):
         length = example["tokens"].shape[1]
@@ -102,6 +106,7 @@ def pack_row(examples: list[dict], budget: RowBudget, patch_dim: tuple[int, int]
         for field in ("read_positions", "response_starts"):
             indices = example[field][0] if field in example else np.full(example["read_positions"].shape[1], -1)
             row[field][0, slot, : len(indices)] = np.where(indices >= 0, indices + token, -1)
-        row["labels"][0, slot] = example.get("labels", np.array([-1]))[0]
+        for field in ("labels", "media_kind"):
+            row[field][0, slot] = example.get(field, np.array([-1]))[0]
         token += length
     return row

@@ -1,0 +1,221 @@
+"""The grain input pipeline: records -> examples (in workers) -> packed rows -> fixed-shape batches.
+
+    records (JSONL or TFDS) -> MapDataset.source -> per-process shard -> shuffle, repeat (new order
+    per epoch) -> PrepareExample (decode media, Molmo2 preprocessing, formatting, budget; in the
+    grain workers) -> mp_prefetch -> PackedBatches (window first-fit-decreasing packing)
+
+Every step of it is a deterministic function of (seed, element index), so the iterator state is
+small: `PackedBatches` saves the parent's state at the start of the packing window that holds the
+next row, and the index of that row. Restoring re-reads that window and re-packs it identically.
+Skips and drops travel inside the batches as a count vector (`COUNT_KEYS`), also from the workers,
+so nothing is lost silently and the counts survive a restore exactly.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import pathlib
+import threading
+
+import grain
+import numpy as np
+from PIL import Image
+
+from mrrm_jax.data import examples, formatting, packing, records
+from mrrm_jax.data.examples import Skip
+
+log = logging.getLogger(__name__)
+
+# Every reason an example is skipped or changed, in the order of the `counts` vector of a batch.
+COUNT_KEYS = (
+    "bad_json", "bad_responses", "bad_rankings", "missing_file", "path_outside_root", "bad_image", "bad_video",
+    "no_frames", "vision_too_long", "too_long", "unexpected_error",  # skips
+    "crops_reduced", "frames_reduced", "response_dropped", "best_response_dropped",  # changes
+)
+MEDIA_KINDS = ("text", "image", "video")
+MEDIA_TRANSFORMS = ("none", "black", "frozen")  # "black" / "frozen": the blanked-media controls
+
+
+def count_vector(counts: dict) -> np.ndarray:
+    unknown = set(counts) - set(COUNT_KEYS)
+    if unknown:
+        raise KeyError(f"count keys {sorted(unknown)} are not in COUNT_KEYS")
+    return np.array([counts.get(k, 0) for k in COUNT_KEYS], np.int64)
+
+
+def blank_media(loaded: dict, transform: str) -> dict:
+    """The controls: "black" zeroes images and frames; "frozen" repeats a video's first frame."""
+    if transform == "none":
+        return loaded
+    out = dict(loaded)
+    if "images" in out:
+        out["images"] = [Image.new("RGB", image.size) for image in out["images"]]
+    if "video" in out:
+        frames = out["video"]
+        out["video"] = np.zeros_like(frames) if transform == "black" else np.repeat(frames[:1], len(frames), 0)
+    return out
+
+
+class PrepareExample:
+    """(index, (record id, record)) -> {"example": one-row example or None, "counts": [len(COUNT_KEYS)]}.
+
+    Runs inside the grain workers, on grain's reader threads; the processor (tokenizer, image and
+    video processors) is not thread-safe, so each thread opens its own, lazily; it is never pickled. The response order and tie-breaks come from
+    `default_rng([seed, index])`: the index runs on across epochs, so each epoch shuffles anew.
+    """
+
+    def __init__(self, processor_dir, model_config, budget: examples.Budget, seed: int, media_root,
+                 media_transform: str = "none"):
+        if media_transform not in MEDIA_TRANSFORMS:
+            raise ValueError(f"media_transform={media_transform!r}: expected one of {MEDIA_TRANSFORMS}")
+        self.processor_dir, self.model_config, self.budget = str(processor_dir), model_config, budget
+        self.seed, self.media_root, self.media_transform = seed, pathlib.Path(media_root), media_transform
+        self._local = threading.local()
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _local=threading.local())
+
+    @property
+    def processor(self):
+        if not hasattr(self._local, "processor"):
+            self._local.processor = formatting.load_processor(self.processor_dir)
+        return self._local.processor
+
+    def __call__(self, index: int, item) -> dict:
+        record_id, record = item
+        counts = collections.Counter()
+        example = None
+        try:
+            if not isinstance(record, dict):
+                raise Skip("bad_json", f"{record_id}: not a JSON object")
+            loaded = blank_media(records.load_media(record, record_id, self.media_root), self.media_transform)
+            example = examples.training_example(record, loaded, self.processor, self.model_config, self.budget,
+                                                np.random.default_rng([self.seed, index]), counts, record_id)
+            kind = "video" if "video" in loaded else "image" if "images" in loaded else "text"
+            example["media_kind"] = np.array([MEDIA_KINDS.index(kind)], np.int32)
+        except Skip as error:
+            counts[error.reason] += 1
+            log.warning("skipped %s", error)
+        except Exception as error:  # a long run never dies on one record; counted and logged with its id
+            counts["unexpected_error"] += 1
+            log.exception("skipped %s: unexpected %s: %s", record_id, type(error).__name__, error)
+        return {"example": example, "counts": count_vector(counts)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PackingConfig:
+    row: packing.RowBudget
+    patch_dim: tuple[int, int]  # (patches per crop, values per patch)
+    rows_per_batch: int
+    window: int = 64  # examples packed together (first-fit decreasing); larger packs tighter, holds more
+
+
+class PackedBatches(grain.IterDataset):
+    """Batches [rows_per_batch, ...] of packed rows; see the module docstring for the state."""
+
+    def __init__(self, parent: grain.IterDataset, config: PackingConfig):
+        super().__init__(parent)
+        self.config = config
+
+    def __iter__(self):
+        return _PackedBatchIterator(self._parent.__iter__(), self.config)
+
+
+class _PackedBatchIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, config: PackingConfig):
+        super().__init__(parent)
+        self.config = config
+        self._window_state = parent.get_state()
+        self._rows: list[dict] = []
+        self._next_row = 0
+        self._exhausted = False
+
+    def _read_window(self) -> None:
+        self._window_state = self._parent.get_state()
+        window, counts = [], np.zeros(len(COUNT_KEYS), np.int64)
+        while len(window) < self.config.window:
+            try:
+                item = next(self._parent)
+            except StopIteration:
+                self._exhausted = True
+                break
+            counts += item["counts"]
+            if item["example"] is not None:
+                window.append(item["example"])
+        # Longest first (stable), then first fit: tight rows, identical on every re-read.
+        window.sort(key=lambda e: -e["tokens"].shape[1])
+        rows = [[window[i] for i in row] for row in packing.first_fit(window, self.config.row)]
+        self._rows = [packing.pack_row(row, self.config.row, self.config.patch_dim) for row in rows]
+        if not self._rows and counts.any():  # a window of skips only: an empty row carries its counts
+            self._rows = [packing.pack_row([], self.config.row, self.config.patch_dim)]
+        for index, row in enumerate(self._rows):
+            row["counts"] = counts if index == 0 else np.zeros_like(counts)
+        self._next_row = 0
+
+    def __next__(self) -> dict:
+        rows = []
+        while len(rows) < self.config.rows_per_batch:
+            if self._next_row < len(self._rows):
+                rows.append(self._rows[self._next_row])
+                self._next_row += 1
+            elif self._exhausted:
+                break
+            else:
+                self._read_window()
+        if not rows:
+            raise StopIteration
+        return _stack(rows + [_empty_row(self.config)] * (self.config.rows_per_batch - len(rows)))
+
+    def get_state(self) -> dict:
+        return {"window_start": self._window_state, "next_row": self._next_row}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["window_start"])
+        self._exhausted = False
+        self._read_window()
+        self._next_row = state["next_row"]
+
+
+def _empty_row(config: PackingConfig) -> dict:
+    return {**packing.pack_row([], config.row, config.patch_dim), "counts": np.zeros(len(COUNT_KEYS), np.int64)}
+
+
+def _stack(rows: list[dict]) -> dict:
+    batch = {name: np.concatenate([row[name] for row in rows]) for name in rows[0] if name != "counts"}
+    batch["counts"] = np.sum([row["counts"] for row in rows], axis=0)
+    return batch
+
+
+def empty_batch(config: PackingConfig) -> dict:
+    """A batch of empty rows (no examples), e.g. for a process whose evaluation shard ran out first."""
+    return _stack([_empty_row(config)] * config.rows_per_batch)
+
+
+def record_dataset(items, seed: int, num_epochs: int | None, shard_index: int = 0, shard_count: int = 1,
+                   shuffle: bool = True) -> grain.MapDataset:
+    """(record id, record) items of this process's shard, shuffled anew each epoch, repeated."""
+    dataset = grain.MapDataset.source(items)[shard_index::shard_count]
+    if shuffle:
+        dataset = dataset.shuffle(seed=seed)
+    return dataset.repeat(num_epochs)
+
+
+def batches(items, prepare: PrepareExample, packing_config: PackingConfig, seed: int, num_epochs: int | None,
+            num_workers: int = 0, shard_index: int = 0, shard_count: int = 1, shuffle: bool = True,
+            num_threads: int = 1) -> grain.IterDataset:
+    """The whole pipeline; iterate it (`iter(...)`) for batches, save its iterator's state with Orbax.
+
+    `num_workers` processes each run `num_threads` reader threads, each thread with its own processor
+    (a few seconds to open): on a small host, one thread per worker process is the fast setting.
+    """
+    dataset = record_dataset(items, seed, num_epochs, shard_index, shard_count, shuffle)
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(4 * num_threads, 8))
+    dataset = dataset.map_with_index(prepare).to_iter_dataset(read)
+    if num_workers:
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return PackedBatches(dataset, packing_config)

@@ -1,0 +1,92 @@
+"""The device mesh and how parameters, optimizer state and batches are laid out on it.
+
+Mesh axes are ('data', 'fsdp', 'tensor'). Parameters get logical axes from their path (a kernel
+maps the residual stream "embed" to a hidden "mlp" axis, or back); `LOGICAL_RULES` maps logical
+axes to mesh axes: "embed" over 'fsdp' (the frozen base is sharded FSDP-style and gathered layer by
+layer inside the scan), "mlp" / "vocab" over 'tensor'. A dimension that a mesh axis does not divide
+stays replicated. Batches shard their row axis over ('data', 'fsdp').
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+LOGICAL_RULES = {"embed": "fsdp", "mlp": "tensor", "vocab": "tensor", "batch": ("data", "fsdp"), None: None}
+
+# (path regex, logical axes of the last two dims); leading (stacked layer) axes stay unsharded.
+_MATRIX_AXES = (
+    (r".*embed_tokens/embedding", ("vocab", "embed")),
+    (r".*lm_head/kernel", ("embed", "vocab")),
+    (r".*(o_proj|down_proj|fc2)/kernel", ("mlp", "embed")),  # back into the residual stream
+    (r"(language_model|vision_tower|multi_modal_projector)/.*kernel", ("embed", "mlp")),
+)
+
+
+def make_mesh(shape: dict, devices=None) -> Mesh:
+    """`shape`: {'data': n, 'fsdp': n, 'tensor': n}; one entry may be -1 (the remaining devices)."""
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    sizes = [int(shape[a]) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {dict(shape)}: at most one axis may be -1")
+    if -1 in sizes:
+        known = int(np.prod([s for s in sizes if s != -1]))
+        if devices.size % known:
+            raise ValueError(f"mesh {dict(shape)} does not divide {devices.size} devices")
+        sizes[sizes.index(-1)] = devices.size // known
+    if int(np.prod(sizes)) != devices.size:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                         f"there are {devices.size}")
+    return Mesh(devices.reshape(sizes), MESH_AXES)
+
+
+def _mesh_axis(mesh: Mesh, logical: str | None, size: int):
+    axis = LOGICAL_RULES[logical]
+    names = (axis,) if isinstance(axis, str) else axis or ()
+    ways = int(np.prod([mesh.shape[n] for n in names]))
+    return axis if axis is not None and size % ways == 0 else None
+
+
+def matrix_axes(path: str) -> tuple[str, str] | None:
+    """Logical axes of the last two dims of a parameter (None: replicate, e.g. norms, biases, head)."""
+    for pattern, axes in _MATRIX_AXES:
+        if re.fullmatch(pattern, path):
+            return axes
+    return None
+
+
+def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """PartitionSpec of a parameter, or of a LoRA factor `path/kernel/{a,b}` (rank axis replicated)."""
+    factor = re.fullmatch(r"(.*)/([ab])", path)
+    axes = matrix_axes(factor.group(1) if factor else path)
+    if axes is None or len(shape) < 2:
+        return P()
+    if factor:  # a: [in, rank], b: [rank, out]
+        axes = (axes[0], None) if factor.group(2) == "a" else (None, axes[1])
+    lead = [None] * (len(shape) - 2)
+    return P(*lead, *(_mesh_axis(mesh, a, s) for a, s in zip(axes, shape[-2:])))
+
+
+def _path(key_path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path)
+
+
+def tree_shardings(tree, mesh: Mesh):
+    """NamedShardings for a pytree of arrays / ShapeDtypeStructs by their paths.
+
+    LoRA factors are stored under their kernel's path as a key ({"lora": {"a/b/kernel": {"a", "b"}}}),
+    so the joined path of a factor reads "lora/<kernel path>/a".
+    """
+    def spec(key_path, leaf):
+        path = re.sub(r"^(base|lora|params)/", "", _path(key_path))
+        return NamedSharding(mesh, param_spec(path, leaf.shape, mesh))
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, leading: int = 0) -> NamedSharding:
+    """Rows over ('data', 'fsdp'); `leading` unsharded axes before the row axis (e.g. micro-steps)."""
+    return NamedSharding(mesh, P(*([None] * leading), LOGICAL_RULES["batch"], *([None] * (ndim - leading - 1))))

@@ -1,0 +1,41 @@
+"""Train a multi-response reward model.
+
+    python -m mrrm_jax.train --config=configs/demo.py [--config.train.num_steps=100 ...] [--workdir=DIR]
+
+The logic lives in `mrrm_jax.trainer`; this is the command line around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from mrrm_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a config file (configs/*.py)", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/mrrm_jax_run", "run directory: checkpoints, metrics, demo data")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger("mrrm_jax").setLevel(logging.INFO)
+    cfg = _CONFIG.value
+    if cfg.distributed:
+        jax.distributed.initialize()
+    try:
+        results = trainer.train(cfg, _WORKDIR.value)
+    except trainer.ConfigError as error:
+        sys.exit(f"error: {error}")
+    for name, result in results.items():
+        shown = "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
+        print(f"final {name}: {shown}", flush=True)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

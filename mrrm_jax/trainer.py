@@ -1,0 +1,449 @@
+"""Training: model and state on the mesh, the jitted step, evaluation, checkpoints, the loop.
+
+State = {"step", "trainable": {"head", "lora", "base"?}, "opt"}; the frozen base is a separate,
+never-donated argument (no gradients, no optimizer state). LoRA factors are keyed by their
+kernel path with "|" for "/" (Orbax keys are plain names). One optimizer step = `grad_accum`
+micro-steps over packed rows; the loss is the mean over the step's real examples, however many
+the packing put into its rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import pathlib
+import re
+import signal
+import threading
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from mrrm_jax import checkpoint, lora, reward, sharding
+from mrrm_jax.data import examples, packing, pipeline, records, synthetic
+from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
+from mrrm_jax.metrics import MetricsWriter
+from mrrm_jax.models.molmo2 import Molmo2, Molmo2Config
+from mrrm_jax.models.molmo2.config import AdapterConfig, TextConfig, VisionConfig
+
+log = logging.getLogger(__name__)
+
+# Keys that may differ between a run and the checkpoint it resumes (the rest must match).
+RESUMABLE_CHANGES = ("train.num_steps", "log_every", "checkpoint.every_steps", "checkpoint.keep",
+                     "eval.every_steps", "eval.controls", "data.num_workers", "data.num_threads")
+
+
+class ConfigError(ValueError):
+    """A problem with the configuration, data paths or the workdir; reported without a traceback."""
+
+
+# -- the model ------------------------------------------------------------------------------------
+
+def model_config(cfg: ml_collections.ConfigDict) -> Molmo2Config:
+    m = cfg.model
+    runtime = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention,
+                   scan_unroll=m.scan_unroll, with_lm_head=False)
+    if m.base_dir:
+        return checkpoint.load_config(m.base_dir).replace(**runtime)
+    if m.preset:
+        return getattr(Molmo2Config, m.preset)(**runtime)
+    dims = m.dims.to_dict()
+    return Molmo2Config(vision=VisionConfig(**dims["vision"]), adapter=AdapterConfig(**dims["adapter"]),
+                        text=TextConfig(**dims["text"]), **runtime)
+
+
+def dummy_batch(config: Molmo2Config, tokens: int = 8) -> dict:
+    return {"tokens": jnp.zeros((1, tokens), jnp.int32), "positions": jnp.zeros((1, tokens), jnp.int32),
+            "segment_ids": jnp.ones((1, tokens), jnp.int32),
+            "crops": jnp.zeros((1, 1, config.vision.num_patches, config.vision.patch_dim)),
+            "pooling": jnp.zeros((1, 1, 4), jnp.int32)}
+
+
+def abstract_base(config: Molmo2Config) -> dict:
+    return jax.eval_shape(lambda: Molmo2(config).init(jax.random.key(0), dummy_batch(config))["params"])
+
+
+def _flat(tree: dict) -> dict:
+    return {"/".join(str(k.key) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _nest(flat: dict) -> dict:
+    tree: dict = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def load_base(cfg, config: Molmo2Config, mesh) -> dict:
+    """The frozen base on the mesh: converted weights from `model.base_dir`, or a seeded random init."""
+    shapes = abstract_base(config)
+    shardings = sharding.tree_shardings(shapes, mesh)
+    if cfg.model.base_dir:
+        with_head = config.replace(with_lm_head=True)
+        stored_shardings = sharding.tree_shardings(abstract_base(with_head), mesh)
+        _, base = checkpoint.load_base(cfg.model.base_dir, shardings=stored_shardings, dtype=config.param_dtype)
+        base.pop("lm_head", None)  # the reward path never uses it (design decision 8)
+        return base
+    init = jax.jit(lambda key: Molmo2(config).init(key, dummy_batch(config))["params"], out_shardings=shardings)
+    return init(jax.random.key(cfg.seed))
+
+
+def lora_spec(cfg) -> lora.LoraSpec | None:
+    if not cfg.lora.rank:
+        return None
+    return lora.LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout)
+
+
+def init_trainable(cfg, config: Molmo2Config, base: dict, mesh) -> dict:
+    """{"head", "lora" ("|"-joined kernel paths), "base" (the `train.full_train` leaves)} on the mesh."""
+    key_lora, key_head = jax.random.split(jax.random.key(cfg.seed + 1))
+    head = reward.ValueHead(head_config(cfg)).init(key_head, jnp.zeros((1, config.text.hidden_size)))["params"]
+    spec = lora_spec(cfg)
+    factors = {} if spec is None else lora.init(base, spec, key_lora)
+    trained = {p: v for p, v in _flat(base).items() if any(re.fullmatch(r, p) for r in cfg.train.full_train)}
+    if cfg.train.full_train and not trained:
+        raise ConfigError(f"train.full_train {tuple(cfg.train.full_train)} matches no base parameter")
+    trainable = {"head": head, "lora": {k.replace("/", "|"): v for k, v in factors.items()},
+                 "base": _nest({p: v.astype(jnp.float32) for p, v in trained.items()})}
+    return jax.device_put(trainable, sharding.tree_shardings(trainable, mesh))
+
+
+def head_config(cfg) -> reward.HeadConfig:
+    return reward.HeadConfig(**cfg.head.to_dict())
+
+
+def optimizer(cfg) -> optax.GradientTransformation:
+    """AdamW with linear decay to 0 after an optional linear warmup, global-norm clipping (the paper's)."""
+    t = cfg.train
+    decay = optax.linear_schedule(t.learning_rate, 0.0, max(t.num_steps - t.warmup_steps, 1))
+    schedule = decay if not t.warmup_steps else optax.join_schedules(
+        [optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps), decay], [t.warmup_steps])
+    return optax.chain(optax.clip_by_global_norm(t.clip_norm),
+                       optax.adamw(schedule, weight_decay=t.weight_decay))
+
+
+# -- the step --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """What the jitted functions close over (hashable and static)."""
+
+    backbone: Molmo2
+    head: reward.ValueHead
+    spec: lora.LoraSpec | None
+    objective: str
+
+    def losses(self, base, trainable, batch, rng=None):
+        trainable = {**trainable, "lora": {k.replace("|", "/"): v for k, v in trainable["lora"].items()}}
+        return reward.example_losses(self.backbone, self.head, base, trainable, batch, self.spec, rng,
+                                     self.objective)
+
+
+def _correct(scores, labels_e):
+    """Per example slot: the top score is the labelled response."""
+    scores_en = scores.reshape(-1, scores.shape[-1])
+    return (jnp.argmax(scores_en, -1) == labels_e) & (labels_e >= 0)
+
+
+def train_step(model: Model, tx, state: dict, base: dict, batch: dict, rng):
+    """One optimizer step over `batch` leaves [micro-steps, rows, ...]; returns (state, metrics)."""
+    step_rng = jax.random.fold_in(rng, state["step"])
+
+    def micro(carry, inputs):
+        grads, loss_sum, count, correct = carry
+        micro_batch, key = inputs
+
+        def total_loss(trainable):
+            per_example, real, scores = model.losses(base, trainable, micro_batch, key)
+            return per_example.sum(), (real, scores)
+
+        (loss, (real, scores)), g = jax.value_and_grad(total_loss, has_aux=True)(state["trainable"])
+        hits = _correct(scores, micro_batch["labels"].reshape(-1)).sum()
+        return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, count + real.sum(), correct + hits), None
+
+    micro_steps = batch["tokens"].shape[0]
+    zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
+    carry = (zeros, jnp.float32(0), jnp.int32(0), jnp.int32(0))
+    (grads, loss_sum, count, correct), _ = jax.lax.scan(micro, carry, (batch, jax.random.split(step_rng, micro_steps)))
+    examples_ = jnp.maximum(count, 1)
+    grads = jax.tree.map(lambda g: g / examples_, grads)  # the mean over the step's examples
+    updates, opt = tx.update(grads, state["opt"], state["trainable"])
+    trainable = optax.apply_updates(state["trainable"], updates)
+    metrics = {"loss": loss_sum / examples_, "accuracy": correct / examples_, "examples": count,
+               "grad_norm": optax.global_norm(grads),
+               "tokens": (batch["segment_ids"] > 0).sum()}
+    return {"step": state["step"] + 1, "trainable": trainable, "opt": opt}, metrics
+
+
+def eval_scores(model: Model, state: dict, base: dict, batch: dict):
+    return model.losses(base, state["trainable"], batch)[2]
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+def processor_dir(cfg, workdir: pathlib.Path) -> pathlib.Path:
+    if cfg.processor.dir:
+        return pathlib.Path(cfg.processor.dir)
+    if cfg.model.base_dir and (pathlib.Path(cfg.model.base_dir) / "tokenizer_config.json").exists():
+        return pathlib.Path(cfg.model.base_dir)
+    out = workdir / "processor"
+    if not (out / "processor_config.json").exists():
+        k = cfg.processor.kwargs
+        size = {"height": k.crop, "width": k.crop}
+        write_molmo2_processor_dir(
+            out, image_processor_kwargs=dict(size=size, max_crops=k.max_crops, overlap_margins=[1, 1]),
+            video_processor_kwargs=dict(size=size, num_frames=k.num_frames, max_fps=k.max_fps))
+    return out
+
+
+def data_file(cfg, split: str, workdir: pathlib.Path) -> pathlib.Path | None:
+    """The JSONL of a split; "synthetic" writes the demo corpus into the workdir first."""
+    name = cfg.data[split]
+    if not name:
+        return None
+    if name == "synthetic":
+        s = cfg.data.synthetic
+        seed = cfg.seed * 2 + (split == "eval")  # different corpora for training and evaluation
+        return synthetic.write_corpus(workdir / "data" / split, s[f"{split}_images"], s[f"{split}_videos"], seed)
+    path = pathlib.Path(name)
+    if not path.exists():
+        raise ConfigError(f"data.{split}={name!r} does not exist")
+    return path
+
+
+def packing_config(cfg, config: Molmo2Config, rows_per_batch: int) -> pipeline.PackingConfig:
+    p = cfg.packing
+    row = packing.RowBudget(p.row_tokens, p.row_crops, p.row_pooled, p.row_examples, p.max_responses)
+    return pipeline.PackingConfig(row, (config.vision.num_patches, config.vision.patch_dim), rows_per_batch, p.window)
+
+
+def dataset(cfg, config, split: str, path: pathlib.Path, processor: pathlib.Path, rows_per_batch: int,
+            media_transform: str = "none") -> grain.IterDataset:
+    b = cfg.budget
+    budget = examples.Budget(b.max_tokens, b.max_vision_tokens, max_frames=b.max_frames, min_frames=b.min_frames)
+    media_root = pathlib.Path(cfg.data.media_root) if cfg.data.media_root else path.parent
+    train = split == "train"
+    prepare = pipeline.PrepareExample(processor, config, budget, cfg.seed + (0 if train else 1), media_root,
+                                      media_transform)
+    epochs = (None if cfg.data.num_epochs < 0 else cfg.data.num_epochs) if train else 1
+    return pipeline.batches(records.read_jsonl(path), prepare, packing_config(cfg, config, rows_per_batch),
+                            cfg.seed, epochs, cfg.data.num_workers if train else 0,
+                            jax.process_index(), jax.process_count(), shuffle=train, num_threads=cfg.data.num_threads)
+
+
+def to_global(local: dict, mesh, micro_steps: int | None = None) -> dict:
+    """A host batch [rows_local, ...] -> global arrays; with `micro_steps`, [micro, rows, ...]."""
+    out = {}
+    for name, value in local.items():
+        if name in ("counts", "media_kind"):
+            continue  # host-side bookkeeping
+        if micro_steps is not None:
+            value = value.reshape(micro_steps, -1, *value.shape[1:])
+        lead = 0 if micro_steps is None else 1
+        out[name] = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, value.ndim, lead), value)
+    return out
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+
+def evaluate(scores_fn, state, base, batches, mesh, empty: dict) -> dict:
+    """Best-of-N accuracy (top score == label) per media kind and overall, over one pass of `batches`.
+
+    Every process runs the same number of batches (`empty` ones once its shard is done) and sees the
+    gathered results, so all processes return the same numbers.
+    """
+    hits = np.zeros(len(pipeline.MEDIA_KINDS), np.int64)
+    totals = np.zeros(len(pipeline.MEDIA_KINDS), np.int64)
+    iterator = iter(batches)
+    while True:
+        local = next(iterator, None)
+        if not multihost_utils.process_allgather(np.array(local is not None)).any():
+            break
+        local = empty if local is None else local
+        scores = multihost_utils.process_allgather(scores_fn(state, base, to_global(local, mesh)), tiled=True)
+        labels = multihost_utils.process_allgather(local["labels"], tiled=True).reshape(-1)
+        kinds = multihost_utils.process_allgather(local["media_kind"], tiled=True).reshape(-1)
+        correct = (scores.reshape(len(labels), -1).argmax(-1) == labels) & (labels >= 0)
+        for kind in range(len(pipeline.MEDIA_KINDS)):
+            hits[kind] += correct[kinds == kind].sum()
+            totals[kind] += ((kinds == kind) & (labels >= 0)).sum()
+    out = {f"accuracy_{k}": float(hits[i] / totals[i]) for i, k in enumerate(pipeline.MEDIA_KINDS) if totals[i]}
+    out.update({f"examples_{k}": int(totals[i]) for i, k in enumerate(pipeline.MEDIA_KINDS) if totals[i]})
+    out["accuracy"] = float(hits.sum() / max(totals.sum(), 1))
+    return out
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+def _comparable(cfg) -> dict:
+    flat = {}
+
+    def visit(prefix, node):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                visit(key + ".", v)
+            elif key not in RESUMABLE_CHANGES:
+                flat[key] = list(v) if isinstance(v, tuple) else v
+    visit("", json.loads(cfg.to_json()))
+    return flat
+
+
+def check_resumable(manager: ocp.CheckpointManager, cfg, workdir) -> int | None:
+    """The step to resume from, after checking the checkpoint was written by this config."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    saved = manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]["config"]
+    now = _comparable(cfg)
+    diffs = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diffs:
+        shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in diffs[:8])
+        raise ConfigError(f"workdir {workdir} holds checkpoints of another config ({shown}). Nothing was "
+                          "changed; use a new --workdir or the config that wrote them.")
+    return step
+
+
+class _IteratorState:
+    """A frozen copy of a data iterator's state for grain's checkpoint handler (the save may be async)."""
+
+    def __init__(self, state: dict):
+        self._state = json.dumps(state).encode()
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+def _validate(cfg) -> None:
+    t = cfg.train
+    if t.rows_per_step % t.grad_accum:
+        raise ConfigError(f"train.rows_per_step={t.rows_per_step} is not a multiple of train.grad_accum={t.grad_accum}")
+    if t.rows_per_step % jax.process_count():
+        raise ConfigError(f"train.rows_per_step={t.rows_per_step} does not split over {jax.process_count()} processes")
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: give a JSONL file or 'synthetic'")
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+    """Train (or resume) in `workdir`; returns the final evaluation ({} without eval data)."""
+    _validate(cfg)
+    workdir = pathlib.Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    manager = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.checkpoint.keep, enable_async_checkpointing=True))
+    resume_step = check_resumable(manager, cfg, workdir)
+    train_path, eval_path = data_file(cfg, "train", workdir), data_file(cfg, "eval", workdir)
+    processor = processor_dir(cfg, workdir)
+
+    mesh = sharding.make_mesh(cfg.mesh.to_dict())
+    rows, micro_steps = cfg.train.rows_per_step, cfg.train.grad_accum
+    if rows % (mesh.shape["data"] * mesh.shape["fsdp"] * micro_steps):
+        raise ConfigError(f"train.rows_per_step={rows} must be a multiple of data x fsdp x grad_accum = "
+                          f"{mesh.shape['data'] * mesh.shape['fsdp'] * micro_steps}")
+    config = model_config(cfg)
+    base = load_base(cfg, config, mesh)
+    model = Model(Molmo2(config), reward.ValueHead(head_config(cfg)), lora_spec(cfg), cfg.train.objective)
+    tx = optimizer(cfg)
+    trainable = init_trainable(cfg, config, base, mesh)
+    state = jax.jit(lambda t: {"step": jnp.int32(0), "trainable": t, "opt": tx.init(t)})(trainable)
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+
+    local_rows = rows // jax.process_count()
+    train_iter = iter(dataset(cfg, config, "train", train_path, processor, local_rows))
+    counts = np.zeros(len(pipeline.COUNT_KEYS), np.int64)
+    if resume_step is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        restored = manager.restore(resume_step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(train_iter),
+            run=ocp.args.JsonRestore()))
+        state = restored["state"]
+        counts = np.array([restored["run"]["counts"].get(k, 0) for k in pipeline.COUNT_KEYS], np.int64)
+        log.info("resumed from step %d", resume_step)
+
+    step_fn = jax.jit(functools.partial(train_step, model, tx), donate_argnums=(0,),
+                      out_shardings=(state_shardings, None))
+    scores_fn = jax.jit(functools.partial(eval_scores, model))
+    rng = jax.random.key(cfg.seed + 2)
+    writer = MetricsWriter(workdir, cfg.train.num_steps)
+
+    def save(step: int, force: bool = False) -> None:
+        run = {"config": _comparable(cfg), "counts": dict(zip(pipeline.COUNT_KEYS, counts.tolist()))}
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_IteratorState(train_iter.get_state())),
+            run=ocp.args.JsonSave(run)), force=force)
+
+    eval_rows = local_rows // micro_steps
+    empty = pipeline.empty_batch(packing_config(cfg, config, eval_rows))
+
+    def run_eval(step: int) -> dict:
+        if eval_path is None:
+            return {}
+        results = {}
+        for transform in ("none", *cfg.eval.controls):
+            batches = dataset(cfg, config, "eval", eval_path, processor, eval_rows, transform)
+            result = evaluate(scores_fn, state, base, batches, mesh, empty)
+            prefix = "eval" if transform == "none" else f"eval_{transform}"
+            writer.write(step, result, prefix)
+            writer.progress(step, result, prefix)
+            results[prefix] = result
+        return results
+
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())  # preemption: save, then exit
+    step = int(state["step"])
+    window = {"time": time.time(), "steps": 0, "examples": 0, "tokens": 0}
+    try:
+        while step < cfg.train.num_steps and not stop.is_set():
+            local = next(train_iter, None)
+            if local is None:
+                log.info("data exhausted after %d epochs", cfg.data.num_epochs)
+                break
+            counts += local["counts"]
+            state, metrics = step_fn(state, base, to_global(local, mesh, micro_steps), rng)
+            step += 1
+            window["steps"] += 1
+            window["examples"] += int((local["labels"] >= 0).sum())
+            window["tokens"] += int((local["segment_ids"] > 0).sum())
+            if step % cfg.log_every == 0 or step == cfg.train.num_steps:
+                metrics = jax.device_get(metrics)
+                elapsed = time.time() - window["time"]
+                # Throughput is per process (this host's rows); loss and accuracy are the step's, global.
+                scalars = {"loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]),
+                           "grad_norm": float(metrics["grad_norm"]), "examples_per_step": int(metrics["examples"]),
+                           "tokens_per_s": window["tokens"] / elapsed, "examples_per_s": window["examples"] / elapsed,
+                           "packing_efficiency": window["tokens"] / (window["steps"] * local["tokens"].size),
+                           "skipped": int(counts[: pipeline.COUNT_KEYS.index("crops_reduced")].sum())}
+                writer.write(step, scalars)
+                writer.progress(step, scalars)
+                window = {"time": time.time(), "steps": 0, "examples": 0, "tokens": 0}
+            if step % cfg.checkpoint.every_steps == 0:
+                save(step)
+            if step % cfg.eval.every_steps == 0 and step < cfg.train.num_steps:
+                run_eval(step)
+        save(step, force=True)
+        manager.wait_until_finished()
+        if stop.is_set():
+            log.warning("SIGTERM: saved step %d and stopped", step)
+            return {}
+        results = run_eval(step)
+        writer.write(step, dict(zip(pipeline.COUNT_KEYS, counts.tolist())), "counts")
+        return results
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        writer.close()
+        manager.close()
