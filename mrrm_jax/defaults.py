@@ -43,7 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.budget = ml_collections.ConfigDict({"max_tokens": 24576, "max_vision_tokens": 16384, "max_frames": 64,
                                           "min_frames": 2})
     c.packing = ml_collections.ConfigDict({"row_tokens": 24576, "row_crops": 64, "row_pooled": 16384,
-                                           "row_examples": 16, "max_responses": 8, "window": 64})
+                                           "row_examples": 16, "max_responses": 8, "pool_slots": 9,
+                                           "window": 64})
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 1000

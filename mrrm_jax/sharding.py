@@ -76,13 +76,15 @@ def _path(key_path) -> str:
 
 
 def tree_shardings(tree, mesh: Mesh):
-    """NamedShardings for a pytree of arrays / ShapeDtypeStructs by their paths.
+    """NamedShardings for a pytree of arrays / ShapeDtypeStructs by their paths: parameters, LoRA
+    factors and optimizer states alike (an Adam moment is laid out like its parameter).
 
-    LoRA factors are stored under their kernel's path as a key ({"lora": {"a/b/kernel": {"a", "b"}}}),
-    so the joined path of a factor reads "lora/<kernel path>/a".
+    Paths are read from the first model part on ("opt/0/mu/lora/language_model|...|kernel/a"); LoRA
+    factors are keyed by their kernel's path with "/" or "|" joins.
     """
     def spec(key_path, leaf):
-        path = re.sub(r"^(base|lora|params)/", "", _path(key_path))
+        path = _path(key_path).replace("|", "/")
+        path = re.sub(r"^.*?(?=(language_model|vision_tower|multi_modal_projector|lm_head)/)", "", path)
         return NamedSharding(mesh, param_spec(path, leaf.shape, mesh))
     return jax.tree_util.tree_map_with_path(spec, tree)
 

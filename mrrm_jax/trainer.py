@@ -97,8 +97,22 @@ def load_base(cfg, config: Molmo2Config, mesh) -> dict:
         _, base = checkpoint.load_base(cfg.model.base_dir, shardings=stored_shardings, dtype=config.param_dtype)
         base.pop("lm_head", None)  # the reward path never uses it (design decision 8)
         return base
-    init = jax.jit(lambda key: Molmo2(config).init(key, dummy_batch(config))["params"], out_shardings=shardings)
+    init = jax.jit(lambda key: fan_in_init(Molmo2(config).init(key, dummy_batch(config))["params"], key),
+                   out_shardings=shardings)
     return init(jax.random.key(cfg.seed))
+
+
+def fan_in_init(params: dict, key) -> dict:
+    """Every kernel redrawn from N(0, 1 / fan_in), for training from scratch.
+
+    The port initialises like transformers (N(0, 0.02)), which suits 2560-wide layers (0.02 ~
+    1/sqrt(2560)) but shrinks a 64-wide signal ~6x per layer: a random tiny ViT + adapter then hands
+    the LM image features of ~1e-7, and nothing can be learned from the media.
+    """
+    flat = _flat(params)
+    keys = dict(zip(flat, jax.random.split(key, len(flat))))
+    return _nest({p: jax.random.normal(keys[p], v.shape, v.dtype) / np.sqrt(v.shape[-2]) if p.endswith("kernel") else v
+                  for p, v in flat.items()})
 
 
 def lora_spec(cfg) -> lora.LoraSpec | None:
@@ -107,8 +121,8 @@ def lora_spec(cfg) -> lora.LoraSpec | None:
     return lora.LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout)
 
 
-def init_trainable(cfg, config: Molmo2Config, base: dict, mesh) -> dict:
-    """{"head", "lora" ("|"-joined kernel paths), "base" (the `train.full_train` leaves)} on the mesh."""
+def init_trainable(cfg, config: Molmo2Config, base: dict) -> dict:
+    """{"head", "lora" ("|"-joined kernel paths), "base" (the `train.full_train` leaves, float32)}."""
     key_lora, key_head = jax.random.split(jax.random.key(cfg.seed + 1))
     head = reward.ValueHead(head_config(cfg)).init(key_head, jnp.zeros((1, config.text.hidden_size)))["params"]
     spec = lora_spec(cfg)
@@ -116,9 +130,13 @@ def init_trainable(cfg, config: Molmo2Config, base: dict, mesh) -> dict:
     trained = {p: v for p, v in _flat(base).items() if any(re.fullmatch(r, p) for r in cfg.train.full_train)}
     if cfg.train.full_train and not trained:
         raise ConfigError(f"train.full_train {tuple(cfg.train.full_train)} matches no base parameter")
-    trainable = {"head": head, "lora": {k.replace("/", "|"): v for k, v in factors.items()},
-                 "base": _nest({p: v.astype(jnp.float32) for p, v in trained.items()})}
-    return jax.device_put(trainable, sharding.tree_shardings(trainable, mesh))
+    return {"head": head, "lora": {k.replace("/", "|"): v for k, v in factors.items()},
+            "base": _nest({p: v.astype(jnp.float32) for p, v in trained.items()})}
+
+
+def init_state(cfg, config: Molmo2Config, base: dict, tx) -> dict:
+    trainable = init_trainable(cfg, config, base)
+    return {"step": jnp.int32(0), "trainable": trainable, "opt": tx.init(trainable)}
 
 
 def head_config(cfg) -> reward.HeadConfig:
@@ -226,7 +244,7 @@ def data_file(cfg, split: str, workdir: pathlib.Path) -> pathlib.Path | None:
 
 def packing_config(cfg, config: Molmo2Config, rows_per_batch: int) -> pipeline.PackingConfig:
     p = cfg.packing
-    row = packing.RowBudget(p.row_tokens, p.row_crops, p.row_pooled, p.row_examples, p.max_responses)
+    row = packing.RowBudget(p.row_tokens, p.row_crops, p.row_pooled, p.row_examples, p.max_responses, p.pool_slots)
     return pipeline.PackingConfig(row, (config.vision.num_patches, config.vision.patch_dim), rows_per_batch, p.window)
 
 
@@ -359,9 +377,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     base = load_base(cfg, config, mesh)
     model = Model(Molmo2(config), reward.ValueHead(head_config(cfg)), lora_spec(cfg), cfg.train.objective)
     tx = optimizer(cfg)
-    trainable = init_trainable(cfg, config, base, mesh)
-    state = jax.jit(lambda t: {"step": jnp.int32(0), "trainable": t, "opt": tx.init(t)})(trainable)
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    make_state = functools.partial(init_state, cfg, config, tx=tx)
+    state_shardings = sharding.tree_shardings(jax.eval_shape(make_state, base), mesh)
+    state = jax.jit(make_state, out_shardings=state_shardings)(base)
 
     local_rows = rows // jax.process_count()
     train_iter = iter(dataset(cfg, config, "train", train_path, processor, local_rows))

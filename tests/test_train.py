@@ -1,0 +1,99 @@
+"""Training: the demo runs end to end, resumes exactly after SIGTERM, and refuses bad setups clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from configs import demo
+from mrrm_jax import trainer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def small_config(**overrides):
+    """The demo, shrunk: a small corpus, a few steps, every step logged."""
+    cfg = demo.get_config()
+    cfg.data.synthetic = dict(train_images=24, train_videos=24, eval_images=6, eval_videos=6)
+    cfg.train.num_steps, cfg.train.warmup_steps, cfg.log_every = 8, 2, 1
+    cfg.checkpoint.every_steps, cfg.eval.every_steps = 3, 1000
+    cfg.packing.window = 16
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def losses(workdir: pathlib.Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m["loss"] for m in lines if m["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    results = trainer.train(small_config(), workdir)
+    return workdir, results
+
+
+def test_demo_trains_and_evaluates_with_controls(straight):
+    workdir, results = straight
+    assert set(results) == {"eval", "eval_black", "eval_frozen"}
+    assert results["eval"]["examples_image"] == 6 and results["eval"]["examples_video"] == 6
+    assert sorted(losses(workdir)) == list(range(1, 9))
+    assert (workdir / "checkpoints" / "8").is_dir() and list((workdir / "tensorboard").iterdir())
+
+
+def test_resume_after_sigterm_continues_exactly(straight, tmp_path):
+    reference = losses(straight[0])
+
+    def interrupt():  # SIGTERM once step 4 is logged, as a preemption would
+        while not (tmp_path / "metrics.jsonl").exists() or 4 not in losses(tmp_path):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=interrupt, daemon=True)
+    killer.start()
+    assert trainer.train(small_config(), tmp_path) == {}  # stopped early: saved, no final evaluation
+    killer.join()
+    stopped_at = max(losses(tmp_path))
+    assert 4 <= stopped_at < 8
+    trainer.train(small_config(), tmp_path)
+    resumed = losses(tmp_path)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(stopped_at + 1, 9):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+
+
+def test_a_checkpoint_of_another_config_is_refused(straight):
+    workdir = straight[0]
+    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    with pytest.raises(trainer.ConfigError, match=r"another config \(train.learning_rate: checkpoint 0.001, now 0.5"):
+        trainer.train(small_config(**{"train.learning_rate": 0.5}), workdir)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(trainer.ConfigError, match="data.train='/no/such.jsonl' does not exist"):
+        trainer.train(small_config(**{"data.train": "/no/such.jsonl"}), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_cli_rejects_a_config_key_that_does_not_exist(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "mrrm_jax.train", "--config=configs/demo.py", "--config.train.num_stepz=3",
+         f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "num_stepz" in result.stderr
+    assert not list(tmp_path.iterdir())
