@@ -43,11 +43,11 @@ def get_config():
     config.train.full_train = (r"vision_tower/.*", r"multi_modal_projector/.*", r"language_model/layers/.*",
                                r"language_model/norm/.*")
     config.train.rows_per_step = 4
-    config.train.num_steps = 500
+    config.train.num_steps = 300
     config.train.learning_rate = 1e-3
     config.train.warmup_steps = 30
-    config.checkpoint.every_steps = 250
-    config.eval.every_steps = 250
+    config.checkpoint.every_steps = 100
+    config.eval.every_steps = 150
     config.data.num_workers = 1  # decode and format in a second process, beside the training step
     config.log_every = 25
     return config

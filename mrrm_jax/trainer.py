@@ -215,8 +215,11 @@ def eval_scores(model: Model, state: dict, base: dict, batch: dict):
 def processor_dir(cfg, workdir: pathlib.Path) -> pathlib.Path:
     if cfg.processor.dir:
         return pathlib.Path(cfg.processor.dir)
-    if cfg.model.base_dir and (pathlib.Path(cfg.model.base_dir) / "tokenizer_config.json").exists():
-        return pathlib.Path(cfg.model.base_dir)
+    if cfg.model.base_dir:
+        if (pathlib.Path(cfg.model.base_dir) / "tokenizer_config.json").exists():
+            return pathlib.Path(cfg.model.base_dir)
+        raise ConfigError(f"model.base_dir={cfg.model.base_dir!r} has no tokenizer/processor files: set "
+                          "processor.dir to the Hugging Face checkpoint directory it was converted from")
     out = workdir / "processor"
     if not (out / "processor_config.json").exists():
         k = cfg.processor.kwargs
@@ -355,6 +358,9 @@ def _validate(cfg) -> None:
         raise ConfigError(f"train.rows_per_step={t.rows_per_step} does not split over {jax.process_count()} processes")
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give a JSONL file or 'synthetic'")
+    if cfg.model.preset and not cfg.model.base_dir:
+        raise ConfigError(f"model.preset={cfg.model.preset!r} needs model.base_dir (a converted checkpoint); "
+                          "a preset alone only serves tools/aot_compile.py")
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:

@@ -10,6 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pathlib
 
 import pytest
+from absl import flags
+
+# grain's worker processes read absl flags; under pytest nobody parses the command line for absl.
+flags.FLAGS.mark_as_parsed()
 
 from tests import oracle
 
