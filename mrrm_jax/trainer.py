@@ -201,7 +201,7 @@ def train_step(model: Model, tx, state: dict, base: dict, batch: dict, rng):
     updates, opt = tx.update(grads, state["opt"], state["trainable"])
     trainable = optax.apply_updates(state["trainable"], updates)
     metrics = {"loss": loss_sum / examples_, "accuracy": correct / examples_, "examples": count,
-               "grad_norm": optax.global_norm(grads),
+               "grad_norm": optax.tree.norm(grads),
                "tokens": (batch["segment_ids"] > 0).sum()}
     return {"step": state["step"] + 1, "trainable": trainable, "opt": opt}, metrics
 

@@ -97,3 +97,16 @@ def test_cli_rejects_a_config_key_that_does_not_exist(tmp_path):
     assert result.returncode != 0
     assert "num_stepz" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_demo_learns_from_the_media(tmp_path):
+    """The demo, shorter: held-out best-of-4 accuracy far above chance, and back to chance without media."""
+    cfg = demo.get_config()
+    cfg.data.synthetic = dict(train_images=300, train_videos=300, eval_images=60, eval_videos=60)
+    cfg.train.num_steps, cfg.checkpoint.every_steps, cfg.eval.every_steps = 175, 1000, 1000
+    results = trainer.train(cfg, tmp_path)
+    print(results)
+    assert results["eval"]["accuracy_image"] >= 0.8 and results["eval"]["accuracy_video"] >= 0.8
+    for control in ("eval_black", "eval_frozen"):
+        assert results[control]["accuracy"] <= 0.45, control
