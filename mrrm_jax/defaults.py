@@ -79,7 +79,7 @@ def molmo2_4b(mesh: dict, grad_accum: int, remat: str = "full") -> ml_collection
     c.model.attention = "pallas"  # our segment-aware flash kernel (models/segment_flash.py)
     c.processor.kwargs = ml_collections.ConfigDict({"crop": 378, "max_crops": 8, "num_frames": 384, "max_fps": 2.0})
     c.packing = ml_collections.ConfigDict({"row_tokens": 24576, "row_crops": 96, "row_pooled": 16384,
-                                           "row_examples": 16, "max_responses": 8, "pool_slots": 9, "window": 64})
+                                           "row_examples": 16, "max_responses": 8, "pool_slots": 9, "window": 128})
     c.data.num_workers = 8
     c.train.rows_per_step = 8
     c.train.grad_accum = grad_accum
