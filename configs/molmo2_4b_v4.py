@@ -11,4 +11,4 @@ from mrrm_jax import defaults
 
 
 def get_config():
-    return defaults.molmo2_4b(mesh=dict(data=1, fsdp=4, tensor=1), grad_accum=2, remat="full")
+    return defaults.molmo2_4b(mesh=dict(data=1, fsdp=-1, tensor=1), grad_accum=1, row_crops=48, max_frames=32)

@@ -11,4 +11,5 @@ from mrrm_jax import defaults
 
 
 def get_config():
-    return defaults.molmo2_4b(mesh=dict(data=1, fsdp=8, tensor=2), grad_accum=1, remat="full")
+    return defaults.molmo2_4b(mesh=dict(data=1, fsdp=-1, tensor=1), grad_accum=1, rows_per_step=16, row_crops=48,
+                              max_frames=32)

@@ -63,7 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
     return c
 
 
-def molmo2_4b(mesh: dict, grad_accum: int, remat: str = "full") -> ml_collections.ConfigDict:
+def molmo2_4b(mesh: dict, grad_accum: int, remat: str = "full", rows_per_step: int = 8, row_crops: int = 96,
+              max_frames: int = 64) -> ml_collections.ConfigDict:
     """The paper's recipe on Molmo2-4B for a TPU slice (configs/molmo2_4b_*.py set the mesh).
 
     Global batch: the paper's 64 examples at micro-batch 1 become 8 packed rows of 24,576 tokens per
@@ -78,10 +79,11 @@ def molmo2_4b(mesh: dict, grad_accum: int, remat: str = "full") -> ml_collection
     c.model.remat = remat
     c.model.attention = "pallas"  # our segment-aware flash kernel (models/segment_flash.py)
     c.processor.kwargs = ml_collections.ConfigDict({"crop": 378, "max_crops": 8, "num_frames": 384, "max_fps": 2.0})
-    c.packing = ml_collections.ConfigDict({"row_tokens": 24576, "row_crops": 96, "row_pooled": 16384,
+    c.packing = ml_collections.ConfigDict({"row_tokens": 24576, "row_crops": row_crops, "row_pooled": 16384,
                                            "row_examples": 16, "max_responses": 8, "pool_slots": 9, "window": 128})
     c.data.num_workers = 8
-    c.train.rows_per_step = 8
+    c.budget.max_frames = max_frames
+    c.train.rows_per_step = rows_per_step
     c.train.grad_accum = grad_accum
     c.train.num_steps = 3 * 100_000 // 64
     c.train.learning_rate = 1e-4

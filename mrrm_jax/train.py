@@ -12,6 +12,7 @@ import sys
 
 import jax
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from mrrm_jax import trainer
@@ -23,6 +24,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/mrrm_jax_run", "run directory: c
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and grain log every save at INFO
     logging.getLogger("mrrm_jax").setLevel(logging.INFO)
     cfg = _CONFIG.value
     if cfg.distributed:

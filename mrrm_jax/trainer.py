@@ -459,7 +459,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
                 save(step)
             if step % cfg.eval.every_steps == 0 and step < cfg.train.num_steps:
                 run_eval(step)
-        save(step, force=True)
+        if manager.latest_step() != step:
+            save(step, force=True)
         manager.wait_until_finished()
         if stop.is_set():
             log.warning("SIGTERM: saved step %d and stopped", step)

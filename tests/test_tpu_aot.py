@@ -41,3 +41,15 @@ def test_segment_flash_attention_compiles_at_molmo2_4b_shapes():
     memory = compiled.memory_analysis()
     print(f"v5p: temp {memory.temp_size_in_bytes / 2**20:.0f} MiB, args {memory.argument_size_in_bytes / 2**20:.0f} MiB")
     assert memory.temp_size_in_bytes < 2**30
+
+
+def test_the_train_step_compiles_for_a_tpu_slice():
+    """tools/aot_compile.py's path on the demo model: sharded (fsdp x tensor), Pallas attention, bf16."""
+    from configs import demo
+    from mrrm_jax import aot
+
+    cfg = demo.get_config()
+    cfg.mesh = dict(data=1, fsdp=2, tensor=2)
+    cfg.model.attention, cfg.model.dtype, cfg.model.param_dtype = "pallas", "bfloat16", "bfloat16"
+    report = aot.compile_for(cfg, "v5p:2x2x1")
+    assert report.chips == 4 and report.fits and report.flops > 0

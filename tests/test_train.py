@@ -24,7 +24,7 @@ def small_config(**overrides):
     cfg = demo.get_config()
     cfg.data.synthetic = dict(train_images=24, train_videos=24, eval_images=6, eval_videos=6)
     cfg.train.num_steps, cfg.train.warmup_steps, cfg.log_every = 8, 2, 1
-    cfg.checkpoint.every_steps, cfg.eval.every_steps = 3, 1000
+    cfg.checkpoint.every_steps, cfg.eval.every_steps = 4, 1000  # step 8: a periodic and the final save meet
     cfg.packing.window = 16
     for key, value in overrides.items():
         node = cfg

@@ -1,0 +1,88 @@
+"""Ahead-of-time compilation of the real train step for a TPU slice, from any host (tools/aot_compile.py).
+
+Parameters, optimizer state and the batch are abstract (shapes, dtypes, shardings), so neither a TPU
+nor weights are needed, only libtpu.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mrrm_jax import reward, sharding, trainer
+from mrrm_jax.models.molmo2 import Molmo2
+
+# HBM per chip, GiB. A topology may list each TensorCore as a device (v4 from a CPU host): those share it.
+HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5e": 16, "TPU v5": 95, "TPU v5p": 95, "TPU v6 lite": 32}
+
+
+def abstract_step(cfg, mesh, unroll: bool):
+    """(jitted train step, abstract arguments) for `cfg` on `mesh`."""
+    config = trainer.model_config(cfg)
+    if unroll:
+        config = config.replace(scan_unroll=max(config.text.num_layers, config.vision.num_layers))
+    shard = lambda tree: jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                      tree, sharding.tree_shardings(tree, mesh))
+    base = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(config.param_dtype)),
+                        trainer.abstract_base(config))
+    tx = trainer.optimizer(cfg)
+    state = shard(jax.eval_shape(lambda b: trainer.init_state(cfg, config, b, tx), base))
+    model = trainer.Model(Molmo2(config), reward.ValueHead(trainer.head_config(cfg)), trainer.lora_spec(cfg),
+                          cfg.train.objective)
+    micro = cfg.train.grad_accum
+    rows = cfg.train.rows_per_step // micro
+    p = cfg.packing
+    shapes = {"tokens": (p.row_tokens,), "positions": (p.row_tokens,), "segment_ids": (p.row_tokens,),
+              "crops": (p.row_crops, config.vision.num_patches, config.vision.patch_dim),
+              "pooling": (p.row_pooled, p.pool_slots), "read_positions": (p.row_examples, p.max_responses),
+              "response_starts": (p.row_examples, p.max_responses), "labels": (p.row_examples,)}
+    batch = {k: jax.ShapeDtypeStruct((micro, rows, *s), jnp.float32 if k == "crops" else jnp.int32,
+                                     sharding=sharding.batch_sharding(mesh, 2 + len(s), leading=1))
+             for k, s in shapes.items()}
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
+                               sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    step = jax.jit(functools.partial(trainer.train_step, model, tx), donate_argnums=(0,))
+    return step, (state, shard(base), batch, rng)
+
+
+@dataclasses.dataclass
+class Report:
+    topology: str
+    chips: int
+    kind: str
+    argument_gib: float
+    output_gib: float
+    alias_gib: float
+    temp_gib: float
+    flops: float
+    hbm_gib: float | None
+
+    @property
+    def total_gib(self) -> float:
+        return self.argument_gib + self.output_gib - self.alias_gib + self.temp_gib
+
+    @property
+    def fits(self) -> bool:
+        return self.hbm_gib is not None and self.total_gib <= self.hbm_gib
+
+
+def compile_for(cfg, topology: str, unroll: bool = False) -> Report:
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc(topology, "tpu").devices
+    mesh = sharding.make_mesh(cfg.mesh.to_dict(), devices)
+    step, args = abstract_step(cfg, mesh, unroll)
+    compiled = step.lower(*args).compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    gib = lambda n: n / 2**30
+    kind = devices[0].device_kind
+    cores_per_chip = len(devices) // len({d.coords for d in devices})
+    hbm = HBM_GIB[kind] / cores_per_chip if kind in HBM_GIB else None
+    return Report(topology, len(devices), kind, gib(memory.argument_size_in_bytes), gib(memory.output_size_in_bytes),
+                  gib(memory.alias_size_in_bytes), gib(memory.temp_size_in_bytes), cost.get("flops", float("nan")),
+                  hbm)
