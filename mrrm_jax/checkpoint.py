@@ -30,7 +30,8 @@ CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 
 
-def _nest(flat: dict[str, np.ndarray]) -> dict:
+def nest(flat: dict[str, np.ndarray]) -> dict:
+    """{"a/b/c": leaf} -> {"a": {"b": {"c": leaf}}}."""
     tree: dict = {}
     for name, value in flat.items():
         node = tree
@@ -49,7 +50,7 @@ def save_base(out_dir: str | pathlib.Path, cfg: Molmo2Config, groups: Iterable[d
         raise FileExistsError(f"{params_dir} exists; choose a new --out directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     for group in groups:
-        ocp.partial.save(params_dir, _nest(group))
+        ocp.partial.save(params_dir, nest(group))
     ocp.partial.finalize(params_dir)
     (out_dir / CONFIG_FILE).write_text(cfg.to_json())
     return out_dir
@@ -108,7 +109,7 @@ def load_base(base_dir: str | pathlib.Path, shardings=None, dtype=None) -> tuple
             meta = stored[part]
             abstract[part] = jax.ShapeDtypeStruct(meta.shape, leaf_dtype(meta),
                                                   sharding=_layer_sharding(shardings_by_name[name]))
-    restored = _flatten(ocp.load(base_dir / PARAMS_DIR, _nest(abstract)))
+    restored = flatten(ocp.load(base_dir / PARAMS_DIR, nest(abstract)))
     flat = {}
     for name in stacked_names:
         parts = _per_layer(name, cfg)
@@ -118,7 +119,7 @@ def load_base(base_dir: str | pathlib.Path, shardings=None, dtype=None) -> tuple
             flat[name] = jnp.stack([restored.pop(p) for p in parts])
         else:
             flat[name] = _stack_into(shardings_by_name[name])(*[restored.pop(p) for p in parts])
-    return cfg, _nest(flat)
+    return cfg, nest(flat)
 
 
 @functools.cache
@@ -131,7 +132,8 @@ def _name(path) -> str:
     return "/".join(str(p.key) for p in path)
 
 
-def _flatten(tree: dict) -> dict:
+def flatten(tree: dict) -> dict:
+    """The inverse of `nest`."""
     return {_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 

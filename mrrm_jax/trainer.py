@@ -72,21 +72,6 @@ def abstract_base(config: Molmo2Config) -> dict:
     return jax.eval_shape(lambda: Molmo2(config).init(jax.random.key(0), dummy_batch(config))["params"])
 
 
-def _flat(tree: dict) -> dict:
-    return {"/".join(str(k.key) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _nest(flat: dict) -> dict:
-    tree: dict = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
 def load_base(cfg, config: Molmo2Config, mesh) -> dict:
     """The frozen base on the mesh: converted weights from `model.base_dir`, or a seeded random init."""
     shapes = abstract_base(config)
@@ -109,9 +94,9 @@ def fan_in_init(params: dict, key) -> dict:
     1/sqrt(2560)) but shrinks a 64-wide signal ~6x per layer: a random tiny ViT + adapter then hands
     the LM image features of ~1e-7, and nothing can be learned from the media.
     """
-    flat = _flat(params)
+    flat = checkpoint.flatten(params)
     keys = dict(zip(flat, jax.random.split(key, len(flat))))
-    return _nest({p: jax.random.normal(keys[p], v.shape, v.dtype) / np.sqrt(v.shape[-2]) if p.endswith("kernel") else v
+    return checkpoint.nest({p: jax.random.normal(keys[p], v.shape, v.dtype) / np.sqrt(v.shape[-2]) if p.endswith("kernel") else v
                   for p, v in flat.items()})
 
 
@@ -127,11 +112,11 @@ def init_trainable(cfg, config: Molmo2Config, base: dict) -> dict:
     head = reward.ValueHead(head_config(cfg)).init(key_head, jnp.zeros((1, config.text.hidden_size)))["params"]
     spec = lora_spec(cfg)
     factors = {} if spec is None else lora.init(base, spec, key_lora)
-    trained = {p: v for p, v in _flat(base).items() if any(re.fullmatch(r, p) for r in cfg.train.full_train)}
+    trained = {p: v for p, v in checkpoint.flatten(base).items() if any(re.fullmatch(r, p) for r in cfg.train.full_train)}
     if cfg.train.full_train and not trained:
         raise ConfigError(f"train.full_train {tuple(cfg.train.full_train)} matches no base parameter")
     return {"head": head, "lora": {k.replace("/", "|"): v for k, v in factors.items()},
-            "base": _nest({p: v.astype(jnp.float32) for p, v in trained.items()})}
+            "base": checkpoint.nest({p: v.astype(jnp.float32) for p, v in trained.items()})}
 
 
 def init_state(cfg, config: Molmo2Config, base: dict, tx) -> dict:
