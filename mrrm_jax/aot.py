@@ -81,7 +81,7 @@ def compile_for(cfg, topology: str, unroll: bool = False) -> Report:
     cost = cost[0] if isinstance(cost, list) else cost
     gib = lambda n: n / 2**30
     kind = devices[0].device_kind
-    cores_per_chip = len(devices) // len({d.coords for d in devices})
+    cores_per_chip = len(devices) // len({tuple(d.coords) for d in devices})
     hbm = HBM_GIB[kind] / cores_per_chip if kind in HBM_GIB else None
     return Report(topology, len(devices), kind, gib(memory.argument_size_in_bytes), gib(memory.output_size_in_bytes),
                   gib(memory.alias_size_in_bytes), gib(memory.temp_size_in_bytes), cost.get("flops", float("nan")),
