@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from mrrm_jax import reward, sharding, trainer
+from mrrm_jax.data import packing
 from mrrm_jax.models.molmo2 import Molmo2
 
 # HBM per chip, GiB. A topology may list each TensorCore as a device (v4 from a CPU host): those share it.
@@ -34,14 +35,11 @@ def abstract_step(cfg, mesh, unroll: bool):
                           cfg.train.objective)
     micro = cfg.train.grad_accum
     rows = cfg.train.rows_per_step // micro
-    p = cfg.packing
-    shapes = {"tokens": (p.row_tokens,), "positions": (p.row_tokens,), "segment_ids": (p.row_tokens,),
-              "crops": (p.row_crops, config.vision.num_patches, config.vision.patch_dim),
-              "pooling": (p.row_pooled, p.pool_slots), "read_positions": (p.row_examples, p.max_responses),
-              "response_starts": (p.row_examples, p.max_responses), "labels": (p.row_examples,)}
-    batch = {k: jax.ShapeDtypeStruct((micro, rows, *s), jnp.float32 if k == "crops" else jnp.int32,
-                                     sharding=sharding.batch_sharding(mesh, 2 + len(s), leading=1))
-             for k, s in shapes.items()}
+    layout = packing.row_layout(trainer.packing_config(cfg, config, rows).row,
+                                (config.vision.num_patches, config.vision.patch_dim))
+    batch = {k: jax.ShapeDtypeStruct((micro, rows, *shape), dtype,
+                                     sharding=sharding.batch_sharding(mesh, 2 + len(shape), leading=1))
+             for k, (shape, dtype, _) in layout.items() if k != "media_kind"}  # media_kind stays on the host
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
                                sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     step = jax.jit(functools.partial(trainer.train_step, model, tx), donate_argnums=(0,))

@@ -96,8 +96,8 @@ def fan_in_init(params: dict, key) -> dict:
     """
     flat = checkpoint.flatten(params)
     keys = dict(zip(flat, jax.random.split(key, len(flat))))
-    return checkpoint.nest({p: jax.random.normal(keys[p], v.shape, v.dtype) / np.sqrt(v.shape[-2]) if p.endswith("kernel") else v
-                  for p, v in flat.items()})
+    redraw = lambda p, v: jax.random.normal(keys[p], v.shape, v.dtype) / np.sqrt(v.shape[-2])
+    return checkpoint.nest({p: redraw(p, v) if p.endswith("kernel") else v for p, v in flat.items()})
 
 
 def lora_spec(cfg) -> lora.LoraSpec | None:
@@ -186,8 +186,7 @@ def train_step(model: Model, tx, state: dict, base: dict, batch: dict, rng):
     updates, opt = tx.update(grads, state["opt"], state["trainable"])
     trainable = optax.apply_updates(state["trainable"], updates)
     metrics = {"loss": loss_sum / examples_, "accuracy": correct / examples_, "examples": count,
-               "grad_norm": optax.tree.norm(grads),
-               "tokens": (batch["segment_ids"] > 0).sum()}
+               "grad_norm": optax.tree.norm(grads)}
     return {"step": state["step"] + 1, "trainable": trainable, "opt": opt}, metrics
 
 

@@ -73,24 +73,23 @@ def first_fit(examples: list[dict], budget: RowBudget) -> list[list[int]]:
     return rows
 
 
-def pack_row(examples: list[dict], budget: RowBudget, patch_dim: tuple[int, int]) -> dict:
-    """One packed row (a batch of 1) from one-row examples; see the module docstring for the arrays.
+def row_layout(budget: RowBudget, patch_dim: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], type, int]]:
+    """{field: (shape of one row without its leading 1, dtype, fill value)}: the packed row's arrays.
 
-    `patch_dim` = (patches per crop, values per patch), for the crop array of a row without media.
+    `patch_dim` = (patches per crop, values per patch). `media_kind` indexes `pipeline.MEDIA_KINDS`.
     """
-    patches, values = patch_dim
-    row = {
-        "tokens": np.zeros((1, budget.row_tokens), np.int32),
-        "positions": np.zeros((1, budget.row_tokens), np.int32),
-        "segment_ids": np.zeros((1, budget.row_tokens), np.int32),
-        "crops": np.zeros((1, budget.row_crops, patches, values), np.float32),
-        "pooling": None,
-        "read_positions": np.full((1, budget.row_examples, budget.max_responses), -1, np.int32),
-        "response_starts": np.full((1, budget.row_examples, budget.max_responses), -1, np.int32),
-        "labels": np.full((1, budget.row_examples), -1, np.int32),
-        "media_kind": np.full((1, budget.row_examples), -1, np.int32),  # index into pipeline.MEDIA_KINDS
-    }
-    row["pooling"] = np.full((1, budget.row_pooled, budget.pool_slots), -1, np.int32)
+    tokens, slots = (budget.row_tokens,), (budget.row_examples, budget.max_responses)
+    return {"tokens": (tokens, np.int32, 0), "positions": (tokens, np.int32, 0), "segment_ids": (tokens, np.int32, 0),
+            "crops": ((budget.row_crops, *patch_dim), np.float32, 0),
+            "pooling": ((budget.row_pooled, budget.pool_slots), np.int32, -1),
+            "read_positions": (slots, np.int32, -1), "response_starts": (slots, np.int32, -1),
+            "labels": ((budget.row_examples,), np.int32, -1), "media_kind": ((budget.row_examples,), np.int32, -1)}
+
+
+def pack_row(examples: list[dict], budget: RowBudget, patch_dim: tuple[int, int]) -> dict:
+    """One packed row (a batch of 1) from one-row examples; see the module docstring for the arrays."""
+    patches = patch_dim[0]
+    row = {name: np.full((1, *shape), fill, dtype) for name, (shape, dtype, fill) in row_layout(budget, patch_dim).items()}
     token, crop, pooled = 0, 0, 0
     for slot, example in enumerate(examples):
         length = example["tokens"].shape[1]
