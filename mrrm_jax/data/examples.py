@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 
 from mrrm_jax import reward
-from mrrm_jax.data import formatting
+from mrrm_jax.data import formatting, preprocess
 from mrrm_jax.hf_interop import batch_from_processor
 from mrrm_jax.models.molmo2.config import Molmo2Config
 
@@ -47,6 +47,14 @@ def _media_attempts(budget: Budget, images, video) -> list[dict]:
             frames //= 2
         return options
     return [{"max_crops": crops} for crops in budget.crop_fallback] if images else [{}]
+
+
+def frames_to_keep(metadata: dict, budget: Budget, options: preprocess.VisionOptions) -> np.ndarray:
+    """Every frame any of the budget's video attempts can sample: all a decoder needs to keep
+    (`functools.partial(frames_to_keep, budget=..., options=...)` is `media.load_video`'s `keep`)."""
+    attempts = _media_attempts(budget, None, video=True)
+    return np.unique(np.concatenate([preprocess.sample_frame_indices(metadata, options, a["num_frames"])
+                                     for a in attempts]))
 
 
 def training_example(record: dict, media: dict, processor, config: Molmo2Config, budget: Budget,

@@ -9,9 +9,9 @@ the responses are tokenized as plain text, so special-token text inside them (`<
 `<|im_end|>`, `<|image|>`, ...) stays ordinary BPE text. For text without such literals the ids are
 exactly those the processor produces on the whole rendered text. That works because special tokens are
 hard boundaries in HF tokenization: the text between two of them is tokenized on its own. So the stretch
-up to the last special token before the prompt goes through the processor with the media (which expands
-`<|image|>` / `<|video|>` and yields the pixel arrays), and each later stretch between special tokens is
-tokenized as one plain string. A response cannot be tokenized alone: byte-level BPE pre-tokens cross
+up to the last special token before the prompt (the media head) is tokenized whole, with `<|image|>` /
+`<|video|>` expanded by our Molmo2 preprocessing (preprocess.py, which also yields the pixel arrays), and
+each later stretch between special tokens is tokenized as one plain string. A response cannot be tokenized alone: byte-level BPE pre-tokens cross
 its edges ("assistant\\n" + "\\nText", "answer.\\n\\n").
 """
 
@@ -25,6 +25,9 @@ import numpy as np
 import tokenizers
 from PIL import Image
 from transformers import AutoProcessor
+
+from mrrm_jax.data import preprocess
+from mrrm_jax.data.preprocess import rgb_array
 
 RESP_SEP = "<|resp_sep|>"
 SEPARATOR_TEXT = "\n\n<|resp_sep|>\n\n"
@@ -83,8 +86,10 @@ def format_example(processor, prompt, responses, images=None, video=None, video_
     """Token ids, media arrays and read positions of one prompt (+ images / one video) with N responses.
 
     `images`: a list of PIL images. `video`: one video, uint8 frames [T, H, W, 3] or a list of PIL
-    frames; `video_metadata`: its `VideoMetadata` or a dict (fps, total_num_frames, duration), which
-    Molmo2 uses for the frame timestamps. N = 1 is allowed (scoring); training needs N >= 2.
+    frames; `video_metadata`: its `VideoMetadata` or a dict (fps, total_num_frames, duration, and
+    `frames_indices` when `video` holds only those frames: see `media.load_video`), from which the
+    frames are sampled as Molmo2 does and their timestamps written. `max_crops` / `num_frames` override
+    the processor's. N = 1 is allowed (scoring); training needs N >= 2.
     """
     _check_inputs(prompt, responses, images, video)
     images = list(images or [])
@@ -108,16 +113,9 @@ def format_example(processor, prompt, responses, images=None, video=None, video_
     head_matches = list(special_pattern.finditer(head))
     processor_text_end = head_matches[-1].end() if head_matches else 0
 
-    # `media_options` go to the image / video processors for this call (e.g. max_crops, num_frames).
-    media_kwargs = dict(media_options, images=images) if images else dict(media_options)
-    if video is not None:
-        media_kwargs["videos"] = [video]
-        if video_metadata is not None:
-            media_kwargs["video_metadata"] = [video_metadata]
-    outputs = {k: np.asarray(v) for k, v in
-               processor(text=head[:processor_text_end], return_tensors="np", **media_kwargs).items()}
+    outputs = _media_head(processor, head[:processor_text_end], images, video, video_metadata, **media_options)
 
-    # What follows the processor's part: plain text (str) and special token ids (int), in order.
+    # What follows the media head: plain text (str) and special token ids (int), in order.
     pieces = [head[processor_text_end:], prompt]
     pieces += _template_pieces(middle, special_pattern, tokenizer)
     pieces.append(_ResponseText(responses[0]))
@@ -149,8 +147,7 @@ def format_example(processor, prompt, responses, images=None, video=None, video_
     input_ids_t = np.asarray(input_ids_t, outputs["input_ids"].dtype)
     outputs["input_ids"] = input_ids_t[None]
     outputs["attention_mask"] = np.ones_like(outputs["input_ids"])
-    if "mm_token_type_ids" in outputs:
-        outputs["mm_token_type_ids"] = np.asarray(processor.create_mm_token_type_ids(outputs["input_ids"]))
+    outputs["mm_token_type_ids"] = np.asarray(processor.create_mm_token_type_ids(outputs["input_ids"]))
 
     sep_positions = np.flatnonzero(input_ids_t == sep_id)
     assert len(sep_positions) == len(responses) - 1, (len(sep_positions), len(responses))
@@ -158,6 +155,45 @@ def format_example(processor, prompt, responses, images=None, video=None, video_
     return FormattedExample(input_ids=input_ids_t.astype(np.int32), read_positions=read_positions_n,
                             response_starts=np.asarray(response_starts_n, np.int32),
                             num_responses=len(responses), processor_outputs=outputs)
+
+
+def _media_head(processor, text, images, video, video_metadata, max_crops=None, num_frames=None) -> dict:
+    """What `processor(text=text, images=..., videos=...)` returns (numpy, batch of 1), computed by our
+    own preprocessing: media arrays, and the ids of `text` with its `<|image|>` / `<|video|>` expanded.
+    `max_crops` / `num_frames` override the processor's for this call (the budget's fallbacks)."""
+    options = preprocess.VisionOptions.from_processor(processor)
+    tokenizer = processor.tokenizer
+    outputs, replacements = {}, {}
+    if images:
+        outputs.update(preprocess.image_inputs(images, options, max_crops))
+        replacements[processor.image_token] = [preprocess.image_tokens(g, options) for g in outputs["image_grids"]]
+    if video is not None:
+        frames = np.asarray(video) if isinstance(video, np.ndarray) else np.stack([rgb_array(f) for f in video])
+        frames, timestamps = preprocess.sample_video(frames, _metadata_dict(video_metadata, len(frames)), options,
+                                                     num_frames)
+        outputs.update(preprocess.video_inputs(frames, options))
+        replacements[processor.video_token] = [preprocess.video_tokens(outputs["video_grids"][0], timestamps, options)]
+    for token, strings in replacements.items():
+        pieces = text.split(token)
+        if len(pieces) != len(strings) + 1:
+            raise ValueError(f"the chat template wrote {len(pieces) - 1} {token} for {len(strings)} media")
+        text = "".join(piece + string for piece, string in zip(pieces, strings + [""]))
+    # As Molmo2Processor: every text starts with the bos token (`<|im_end|>` in Molmo2's tokenizer).
+    bos = tokenizer.bos_token or tokenizer.eos_token
+    text = text if text.startswith(bos) else bos + text
+    outputs.update({k: np.asarray(v) for k, v in tokenizer(text, return_tensors="np").items()})
+    return outputs
+
+
+def _metadata_dict(metadata, num_frames: int) -> dict:
+    """A `VideoMetadata` or dict -> dict; Molmo2 needs the fps for the frame timestamps."""
+    if metadata is None:
+        raise ValueError("video_metadata with the video's fps is required: Molmo2 writes frame timestamps")
+    if dataclasses.is_dataclass(metadata):
+        metadata = {k: v for k, v in dataclasses.asdict(metadata).items() if v is not None}
+    if not metadata.get("fps"):
+        raise ValueError(f"video_metadata has no fps: {metadata}")
+    return {"total_num_frames": num_frames, **metadata}
 
 
 class _ResponseText(str):

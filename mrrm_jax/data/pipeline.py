@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import pathlib
 import threading
@@ -23,7 +24,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from mrrm_jax.data import examples, formatting, packing, records
+from mrrm_jax.data import examples, formatting, packing, preprocess, records
 from mrrm_jax.data.examples import Skip
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,9 @@ def blank_media(loaded: dict, transform: str) -> dict:
 class PrepareExample:
     """(index, (record id, record)) -> {"example": one-row example or None, "counts": [len(COUNT_KEYS)]}.
 
-    Runs inside the grain workers, on grain's reader threads; the processor (tokenizer, image and
-    video processors) is not thread-safe, so each thread opens its own, lazily; it is never pickled. The response order and tie-breaks come from
+    Runs inside the grain workers, on grain's reader threads; the processor's fast tokenizer is not
+    thread-safe, so each thread opens its own processor, lazily; it is never pickled. Videos decode
+    only the frames the budget's attempts can sample. The response order and tie-breaks come from
     `default_rng([seed, index])`: the index runs on across epochs, so each epoch shuffles anew.
     """
 
@@ -84,6 +86,9 @@ class PrepareExample:
     def processor(self):
         if not hasattr(self._local, "processor"):
             self._local.processor = formatting.load_processor(self.processor_dir)
+            self._local.keep_frames = functools.partial(
+                examples.frames_to_keep, budget=self.budget,
+                options=preprocess.VisionOptions.from_processor(self._local.processor))
         return self._local.processor
 
     def __call__(self, index: int, item) -> dict:
@@ -93,8 +98,10 @@ class PrepareExample:
         try:
             if not isinstance(record, dict):
                 raise Skip("bad_json", f"{record_id}: not a JSON object")
-            loaded = blank_media(records.load_media(record, record_id, self.media_root), self.media_transform)
-            example = examples.training_example(record, loaded, self.processor, self.model_config, self.budget,
+            processor = self.processor
+            loaded = blank_media(records.load_media(record, record_id, self.media_root, self._local.keep_frames),
+                                 self.media_transform)
+            example = examples.training_example(record, loaded, processor, self.model_config, self.budget,
                                                 np.random.default_rng([self.seed, index]), counts, record_id)
             kind = "video" if "video" in loaded else "image" if "images" in loaded else "text"
             example["media_kind"] = np.array([MEDIA_KINDS.index(kind)], np.int32)

@@ -8,13 +8,14 @@ A bad record never stops a run: it becomes a `Skip` with a reason and the record
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import pathlib
 
 import av
 
-from mrrm_jax.data import examples, media
+from mrrm_jax.data import examples, media, preprocess
 from mrrm_jax.data.examples import Skip
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,9 @@ def _resolve(name: str, base: pathlib.Path, record_id: str, field: str) -> pathl
     return path
 
 
-def load_media(record: dict, record_id: str, base: pathlib.Path) -> dict:
-    """{"images": [...]} and/or {"video": frames, "video_metadata": {...}}; raises `Skip`."""
+def load_media(record: dict, record_id: str, base: pathlib.Path, keep_frames=None) -> dict:
+    """{"images": [...]} and/or {"video": frames, "video_metadata": {...}}; raises `Skip`.
+    `keep_frames`: which video frames to decode (`media.load_video`'s `keep`); all when None."""
     loaded = {}
     names = record.get("image")
     names = [] if names is None else [names] if isinstance(names, str) else names
@@ -63,7 +65,7 @@ def load_media(record: dict, record_id: str, base: pathlib.Path) -> dict:
         path = _resolve(record["video"], base, record_id, "video")
         fps = record.get("fps") or (1 / record["sampling_interval"] if record.get("sampling_interval") else None)
         try:
-            loaded["video"], loaded["video_metadata"] = media.load_video(path, fps)
+            loaded["video"], loaded["video_metadata"] = media.load_video(path, fps, keep_frames)
         except (OSError, ValueError, av.error.FFmpegError) as error:
             reason = "no_frames" if "no decodable frames" in str(error) else "bad_video"
             raise Skip(reason, f"{record_id}: video {record['video']!r} cannot be used ({error})") from error
@@ -83,12 +85,14 @@ def build_examples(path, processor, config, budget: examples.Budget, rng, counte
     """Every usable record of a JSONL file as a training example; the rest counted in `counter`."""
     path = pathlib.Path(path)
     base = pathlib.Path(media_root) if media_root is not None else path.parent
+    keep = functools.partial(examples.frames_to_keep, budget=budget,
+                             options=preprocess.VisionOptions.from_processor(processor))
     out = []
     for record_id, record in read_jsonl(path):
         try:
             if not isinstance(record, dict):
                 raise Skip("bad_json", f"{record_id}: not a JSON object")
-            loaded = load_media(record, record_id, base)
+            loaded = load_media(record, record_id, base, keep)
             out.append(examples.training_example(record, loaded, processor, config, budget, rng, counter, record_id))
         except Skip as error:
             counter.skip(error)
