@@ -21,6 +21,7 @@ setup(
         "sentencepiece==0.2.3",
         "transformers==5.24.0",
         "tensorflow-datasets==4.9.10",
+        "importlib_resources==7.1.0",  # tfds imports it to prepare a dataset, without declaring it
         "pillow==13.0.0",
         "av==18.1.0",
         "psutil==7.2.2",

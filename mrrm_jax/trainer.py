@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from mrrm_jax import checkpoint, lora, reward, sharding
-from mrrm_jax.data import examples, packing, pipeline, records, synthetic
+from mrrm_jax.data import examples, packing, pipeline, records, synthetic, tfds_records
 from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
 from mrrm_jax.metrics import MetricsWriter
 from mrrm_jax.models.molmo2 import Molmo2, Molmo2Config
@@ -214,8 +214,9 @@ def processor_dir(cfg, workdir: pathlib.Path) -> pathlib.Path:
     return out
 
 
-def data_file(cfg, split: str, workdir: pathlib.Path) -> pathlib.Path | None:
-    """The JSONL of a split; "synthetic" writes the demo corpus into the workdir first."""
+def data_file(cfg, split: str, workdir: pathlib.Path) -> pathlib.Path | str | None:
+    """The JSONL of a split, or a "tfds:DATA_DIR:SPLIT" spec; "synthetic" writes the demo corpus into
+    the workdir first."""
     name = cfg.data[split]
     if not name:
         return None
@@ -223,10 +224,25 @@ def data_file(cfg, split: str, workdir: pathlib.Path) -> pathlib.Path | None:
         s = cfg.data.synthetic
         seed = cfg.seed * 2 + (split == "eval")  # different corpora for training and evaluation
         return synthetic.write_corpus(workdir / "data" / split, s[f"{split}_images"], s[f"{split}_videos"], seed)
+    if name.startswith("tfds:"):
+        _record_items(name)  # fails early on a bad spec or directory
+        return name
     path = pathlib.Path(name)
     if not path.exists():
         raise ConfigError(f"data.{split}={name!r} does not exist")
     return path
+
+
+def _record_items(spec: pathlib.Path | str):
+    """The grain source of a data file: JSONL records, or a prepared TFDS split (media inside)."""
+    if isinstance(spec, pathlib.Path):
+        return records.read_jsonl(spec)
+    try:
+        _, data_dir, split = spec.split(":")
+        builder = tfds_records.MultiResponseRecords(data_dir=data_dir)
+        return tfds_records.RecordSource(builder.as_data_source(split))
+    except (ValueError, AssertionError, KeyError) as error:
+        raise ConfigError(f"data {spec!r}: expected tfds:DATA_DIR:SPLIT of a prepared dataset ({error})") from error
 
 
 def packing_config(cfg, config: Molmo2Config, rows_per_batch: int) -> pipeline.PackingConfig:
@@ -239,12 +255,13 @@ def dataset(cfg, config, split: str, path: pathlib.Path, processor: pathlib.Path
             media_transform: str = "none") -> grain.IterDataset:
     b = cfg.budget
     budget = examples.Budget(b.max_tokens, b.max_vision_tokens, max_frames=b.max_frames, min_frames=b.min_frames)
-    media_root = pathlib.Path(cfg.data.media_root) if cfg.data.media_root else path.parent
+    # A JSONL's media are under its directory unless `media_root` says otherwise; TFDS holds its own.
+    media_root = cfg.data.media_root or (path.parent if isinstance(path, pathlib.Path) else None)
     train = split == "train"
     prepare = pipeline.PrepareExample(processor, config, budget, cfg.seed + (0 if train else 1), media_root,
                                       media_transform)
     epochs = (None if cfg.data.num_epochs < 0 else cfg.data.num_epochs) if train else 1
-    return pipeline.batches(records.read_jsonl(path), prepare, packing_config(cfg, config, rows_per_batch),
+    return pipeline.batches(_record_items(path), prepare, packing_config(cfg, config, rows_per_batch),
                             cfg.seed, epochs, cfg.data.num_workers if train else 0,
                             jax.process_index(), jax.process_count(), shuffle=train, num_threads=cfg.data.num_threads)
 

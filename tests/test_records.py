@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from mrrm_jax import checkpoint
-from mrrm_jax.data import examples, media, records
+from mrrm_jax.data import examples, media, pipeline, records, tfds_records
 from mrrm_jax.data.formatting import load_processor
 
 
@@ -67,12 +69,42 @@ def test_bad_inputs_are_counted_skips_and_the_rest_is_used(corpus, processor_dir
 
 
 def test_frame_directory_needs_a_rate(corpus):
+    files = records.MediaDir(corpus / "media")
     with pytest.raises(examples.Skip, match="needs 'fps' or 'sampling_interval'"):
-        records.load_media({"video": "frames"}, "r:1", corpus / "media")
-    loaded = records.load_media({"video": "frames", "fps": 2}, "r:1", corpus / "media")
+        records.load_media({"video": "frames"}, "r:1", files)
+    loaded = records.load_media({"video": "frames", "fps": 2}, "r:1", files)
     assert loaded["video"].shape == (4, 30, 30, 3) and loaded["video_metadata"]["duration"] == 2.0
 
 
 def test_a_missing_data_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl does not exist"):
         records.read_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_the_tfds_build_of_a_corpus_gives_the_same_examples_and_skips(corpus, processor_dir, tiny_models, tmp_path):
+    """The ArrayRecord dataset (media inside, read through `as_data_source`) against the JSONL it came from."""
+    jsonl_dir = tmp_path / "jsonl"
+    shutil.copytree(corpus / "media", jsonl_dir)  # the builder reads media relative to the JSONL
+    shutil.copy(corpus / "train.jsonl", jsonl_dir / "train.jsonl")
+    builder = tfds_records.MultiResponseRecords(data_dir=tmp_path / "tfds")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(jsonl_dir)))
+    shutil.rmtree(jsonl_dir)  # the dataset needs none of the files it was built from
+    source = tfds_records.RecordSource(
+        tfds_records.MultiResponseRecords(data_dir=tmp_path / "tfds").as_data_source("train"))
+    from_jsonl = records.read_jsonl(corpus / "train.jsonl")
+    assert len(source) == len(from_jsonl) == 12
+
+    config = checkpoint.load_config(tiny_models.converted_native)
+    prepare = pipeline.PrepareExample(processor_dir, config, examples.Budget(), seed=0, media_root=corpus / "media")
+    used = 0
+    for index, jsonl_item in enumerate(from_jsonl):
+        tfds_item = source[index]
+        assert tfds_item[:2] == jsonl_item
+        ours, reference = prepare(index, tfds_item), prepare(index, jsonl_item)
+        np.testing.assert_array_equal(ours["counts"], reference["counts"], err_msg=jsonl_item[0])
+        assert (ours["example"] is None) == (reference["example"] is None)
+        if reference["example"] is not None:
+            used += 1
+            for key, value in reference["example"].items():
+                np.testing.assert_array_equal(ours["example"][key], value, err_msg=f"{jsonl_item[0]} {key}")
+    assert used == 4

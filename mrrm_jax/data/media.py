@@ -13,9 +13,10 @@ from PIL import Image, ImageOps
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-def load_image(path: str | pathlib.Path) -> Image.Image:
+def load_image(path) -> Image.Image:
     """RGB, or RGBA kept as is: Molmo2's image processor composites alpha onto white itself
-    (transformers' `load_image` would drop the alpha instead). EXIF orientation is applied."""
+    (transformers' `load_image` would drop the alpha instead). EXIF orientation is applied.
+    `path`: a path or a binary file object."""
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
         image.load()
@@ -24,46 +25,56 @@ def load_image(path: str | pathlib.Path) -> Image.Image:
     return image if image.mode in ("RGB", "RGBA") else image.convert("RGB")
 
 
-def load_video(path: str | pathlib.Path, fps: float | None = None,
+def load_video(source, fps: float | None = None,
                keep: Callable[[dict], np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
     """Frames uint8 [K, H, W, 3] and metadata (fps, total_num_frames, duration, frames_indices [K]).
 
-    `keep(metadata)` names the frames the sampler may pick (`preprocess.sample_frame_indices`); only
-    those are converted to RGB (the costly part) and held; every frame when `keep` is None. A
-    directory is a video of its image files in name order, sampled with both ends included
-    (metadata "sampling": "ends"); only the kept files are read. Its frame rate comes from `fps` (the
-    record's `fps`, or 1 / `sampling_interval`), as the files carry none.
+    `source`: a video file (path or binary file object), or frames: a directory of image files (name
+    order) or a list of image files. `keep(metadata)` names the frames the sampler may pick
+    (`preprocess.sample_frame_indices`); only those are converted to RGB (the costly part) and held;
+    every frame when `keep` is None. Frames are sampled with both ends included (metadata
+    "sampling": "ends"), and only the kept files are read; their frame rate comes from `fps` (the
+    record's `fps`, or 1 / `sampling_interval`), as image files carry none.
     """
-    path = pathlib.Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+    if isinstance(source, (str, pathlib.Path)) and pathlib.Path(source).is_dir():
+        source = sorted(p for p in pathlib.Path(source).iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+        if not source:
+            raise ValueError("no decodable frames (no image files in the directory)")
+    if isinstance(source, list):
         if fps is None:
-            raise ValueError(f"{path}: a frame directory needs 'fps' or 'sampling_interval' in the record")
-        if not files:
-            raise ValueError(f"{path}: no decodable frames (no image files)")
-        metadata = _metadata(len(files), fps, sampling="ends")
-        indices = np.arange(len(files)) if keep is None else np.asarray(keep(metadata))
-        frames = [np.asarray(load_image(files[i]).convert("RGB")) for i in indices]
+            raise ValueError("a frame directory needs 'fps' or 'sampling_interval' in the record")
+        metadata = _metadata(len(source), fps, sampling="ends")
+        indices = np.arange(len(source)) if keep is None else np.asarray(keep(metadata))
+        frames = [np.asarray(load_image(source[i]).convert("RGB")) for i in indices]
         return np.stack(frames), {**metadata, "frames_indices": indices}
 
-    with av.open(str(path)) as container:
+    with av.open(_rewound(source)) as container:
         stream = container.streams.video[0]
         fps = fps or (float(stream.average_rate) if stream.average_rate else None)
         if fps is None:
-            raise ValueError(f"{path}: video has no frame rate")
+            raise ValueError("the video has no frame rate")
         wanted = None if keep is None or not stream.frames else keep(_metadata(stream.frames, fps))
         frames, indices, total = _decode(container, stream, wanted)
+        expected = stream.frames
     if not total:
-        raise ValueError(f"{path}: no decodable frames")
-    if keep is not None and total != stream.frames:
+        raise ValueError("no decodable frames")
+    if keep is not None and total != expected:
         # The container's frame count was missing or wrong (a cut file): sample from the real count.
         wanted = np.asarray(keep(_metadata(total, fps)))
         if len(indices) == total:  # every frame is at hand
             frames, indices = [frames[i] for i in wanted], wanted
         else:
-            with av.open(str(path)) as container:
+            with av.open(_rewound(source)) as container:
                 frames, indices, total = _decode(container, container.streams.video[0], wanted)
     return np.stack(frames), {**_metadata(total, fps), "frames_indices": np.asarray(indices)}
+
+
+def _rewound(source):
+    """A path as a string, or the file object back at its start (it may be read twice)."""
+    if isinstance(source, (str, pathlib.Path)):
+        return str(source)
+    source.seek(0)
+    return source
 
 
 def _metadata(total: int, fps: float, **extra) -> dict:

@@ -1,6 +1,6 @@
 """The grain input pipeline: records -> examples (in workers) -> packed rows -> fixed-shape batches.
 
-    records (JSONL or TFDS) -> MapDataset.source -> per-process shard -> shuffle, repeat (new order
+    records (JSONL, or TFDS ArrayRecord: tfds_records.py) -> MapDataset.source -> per-process shard -> shuffle, repeat (new order
     per epoch) -> PrepareExample (decode media, Molmo2 preprocessing, formatting, budget; in the
     grain workers) -> mp_prefetch -> PackedBatches (window first-fit-decreasing packing)
 
@@ -73,7 +73,8 @@ class PrepareExample:
         if media_transform not in MEDIA_TRANSFORMS:
             raise ValueError(f"media_transform={media_transform!r}: expected one of {MEDIA_TRANSFORMS}")
         self.processor_dir, self.model_config, self.budget = str(processor_dir), model_config, budget
-        self.seed, self.media_root, self.media_transform = seed, pathlib.Path(media_root), media_transform
+        self.seed, self.media_transform = seed, media_transform
+        self.media_root = None if media_root is None else pathlib.Path(media_root)
         self._local = threading.local()
 
     def __getstate__(self):
@@ -92,14 +93,17 @@ class PrepareExample:
         return self._local.processor
 
     def __call__(self, index: int, item) -> dict:
-        record_id, record = item
+        """`item`: (record id, record) from JSONL, media under `media_root`; or (record id, record,
+        {name: bytes}) from TFDS (`tfds_records.RecordSource`), media inside."""
+        record_id, record = item[:2]
+        files = records.MediaBlobs(item[2]) if len(item) == 3 else records.MediaDir(self.media_root)
         counts = collections.Counter()
         example = None
         try:
             if not isinstance(record, dict):
                 raise Skip("bad_json", f"{record_id}: not a JSON object")
             processor = self.processor
-            loaded = blank_media(records.load_media(record, record_id, self.media_root, self._local.keep_frames),
+            loaded = blank_media(records.load_media(record, record_id, files, self._local.keep_frames),
                                  self.media_transform)
             example = examples.training_example(record, loaded, processor, self.model_config, self.budget,
                                                 np.random.default_rng([self.seed, index]), counts, record_id)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import collections
 import functools
+import io
 import json
 import logging
 import pathlib
+import posixpath
 
 import av
 
@@ -37,35 +39,71 @@ def read_jsonl(path: str | pathlib.Path) -> list[tuple[str, dict | str]]:
     return out
 
 
-def _resolve(name: str, base: pathlib.Path, record_id: str, field: str) -> pathlib.Path:
-    path = (base / name).resolve()
-    if not path.is_relative_to(base.resolve()):
-        raise Skip("path_outside_root", f"{record_id}: {field} {name!r} leaves the media root {base}")
-    if not path.exists():
-        raise Skip("missing_file", f"{record_id}: {field} {name!r} does not exist under {base}")
-    return path
-
-
-def load_media(record: dict, record_id: str, base: pathlib.Path, keep_frames=None) -> dict:
-    """{"images": [...]} and/or {"video": frames, "video_metadata": {...}}; raises `Skip`.
-    `keep_frames`: which video frames to decode (`media.load_video`'s `keep`); all when None."""
-    loaded = {}
+def image_names(record: dict) -> list[str]:
     names = record.get("image")
-    names = [] if names is None else [names] if isinstance(names, str) else names
-    images = []
-    for name in names:
-        path = _resolve(name, base, record_id, "image")
+    return [] if names is None else [names] if isinstance(names, str) else list(names)
+
+
+def media_names(record: dict) -> list[str]:
+    """The media file names a record refers to: its image(s), then its video."""
+    return image_names(record) + ([record["video"]] if record.get("video") is not None else [])
+
+
+def normalise_name(name: str) -> str:
+    return posixpath.normpath(name.replace("\\", "/"))
+
+
+class MediaDir:
+    """Media files under a root directory (a JSONL corpus); a name may not leave the root."""
+
+    def __init__(self, root: str | pathlib.Path):
+        self.root = pathlib.Path(root)
+
+    def open(self, name: str, record_id: str, field: str) -> pathlib.Path:
+        path = (self.root / name).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise Skip("path_outside_root", f"{record_id}: {field} {name!r} leaves the media root {self.root}")
+        if not path.exists():
+            raise Skip("missing_file", f"{record_id}: {field} {name!r} does not exist under {self.root}")
+        return path
+
+
+class MediaBlobs:
+    """Media stored with the record (a TFDS corpus): name -> bytes; a frame directory as `name/file`."""
+
+    def __init__(self, blobs: dict[str, bytes]):
+        self.blobs = blobs
+
+    def open(self, name: str, record_id: str, field: str):
+        key = normalise_name(name)
+        if key == ".." or key.startswith("../") or posixpath.isabs(key):
+            raise Skip("path_outside_root", f"{record_id}: {field} {name!r} leaves the media root")
+        if key in self.blobs:
+            return io.BytesIO(self.blobs[key])
+        frames = sorted(k for k in self.blobs if k.startswith(key + "/"))
+        if not frames:
+            raise Skip("missing_file", f"{record_id}: {field} {name!r} is not in the record's media")
+        return [io.BytesIO(self.blobs[k]) for k in frames]
+
+
+def load_media(record: dict, record_id: str, files, keep_frames=None) -> dict:
+    """{"images": [...]} and/or {"video": frames, "video_metadata": {...}}; raises `Skip`.
+    `files`: a `MediaDir` or `MediaBlobs`; `keep_frames`: which video frames to decode
+    (`media.load_video`'s `keep`), all when None."""
+    loaded, images = {}, []
+    for name in image_names(record):
+        source = files.open(name, record_id, "image")
         try:
-            images.append(media.load_image(path))
-        except (OSError, ValueError) as error:
+            images.append(media.load_image(source))
+        except (OSError, ValueError, AttributeError) as error:
             raise Skip("bad_image", f"{record_id}: image {name!r} cannot be decoded ({error})") from error
     if images:
         loaded["images"] = images
     if record.get("video") is not None:
-        path = _resolve(record["video"], base, record_id, "video")
+        source = files.open(record["video"], record_id, "video")
         fps = record.get("fps") or (1 / record["sampling_interval"] if record.get("sampling_interval") else None)
         try:
-            loaded["video"], loaded["video_metadata"] = media.load_video(path, fps, keep_frames)
+            loaded["video"], loaded["video_metadata"] = media.load_video(source, fps, keep_frames)
         except (OSError, ValueError, av.error.FFmpegError) as error:
             reason = "no_frames" if "no decodable frames" in str(error) else "bad_video"
             raise Skip(reason, f"{record_id}: video {record['video']!r} cannot be used ({error})") from error
@@ -92,7 +130,7 @@ def build_examples(path, processor, config, budget: examples.Budget, rng, counte
         try:
             if not isinstance(record, dict):
                 raise Skip("bad_json", f"{record_id}: not a JSON object")
-            loaded = load_media(record, record_id, base, keep)
+            loaded = load_media(record, record_id, MediaDir(base), keep)
             out.append(examples.training_example(record, loaded, processor, config, budget, rng, counter, record_id))
         except Skip as error:
             counter.skip(error)
