@@ -11,6 +11,7 @@ read-position rule), for comparison.
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import sys
@@ -21,7 +22,7 @@ import numpy as np
 from absl import app, flags
 
 from mrrm_jax import checkpoint, lora, reward
-from mrrm_jax.data import collate, formatting, media
+from mrrm_jax.data import collate, formatting, preprocess, records
 from mrrm_jax.hf_interop import batch_from_processor
 from mrrm_jax.models.molmo2 import Molmo2
 
@@ -72,19 +73,13 @@ class RewardModel:
         return np.concatenate(self.score_examples(examples))
 
 
-def _record_media(record: dict, root: pathlib.Path) -> dict:
-    images = record.get("image")
-    images = [] if images is None else [images] if isinstance(images, str) else images
-    loaded = {"images": [media.load_image(root / p) for p in images] or None}
-    if record.get("video") is not None:
-        loaded["video"], loaded["video_metadata"] = media.load_video(root / record["video"])
-    return loaded
-
-
 def score_file(model: RewardModel, input_path: pathlib.Path, output_path: pathlib.Path, batch_size: int = 8,
                mode: str = "multi") -> tuple[int, int]:
     """Scores every record of a JSONL file; returns (scored, failed)."""
     lines = input_path.read_text().splitlines()
+    media_files = records.MediaDir(input_path.parent)
+    keep_frames = functools.partial(preprocess.sample_frame_indices,
+                                    options=preprocess.VisionOptions.from_processor(model.processor))
     scored = failed = 0
     start = time.time()
     with open(output_path, "w") as out:
@@ -110,7 +105,7 @@ def score_file(model: RewardModel, input_path: pathlib.Path, output_path: pathli
                     entry["id"] = record["id"]
                 if not isinstance(record.get("responses"), list):
                     raise ValueError("field 'responses' must be a list of strings")
-                loaded = _record_media(record, input_path.parent)
+                loaded = records.load_media(record, f"{input_path.name}:{index + 1}", media_files, keep_frames)
                 groups = [record["responses"]] if mode == "multi" else [[r] for r in record["responses"]]
                 examples = [model.example(record.get("prompt", ""), g, **loaded) for g in groups]
             except Exception as error:  # a bad record must not stop the file: report it in its line

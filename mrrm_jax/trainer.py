@@ -15,6 +15,7 @@ import json
 import logging
 import pathlib
 import re
+import shutil
 import signal
 import threading
 import time
@@ -364,8 +365,41 @@ def _validate(cfg) -> None:
                           "a preset alone only serves tools/aot_compile.py")
 
 
+REWARD_MODEL_DIR = "reward_model"
+
+
+def export_reward_model(cfg, out: pathlib.Path, config: Molmo2Config, base: dict, trainable: dict,
+                        processor: pathlib.Path) -> None:
+    """The trained model as a reward-model directory (checkpoint.py) that `mrrm_jax.score` loads.
+
+    Its `base/` links the converted base the run read; a run that trained base weights (or started
+    from a random init) writes its own, with those weights in place.
+    """
+    trainable = multihost_utils.process_allgather(trainable, tiled=True)
+    own_base = bool(trainable["base"]) or not cfg.model.base_dir
+    if own_base:
+        base = multihost_utils.process_allgather(base, tiled=True)
+    if jax.process_index():
+        return
+    if out.exists():
+        shutil.rmtree(out)  # a finished run asked again: written anew from the same state
+    out.mkdir(parents=True)
+    if own_base:
+        # The trained leaves are float32; the base is stored in the model's parameter dtype.
+        params = jax.tree.map(lambda w: np.asarray(jnp.asarray(w, config.param_dtype)),
+                              reward.overlay(base, trainable["base"]))
+        checkpoint.save_base(out / checkpoint.BASE_DIR, config, [checkpoint.flatten(params)])
+    else:
+        (out / checkpoint.BASE_DIR).symlink_to(pathlib.Path(cfg.model.base_dir).absolute())
+    lora_factors = {path.replace("|", "/"): ab for path, ab in trainable["lora"].items()}
+    checkpoint.save_trainable(out, {"head": trainable["head"], "lora": lora_factors}, head_config(cfg), lora_spec(cfg))
+    shutil.copytree(processor, out / checkpoint.PROCESSOR_DIR)
+    log.info("reward model written to %s", out)
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-    """Train (or resume) in `workdir`; returns the final evaluation ({} without eval data)."""
+    """Train (or resume) in `workdir`; returns the final evaluation ({} without eval data). A finished
+    run leaves its reward model in `workdir/reward_model` (for `mrrm_jax.score`)."""
     _validate(cfg)
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -468,6 +502,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
             return {}
         results = run_eval(step)
         writer.write(step, dict(zip(pipeline.COUNT_KEYS, counts.tolist())), "counts")
+        export_reward_model(cfg, workdir / REWARD_MODEL_DIR, config, base, state["trainable"], processor)
         return results
     finally:
         signal.signal(signal.SIGTERM, previous)

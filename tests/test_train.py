@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import signal
@@ -11,10 +12,11 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from configs import demo
-from mrrm_jax import trainer
+from mrrm_jax import score, trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -53,6 +55,16 @@ def test_demo_trains_and_evaluates_with_controls(straight):
     assert results["eval"]["examples_image"] == 6 and results["eval"]["examples_video"] == 6
     assert sorted(losses(workdir)) == list(range(1, 9))
     assert (workdir / "checkpoints" / "8").is_dir() and list((workdir / "tensorboard").iterdir())
+
+
+def test_the_finished_run_leaves_a_reward_model_that_scores(straight):
+    workdir, _ = straight
+    model = score.RewardModel.load(workdir / trainer.REWARD_MODEL_DIR)
+    record = json.loads((workdir / "data" / "eval" / "corpus.jsonl").read_text().splitlines()[0])
+    scored, failed = score.score_file(model, workdir / "data" / "eval" / "corpus.jsonl", workdir / "scores.jsonl")
+    assert (scored, failed) == (12, 0)
+    first = json.loads((workdir / "scores.jsonl").read_text().splitlines()[0])
+    assert len(first["scores"]) == len(record["responses"]) and all(map(math.isfinite, first["scores"]))
 
 
 def test_resume_after_sigterm_continues_exactly(straight, tmp_path):
@@ -110,3 +122,10 @@ def test_demo_learns_from_the_media(tmp_path):
     assert results["eval"]["accuracy_image"] >= 0.8 and results["eval"]["accuracy_video"] >= 0.8
     for control in ("eval_black", "eval_frozen"):
         assert results[control]["accuracy"] <= 0.45, control
+    # The exported reward model (its own base: the demo trains base weights) scores as well, one
+    # example at a time through `mrrm_jax.score` instead of packed rows.
+    eval_file = tmp_path / "data" / "eval" / "corpus.jsonl"
+    score.score_file(score.RewardModel.load(tmp_path / trainer.REWARD_MODEL_DIR), eval_file, tmp_path / "scores.jsonl")
+    best = [int(np.argmin(json.loads(line)["rankings"])) for line in eval_file.read_text().splitlines()]
+    picked = [int(np.argmax(json.loads(line)["scores"])) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    assert np.mean(np.equal(best, picked)) >= 0.8
