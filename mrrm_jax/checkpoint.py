@@ -79,6 +79,17 @@ def _layer_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
     return sharding  # single-device and replicated shardings do not depend on rank
 
 
+def save_params(out_dir: str | pathlib.Path, cfg: Molmo2Config, params: dict) -> pathlib.Path:
+    """Writes model-layout (stacked) params as a converted base: each layer of a stacked leaf on its own."""
+    return save_base(out_dir, cfg, _layer_groups(params, cfg))
+
+
+def _layer_groups(params: dict, cfg: Molmo2Config):
+    for name, value in flatten(params).items():
+        names = _per_layer(name, cfg)
+        yield {name: np.asarray(value)} if names is None else {n: np.asarray(v) for n, v in zip(names, value)}
+
+
 def load_base(base_dir: str | pathlib.Path, shardings=None, dtype=None) -> tuple[Molmo2Config, dict]:
     """(config, params) with params in the model's (stacked) layout.
 

@@ -388,7 +388,7 @@ def export_reward_model(cfg, out: pathlib.Path, config: Molmo2Config, base: dict
         # The trained leaves are float32; the base is stored in the model's parameter dtype.
         params = jax.tree.map(lambda w: np.asarray(jnp.asarray(w, config.param_dtype)),
                               reward.overlay(base, trainable["base"]))
-        checkpoint.save_base(out / checkpoint.BASE_DIR, config, [checkpoint.flatten(params)])
+        checkpoint.save_params(out / checkpoint.BASE_DIR, config, params)
     else:
         (out / checkpoint.BASE_DIR).symlink_to(pathlib.Path(cfg.model.base_dir).absolute())
     lora_factors = {path.replace("|", "/"): ab for path, ab in trainable["lora"].items()}
