@@ -9,6 +9,7 @@ the packing put into its rows.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -401,7 +402,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Train (or resume) in `workdir`; returns the final evaluation ({} without eval data). A finished
     run leaves its reward model in `workdir/reward_model` (for `mrrm_jax.score`)."""
     _validate(cfg)
-    workdir = pathlib.Path(workdir).absolute()
+    mesh = sharding.make_mesh(cfg.mesh.to_dict())
+    # Under the mesh the model pins its activations to the batch axes (sharding.constrain_rows), which
+    # is what makes the 4B step fit a TPU (aot.py compiles it the same way). Not on CPU: there the
+    # pinned step deadlocks XLA:CPU's in-process collectives on simulated (2, 4, 1) meshes, and memory
+    # is no concern.
+    platform = mesh.devices.flat[0].platform
+    with jax.set_mesh(mesh) if platform != "cpu" else contextlib.nullcontext():
+        return _train(cfg, pathlib.Path(workdir).absolute(), mesh)
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     manager = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
         max_to_keep=cfg.checkpoint.keep, enable_async_checkpointing=True))
@@ -409,7 +420,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     train_path, eval_path = data_file(cfg, "train", workdir), data_file(cfg, "eval", workdir)
     processor = processor_dir(cfg, workdir)
 
-    mesh = sharding.make_mesh(cfg.mesh.to_dict())
     rows, micro_steps = cfg.train.rows_per_step, cfg.train.grad_accum
     if rows % (mesh.shape["data"] * mesh.shape["fsdp"] * micro_steps):
         raise ConfigError(f"train.rows_per_step={rows} must be a multiple of data x fsdp x grad_accum = "

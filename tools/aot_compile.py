@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -26,7 +27,12 @@ _UNROLL = flags.DEFINE_bool("unroll", False, "unroll the layer scans so cost ana
 def main(argv) -> None:
     del argv
     cfg = _CONFIG.value
-    r = aot.compile_for(cfg, _TOPOLOGY.value, _UNROLL.value)
+    try:
+        r = aot.compile_for(cfg, _TOPOLOGY.value, _UNROLL.value)
+    except jax.errors.JaxRuntimeError as error:  # XLA refuses a program that cannot fit
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        sys.exit(f"does not fit: {str(error).splitlines()[0]}")
     print(f"{r.topology} ({r.chips} x {r.kind}), mesh {dict(cfg.mesh)}, rows/step {cfg.train.rows_per_step} x "
           f"{cfg.packing.row_tokens} tokens, grad_accum {cfg.train.grad_accum}, remat {cfg.model.remat}")
     print(f"per chip: arguments {r.argument_gib:.2f} GiB, outputs {r.output_gib:.2f} GiB (aliased {r.alias_gib:.2f}), "

@@ -29,6 +29,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mrrm_jax.sharding import map_rows
+
 
 def segment_mask(segment_ids_bt, is_vision_bt):
     """Boolean mask [B, 1, T, T] (query, key) from per-token arrays."""
@@ -47,7 +49,7 @@ def _xla(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt):
 def _pallas(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt):
     from mrrm_jax.models.segment_flash import segment_flash_attention  # Pallas imports are slow; on demand
 
-    return segment_flash_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt)
+    return map_rows(segment_flash_attention)(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt)
 
 
 def _cudnn(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt):

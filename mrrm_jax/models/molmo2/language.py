@@ -10,6 +10,7 @@ from mrrm_jax.models import rope
 from mrrm_jax.models.attention import segment_attention
 from mrrm_jax.models.layers import Dense, RMSNorm, swiglu
 from mrrm_jax.models.molmo2.config import Molmo2Config
+from mrrm_jax.sharding import constrain_rows
 
 # What a rematerialised layer keeps for the backward pass.
 REMAT_POLICIES = {
@@ -59,6 +60,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, h_btd, scaled_rope, rope_tables, segment_ids_bt, is_vision_bt):
         cfg = self.config.text
+        h_btd = constrain_rows(h_btd)
         # Each layer picks the scaled or the unscaled table (`rope_scaling_layers`).
         (cos_s, sin_s), (cos_u, sin_u) = rope_tables
         cos_btd, sin_btd = jnp.where(scaled_rope, cos_s, cos_u), jnp.where(scaled_rope, sin_s, sin_u)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from mrrm_jax.models.layers import Dense
 from mrrm_jax.models.molmo2.config import Molmo2Config
+from mrrm_jax.sharding import constrain_rows
 
 
 class VisionMLP(nn.Module):
@@ -48,6 +49,7 @@ class VisionLayer(nn.Module):
     @nn.compact
     def __call__(self, carry, layer_index):
         h_npd, features_fnpd = carry
+        h_npd = constrain_rows(h_npd)
         cfg = self.config.vision
         norm = lambda name: nn.LayerNorm(cfg.layer_norm_eps, dtype=self.config.dtype,
                                          param_dtype=self.config.param_dtype, name=name)
