@@ -1,4 +1,4 @@
-"""Molmo2-4B reward model on a TPU v4-8 slice (4 chips), the paper's recipe.
+"""Molmo2-4B reward model on a TPU v4-8 slice (4 chips, each one megacore device), the paper's recipe.
 
     python -m mrrm_jax.train --config=configs/molmo2_4b_v4.py \
         --config.model.base_dir=CONVERTED_DIR --config.data.train=TRAIN.jsonl --workdir=RUN_DIR
@@ -11,4 +11,4 @@ from mrrm_jax import defaults
 
 
 def get_config():
-    return defaults.molmo2_4b(mesh=dict(data=1, fsdp=-1, tensor=1), grad_accum=1, row_crops=48, max_frames=32)
+    return defaults.molmo2_4b(mesh=dict(data=1, fsdp=-1, tensor=1), grad_accum=2)

@@ -16,10 +16,11 @@ from mrrm_jax import reward, sharding, trainer
 from mrrm_jax.data import packing
 from mrrm_jax.models.molmo2 import Molmo2
 
-# HBM per chip that XLA lets a program use, GiB (its out-of-memory errors name 15.25 per v4 TensorCore
-# and 15.75 per v5e chip). A topology may list each TensorCore as a device (v4 from a CPU host): those
-# share the chip's.
-HBM_GIB = {"TPU v4": 30.5, "TPU v5 lite": 15.75, "TPU v5e": 15.75, "TPU v5": 95, "TPU v5p": 95, "TPU v6 lite": 32}
+# HBM per device that XLA lets a program use, GiB, as its out-of-memory errors name it.
+HBM_GIB = {"TPU v4": 30.75, "TPU v5 lite": 15.75, "TPU v5": 95.74}
+# A v4 chip's two TensorCores run as one device ("megacore"), as JAX presents them on a real v4 slice;
+# a topology made on a CPU host would otherwise list each core as a device with half the chip's HBM.
+CHIP_CONFIG = {"v4": "megacore"}
 
 
 def abstract_step(cfg, mesh, unroll: bool):
@@ -72,7 +73,8 @@ class Report:
 def compile_for(cfg, topology: str, unroll: bool = False) -> Report:
     from jax.experimental import topologies
 
-    devices = topologies.get_topology_desc(topology, "tpu").devices
+    chip_config = CHIP_CONFIG.get(topology.split(":")[0])
+    devices = topologies.get_topology_desc(topology, "tpu", **({"chip_config_name": chip_config} if chip_config else {})).devices
     mesh = sharding.make_mesh(cfg.mesh.to_dict(), devices)
     step, args = abstract_step(cfg, mesh, unroll)
     with jax.set_mesh(mesh):  # as in training: activations pinned to the batch axes (constrain_rows)
@@ -82,8 +84,6 @@ def compile_for(cfg, topology: str, unroll: bool = False) -> Report:
     cost = cost[0] if isinstance(cost, list) else cost
     gib = lambda n: n / 2**30
     kind = devices[0].device_kind
-    cores_per_chip = len(devices) // len({tuple(d.coords) for d in devices})
-    hbm = HBM_GIB[kind] / cores_per_chip if kind in HBM_GIB else None
     return Report(topology, len(devices), kind, gib(memory.argument_size_in_bytes), gib(memory.output_size_in_bytes),
                   gib(memory.alias_size_in_bytes), gib(memory.temp_size_in_bytes), cost.get("flops", float("nan")),
-                  hbm)
+                  HBM_GIB.get(kind))
