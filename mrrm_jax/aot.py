@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from mrrm_jax import reward, sharding, trainer
 from mrrm_jax.data import packing
 from mrrm_jax.models.molmo2 import Molmo2
+from mrrm_jax.models.molmo2.config import Molmo2Config
 
 # HBM per device that XLA lets a program use, GiB, as its out-of-memory errors name it.
 HBM_GIB = {"TPU v4": 30.75, "TPU v5 lite": 15.75, "TPU v5": 95.74}
@@ -23,11 +24,8 @@ HBM_GIB = {"TPU v4": 30.75, "TPU v5 lite": 15.75, "TPU v5": 95.74}
 CHIP_CONFIG = {"v4": "megacore"}
 
 
-def abstract_step(cfg, mesh, unroll: bool):
-    """(jitted train step, abstract arguments) for `cfg` on `mesh`."""
-    config = trainer.model_config(cfg)
-    if unroll:
-        config = config.replace(scan_unroll=max(config.text.num_layers, config.vision.num_layers))
+def abstract_step(cfg, mesh, config: Molmo2Config):
+    """(jitted train step, abstract arguments) for `cfg` on `mesh`, the model built from `config`."""
     shard = lambda tree: jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                       tree, sharding.tree_shardings(tree, mesh))
     base = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(config.param_dtype)),
@@ -70,20 +68,62 @@ class Report:
         return self.hbm_gib is not None and self.total_gib <= self.hbm_gib
 
 
-def compile_for(cfg, topology: str, unroll: bool = False) -> Report:
+def topology_devices(topology: str):
     from jax.experimental import topologies
 
     chip_config = CHIP_CONFIG.get(topology.split(":")[0])
-    devices = topologies.get_topology_desc(topology, "tpu", **({"chip_config_name": chip_config} if chip_config else {})).devices
+    return topologies.get_topology_desc(topology, "tpu", **({"chip_config_name": chip_config} if chip_config else {})).devices
+
+
+def _compile(cfg, devices, config: Molmo2Config):
     mesh = sharding.make_mesh(cfg.mesh.to_dict(), devices)
-    step, args = abstract_step(cfg, mesh, unroll)
+    step, args = abstract_step(cfg, mesh, config)
     with jax.set_mesh(mesh):  # as in training: activations pinned to the batch axes (constrain_rows)
-        compiled = step.lower(*args).compile()
-    memory = compiled.memory_analysis()
+        return step.lower(*args).compile()
+
+
+def _flops(compiled) -> float:
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+    return (cost[0] if isinstance(cost, list) else cost).get("flops", float("nan"))
+
+
+def compile_for(cfg, topology: str) -> Report:
+    """Per-device memory of the real step; `flops` as XLA counts them: each loop body (a layer stack's
+    scan, the micro-step loop) once."""
+    devices = topology_devices(topology)
+    compiled = _compile(cfg, devices, trainer.model_config(cfg))
+    memory = compiled.memory_analysis()
     gib = lambda n: n / 2**30
     kind = devices[0].device_kind
     return Report(topology, len(devices), kind, gib(memory.argument_size_in_bytes), gib(memory.output_size_in_bytes),
-                  gib(memory.alias_size_in_bytes), gib(memory.temp_size_in_bytes), cost.get("flops", float("nan")),
+                  gib(memory.alias_size_in_bytes), gib(memory.temp_size_in_bytes), _flops(compiled),
                   HBM_GIB.get(kind))
+
+
+def _shallow(config: Molmo2Config, vision_layers: int, text_layers: int) -> Molmo2Config:
+    """`config` with fewer layers, unrolled; the ViT's feature layers moved to its last ones."""
+    features = tuple(vision_layers - 1 - rank for rank in range(len(config.adapter.feature_layers)))
+    return config.replace(vision=dataclasses.replace(config.vision, num_layers=vision_layers),
+                          adapter=dataclasses.replace(config.adapter, feature_layers=features),
+                          text=dataclasses.replace(config.text, num_layers=text_layers),
+                          scan_unroll=max(vision_layers, text_layers))
+
+
+def step_flops(cfg, topology: str) -> float:
+    """FLOPs per device of one whole optimizer step: every layer and every micro-step counted.
+
+    XLA counts a loop body once, and compiling the full depth unrolled takes too long; but the layers
+    of a stack are identical, so the step's FLOPs are linear in each stack's depth. Three shallow
+    unrolled compiles (2/2, 3/2 and 2/3 ViT/LM layers) give the intercept and the cost of one more
+    layer of each stack; times `grad_accum` micro-steps (the optimizer update, counted with each, is
+    under 1e-6 of a micro-step). Depth 1 is avoided: a lone LM layer is also the first, whose backward
+    needs no input gradient, and a lone ViT layer would serve every feature layer. Measured on the demo
+    model, the extra layers' counts vary by ~0.3% (XLA's fusion choices), hence the test's tolerance.
+    """
+    devices, config = topology_devices(topology), trainer.model_config(cfg)
+    count = lambda v, t: _flops(_compile(cfg, devices, _shallow(config, v, t)))
+    base = count(2, 2)
+    per_vision_layer, per_text_layer = count(3, 2) - base, count(2, 3) - base
+    one_micro_step = (base + (config.vision.num_layers - 2) * per_vision_layer
+                      + (config.text.num_layers - 2) * per_text_layer)
+    return cfg.train.grad_accum * one_micro_step

@@ -5,8 +5,9 @@
 Needs libtpu (`pip install -e '.[tpu]'`); no TPU and no weights: parameters, optimizer state and
 the batch are abstract (shapes, dtypes and shardings only). Prints the per-chip memory that XLA
 plans (arguments, outputs, temporaries) against the chip's HBM and the step's FLOPs per chip, and
-exits 1 if it does not fit. XLA's cost analysis counts a scanned layer once; `--unroll` compiles
-every layer unrolled so the FLOPs are the whole step's (slower to compile).
+exits 1 if it does not fit. XLA's cost analysis counts a loop body (a scanned layer, the micro-step
+loop) once; `--flops` adds the whole step's FLOPs, from three shallow unrolled compiles extrapolated
+over depth (`aot.step_flops`; three more compiles).
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from mrrm_jax import aot
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file (configs/*.py)", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "e.g. v5p:2x2x1, v4:2x2x1, v5e:4x4")
-_UNROLL = flags.DEFINE_bool("unroll", False, "unroll the layer scans so cost analysis counts every layer")
+_FLOPS = flags.DEFINE_bool("flops", False, "also count the whole step's FLOPs (every layer and micro-step)")
 
 
 def main(argv) -> None:
     del argv
     cfg = _CONFIG.value
     try:
-        r = aot.compile_for(cfg, _TOPOLOGY.value, _UNROLL.value)
+        r = aot.compile_for(cfg, _TOPOLOGY.value)
     except jax.errors.JaxRuntimeError as error:  # XLA refuses a program that cannot fit
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise
@@ -37,12 +38,13 @@ def main(argv) -> None:
           f"{cfg.packing.row_tokens} tokens, grad_accum {cfg.train.grad_accum}, remat {cfg.model.remat}")
     print(f"per chip: arguments {r.argument_gib:.2f} GiB, outputs {r.output_gib:.2f} GiB (aliased {r.alias_gib:.2f}), "
           f"temporaries {r.temp_gib:.2f} GiB, total {r.total_gib:.2f} GiB of {r.hbm_gib} GiB HBM")
-    note = "" if _UNROLL.value else " (scan bodies counted once; --unroll for the full step)"
-    print(f"FLOPs per chip per step: {r.flops:.3e}{note}")
+    print(f"FLOPs per chip, each loop body counted once: {r.flops:.3e}")
     if r.hbm_gib is None:
         sys.exit(f"unknown HBM size for {r.kind!r}")
     if not r.fits:
         sys.exit(f"does not fit: {r.total_gib:.2f} GiB > {r.hbm_gib} GiB")
+    if _FLOPS.value:
+        print(f"FLOPs per chip per step: {aot.step_flops(cfg, _TOPOLOGY.value):.3e}")
 
 
 if __name__ == "__main__":
