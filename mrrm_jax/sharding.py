@@ -89,6 +89,14 @@ def tree_shardings(tree, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(spec, tree)
 
 
+def _rows_split(mesh, *arrays) -> bool:
+    """Whether a mesh is set and its batch axes divide every array's leading (row) axis."""
+    if mesh.empty:
+        return False
+    ways = int(np.prod([mesh.shape[a] for a in LOGICAL_RULES["batch"]]))
+    return all(a.shape[0] % ways == 0 for a in arrays)
+
+
 def constrain_rows(x: jax.Array) -> jax.Array:
     """Pin an activation's leading (row or crop) axis to the batch mesh axes, when a mesh is set
     (`jax.set_mesh`, as the trainer and the AOT tool do); a no-op otherwise.
@@ -98,12 +106,9 @@ def constrain_rows(x: jax.Array) -> jax.Array:
     Molmo2-4B step needed 34 GiB per v4 core at fsdp 8 instead of a few).
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if not _rows_split(mesh, x):
         return x
-    axes = LOGICAL_RULES["batch"]
-    if x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
-        return x
-    return jax.lax.with_sharding_constraint(x, P(axes))
+    return jax.lax.with_sharding_constraint(x, P(LOGICAL_RULES["batch"]))
 
 
 def map_rows(fn):
@@ -114,9 +119,9 @@ def map_rows(fn):
     """
     def on_rows(*args):
         mesh = jax.sharding.get_abstract_mesh()
-        axes = LOGICAL_RULES["batch"]
-        if mesh.empty or any(a.shape[0] % int(np.prod([mesh.shape[n] for n in axes])) for a in args):
+        if not _rows_split(mesh, *args):
             return fn(*args)
+        axes = LOGICAL_RULES["batch"]
         return jax.shard_map(fn, mesh=mesh, in_specs=P(axes), out_specs=P(axes), check_vma=False)(*args)
 
     return on_rows
