@@ -9,7 +9,6 @@ the packing put into its rows.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -404,11 +403,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     _validate(cfg)
     mesh = sharding.make_mesh(cfg.mesh.to_dict())
     # Under the mesh the model pins its activations to the batch axes (sharding.constrain_rows), which
-    # is what makes the 4B step fit a TPU (aot.py compiles it the same way). Not on CPU: there the
-    # pinned step deadlocks XLA:CPU's in-process collectives on simulated (2, 4, 1) meshes, and memory
-    # is no concern.
-    platform = mesh.devices.flat[0].platform
-    with jax.set_mesh(mesh) if platform != "cpu" else contextlib.nullcontext():
+    # is what makes the 4B step fit a TPU (aot.py compiles it the same way).
+    with jax.set_mesh(mesh):
         return _train(cfg, pathlib.Path(workdir).absolute(), mesh)
 
 

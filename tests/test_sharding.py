@@ -1,7 +1,9 @@
 """The same training steps on 1 CPU device and on 8 simulated devices in three mesh shapes agree.
 
-The 8-device runs need XLA's host-platform device count set before JAX starts, so they run in a
-subprocess (this module as a script); the 1-device reference runs in the test process.
+The 8-device runs need XLA's host-platform device count (and enough XLA:CPU threads, see
+`sharding.CPU_THREADS_PER_DEVICE`) set before JAX starts, so they run in a subprocess (this module
+as a script); the 1-device reference runs in the test process. The trainer runs the same pinned step
+(under `jax.set_mesh`) as on TPU.
 """
 
 from __future__ import annotations
@@ -70,13 +72,15 @@ def test_losses_match_across_meshes(tmp_path):
 
     trainer.processor_dir(demo.get_config(), tmp_path)  # writes tmp_path/processor once
     reference = run(tmp_path / "one_device", (1, 1, 1))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PJRT_NPROC": "32"}  # enough XLA:CPU threads for 8 devices' collectives (sharding.make_mesh)
     result = subprocess.run([sys.executable, "-m", "tests.test_sharding", str(tmp_path)], env=env,
                             cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     sharded = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(sharded) == set(MESHES) | {"pallas_on_rows"}
+    assert set(sharded) == set(MESHES) | {"pallas_on_rows", "too_few_threads"}
+    assert "PJRT_NPROC=32" in sharded.pop("too_few_threads")
     # The Pallas kernel under shard_map (sharding.map_rows), value and gradients, vs one device.
     assert all(error <= 1e-4 for error in sharded.pop("pallas_on_rows")), "pallas_on_rows"
     assert len({round(loss, 3) for loss, _ in reference.values()}) > 1  # the steps do change the model
@@ -89,9 +93,15 @@ if __name__ == "__main__":
     import jax
     from absl import flags
 
+    from mrrm_jax import sharding
+
     flags.FLAGS.mark_as_parsed()
     assert jax.device_count() == 8, jax.devices()
     root = pathlib.Path(sys.argv[1])
     results = {name: run(root / name, mesh) for name, mesh in MESHES.items()}
     results["pallas_on_rows"] = pallas_on_rows_errors()
+    os.environ["PJRT_NPROC"] = "16"  # read when a mesh is made: a mesh that could deadlock is refused
+    with pytest.raises(ValueError) as too_few:
+        sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    results["too_few_threads"] = str(too_few.value)
     print(json.dumps(results))
