@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from mrrm_jax import checkpoint
-from mrrm_jax.data import examples
+from mrrm_jax.data import examples, formatting
 from mrrm_jax.data.formatting import load_processor
+from mrrm_jax.hf_interop import batch_from_processor
 
 RECORD = {"prompt": "Which colour is the square?",
           "responses": ["Red.", "It is blue, clearly.", "Green, I think.", "There is no square in this image."],
@@ -64,12 +65,20 @@ def test_images_fall_back_to_fewer_crops(setup):
 
 
 def test_responses_that_do_not_fit_are_dropped_and_counted(setup):
-    full, _ = _build(setup, seed=3)
+    full, _ = _build(setup, media=_image(), seed=3)
     length = full["tokens"].shape[1]
-    example, counts = _build(setup, seed=3, budget=examples.Budget(max_tokens=length - 3))
+    example, counts = _build(setup, media=_image(), seed=3, budget=examples.Budget(max_tokens=length - 3))
     assert counts["response_dropped"] == 1 and example["read_positions"].shape[1] == 3
     ranks = example["rankings"][0]
     assert ranks[example["labels"][0]] == ranks.min()  # label re-derived from the survivors
+    # The media, preprocessed once and reused across the drop, as a fresh formatting of the survivors.
+    processor, config = setup
+    fresh = batch_from_processor(formatting.format_example(
+        processor, RECORD["prompt"], _response_texts(setup, example), **_image(),
+        max_crops=examples.Budget().crop_fallback[0]).processor_outputs, config)
+    assert set(fresh) <= set(example)
+    for key, value in fresh.items():
+        np.testing.assert_array_equal(example[key], value, err_msg=key)
     with pytest.raises(examples.Skip, match="record 3: .* tokens with 2 responses") as skip:
         _build(setup, budget=examples.Budget(max_tokens=20))
     assert skip.value.reason == "too_long"

@@ -85,7 +85,7 @@ def test_videos_equal_the_video_processor(processor, tmp_path, length, fps, num_
         return_tensors="np", return_metadata=True, **kwargs)
 
     budget = examples.Budget(max_frames=num_frames or options.num_frames)
-    keep = functools.partial(examples.frames_to_keep, budget=budget, options=options)
+    keep = examples.frames_to_keep(budget, processor)
     kept_frames, kept_metadata = media.load_video(tmp_path / "clip.mp4", keep=keep)
     sampled, timestamps = preprocess.sample_video(kept_frames, kept_metadata, options, num_frames)
     ours = preprocess.video_inputs(sampled, options)

@@ -49,6 +49,7 @@ def corpus(tmp_path_factory):
         {**good, "video": "no_frames.mp4"},
         {"prompt": "x", "rankings": [1, 2]},
         {**good, "rankings": [1, 2, 3]},
+        {**good, "image": "frames"},  # a frame directory named as an image
     ]
     text = "\n".join(json.dumps(line) for line in lines) + "\n{not json\n"
     (root / "train.jsonl").write_text(text)
@@ -62,7 +63,7 @@ def test_bad_inputs_are_counted_skips_and_the_rest_is_used(corpus, processor_dir
     built = records.build_examples(corpus / "train.jsonl", processor, config, examples.Budget(),
                                    np.random.default_rng(0), counter, media_root=corpus / "media")
     assert len(built) == 4
-    assert counter["bad_image"] == 1 and counter["missing_file"] == 1 and counter["path_outside_root"] == 1
+    assert counter["bad_image"] == 2 and counter["missing_file"] == 1 and counter["path_outside_root"] == 1
     assert counter["bad_video"] == 1 and counter["no_frames"] == 1
     assert counter["bad_responses"] == 1 and counter["bad_rankings"] == 1 and counter["bad_json"] == 1
     assert "train.jsonl:5" in caplog.text and "empty.png" in caplog.text
@@ -92,7 +93,7 @@ def test_the_tfds_build_of_a_corpus_gives_the_same_examples_and_skips(corpus, pr
     source = tfds_records.RecordSource(
         tfds_records.MultiResponseRecords(data_dir=tmp_path / "tfds").as_data_source("train"))
     from_jsonl = records.read_jsonl(corpus / "train.jsonl")
-    assert len(source) == len(from_jsonl) == 12
+    assert len(source) == len(from_jsonl) == 13
 
     config = checkpoint.load_config(tiny_models.converted_native)
     prepare = pipeline.PrepareExample(processor_dir, config, examples.Budget(), seed=0, media_root=corpus / "media")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
@@ -49,12 +50,16 @@ def _media_attempts(budget: Budget, images, video) -> list[dict]:
     return [{"max_crops": crops} for crops in budget.crop_fallback] if images else [{}]
 
 
-def frames_to_keep(metadata: dict, budget: Budget, options: preprocess.VisionOptions) -> np.ndarray:
-    """Every frame any of the budget's video attempts can sample: all a decoder needs to keep
-    (`functools.partial(frames_to_keep, budget=..., options=...)` is `media.load_video`'s `keep`)."""
-    attempts = _media_attempts(budget, None, video=True)
-    return np.unique(np.concatenate([preprocess.sample_frame_indices(metadata, options, a["num_frames"])
-                                     for a in attempts]))
+def frames_to_keep(budget: Budget, processor) -> Callable[[dict], np.ndarray]:
+    """`media.load_video`'s `keep`: from a video's metadata, every frame that any of the budget's video
+    attempts can sample, i.e. all a decoder needs to keep."""
+    options = preprocess.VisionOptions.from_processor(processor)
+    frame_counts = [attempt["num_frames"] for attempt in _media_attempts(budget, None, video=True)]
+
+    def keep(metadata: dict) -> np.ndarray:
+        return np.unique(np.concatenate([preprocess.sample_frame_indices(metadata, options, n) for n in frame_counts]))
+
+    return keep
 
 
 def training_example(record: dict, media: dict, processor, config: Molmo2Config, budget: Budget,
@@ -75,8 +80,10 @@ def training_example(record: dict, media: dict, processor, config: Molmo2Config,
     order = rng.permutation(len(responses))
     responses, rankings = [responses[i] for i in order], rankings[order]
     attempts = _media_attempts(budget, media.get("images"), media.get("video"))
+    media_cache = {}  # the media preprocessed once per attempt, reused while responses are dropped
     for attempt, options in enumerate(attempts):
-        formatted = formatting.format_example(processor, record.get("prompt", ""), responses, **media, **options)
+        formatted = formatting.format_example(processor, record.get("prompt", ""), responses, **media,
+                                              media_cache=media_cache, **options)
         vision_tokens = int(formatted.processor_outputs["mm_token_type_ids"].sum())
         if vision_tokens <= budget.max_vision_tokens:
             break
@@ -93,7 +100,8 @@ def training_example(record: dict, media: dict, processor, config: Molmo2Config,
         if rankings[-1] == rankings.min() and (rankings == rankings.min()).sum() == 1:
             counts["best_response_dropped"] += 1  # the label moves to the best survivor: counted
         responses, rankings = responses[:-1], rankings[:-1]
-        formatted = formatting.format_example(processor, record.get("prompt", ""), responses, **media, **options)
+        formatted = formatting.format_example(processor, record.get("prompt", ""), responses, **media,
+                                              media_cache=media_cache, **options)
 
     batch = batch_from_processor(formatted.processor_outputs, config)
     batch["read_positions"] = formatted.read_positions[None]

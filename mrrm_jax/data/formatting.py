@@ -82,14 +82,16 @@ def load_processor(model_dir):
 
 
 def format_example(processor, prompt, responses, images=None, video=None, video_metadata=None,
-                   **media_options) -> FormattedExample:
+                   media_cache: dict | None = None, **media_options) -> FormattedExample:
     """Token ids, media arrays and read positions of one prompt (+ images / one video) with N responses.
 
     `images`: a list of PIL images. `video`: one video, uint8 frames [T, H, W, 3] or a list of PIL
     frames; `video_metadata`: its `VideoMetadata` or a dict (fps, total_num_frames, duration, and
     `frames_indices` when `video` holds only those frames: see `media.load_video`), from which the
     frames are sampled as Molmo2 does and their timestamps written. `max_crops` / `num_frames` override
-    the processor's. N = 1 is allowed (scoring); training needs N >= 2.
+    the processor's. N = 1 is allowed (scoring); training needs N >= 2. `media_cache`: a dict the
+    caller keeps across calls with the same media (e.g. while dropping responses), so that the media
+    are preprocessed once per `media_options`.
     """
     _check_inputs(prompt, responses, images, video)
     images = list(images or [])
@@ -113,7 +115,11 @@ def format_example(processor, prompt, responses, images=None, video=None, video_
     head_matches = list(special_pattern.finditer(head))
     processor_text_end = head_matches[-1].end() if head_matches else 0
 
-    outputs = _media_head(processor, head[:processor_text_end], images, video, video_metadata, **media_options)
+    cache = {} if media_cache is None else media_cache
+    key = (head[:processor_text_end], tuple(sorted(media_options.items())))
+    if key not in cache:
+        cache[key] = _media_head(processor, key[0], images, video, video_metadata, **media_options)
+    outputs = dict(cache[key])  # its text entries are replaced below
 
     # What follows the media head: plain text (str) and special token ids (int), in order.
     pieces = [head[processor_text_end:], prompt]

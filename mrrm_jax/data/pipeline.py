@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import logging
 import pathlib
 import threading
@@ -24,7 +23,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from mrrm_jax.data import examples, formatting, packing, preprocess, records
+from mrrm_jax.data import examples, formatting, packing, records
 from mrrm_jax.data.examples import Skip
 
 log = logging.getLogger(__name__)
@@ -87,9 +86,7 @@ class PrepareExample:
     def processor(self):
         if not hasattr(self._local, "processor"):
             self._local.processor = formatting.load_processor(self.processor_dir)
-            self._local.keep_frames = functools.partial(
-                examples.frames_to_keep, budget=self.budget,
-                options=preprocess.VisionOptions.from_processor(self._local.processor))
+            self._local.keep_frames = examples.frames_to_keep(self.budget, self._local.processor)
         return self._local.processor
 
     def __call__(self, index: int, item) -> dict:

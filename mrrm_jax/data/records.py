@@ -8,7 +8,6 @@ A bad record never stops a run: it becomes a `Skip` with a reason and the record
 from __future__ import annotations
 
 import collections
-import functools
 import io
 import json
 import logging
@@ -17,7 +16,7 @@ import posixpath
 
 import av
 
-from mrrm_jax.data import examples, media, preprocess
+from mrrm_jax.data import examples, media
 from mrrm_jax.data.examples import Skip
 
 log = logging.getLogger(__name__)
@@ -93,9 +92,11 @@ def load_media(record: dict, record_id: str, files, keep_frames=None) -> dict:
     loaded, images = {}, []
     for name in image_names(record):
         source = files.open(name, record_id, "image")
+        if isinstance(source, list):
+            raise Skip("bad_image", f"{record_id}: image {name!r} is a directory of frames, not an image")
         try:
             images.append(media.load_image(source))
-        except (OSError, ValueError, AttributeError) as error:
+        except (OSError, ValueError) as error:
             raise Skip("bad_image", f"{record_id}: image {name!r} cannot be decoded ({error})") from error
     if images:
         loaded["images"] = images
@@ -123,8 +124,7 @@ def build_examples(path, processor, config, budget: examples.Budget, rng, counte
     """Every usable record of a JSONL file as a training example; the rest counted in `counter`."""
     path = pathlib.Path(path)
     base = pathlib.Path(media_root) if media_root is not None else path.parent
-    keep = functools.partial(examples.frames_to_keep, budget=budget,
-                             options=preprocess.VisionOptions.from_processor(processor))
+    keep = examples.frames_to_keep(budget, processor)
     out = []
     for record_id, record in read_jsonl(path):
         try:
