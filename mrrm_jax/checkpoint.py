@@ -80,14 +80,13 @@ def _layer_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
 
 
 def save_params(out_dir: str | pathlib.Path, cfg: Molmo2Config, params: dict) -> pathlib.Path:
-    """Writes model-layout (stacked) params as a converted base: each layer of a stacked leaf on its own."""
-    return save_base(out_dir, cfg, _layer_groups(params, cfg))
-
-
-def _layer_groups(params: dict, cfg: Molmo2Config):
+    """Writes model-layout (stacked) params as a converted base: each layer of a stacked leaf on its own.
+    The params are in memory already, so they go in one save (a save per leaf cost ~0.15 s each)."""
+    leaves = {}
     for name, value in flatten(params).items():
         names = _per_layer(name, cfg)
-        yield {name: np.asarray(value)} if names is None else {n: np.asarray(v) for n, v in zip(names, value)}
+        leaves.update({name: np.asarray(value)} if names is None else {n: np.asarray(v) for n, v in zip(names, value)})
+    return save_base(out_dir, cfg, [leaves])
 
 
 def load_base(base_dir: str | pathlib.Path, shardings=None, dtype=None) -> tuple[Molmo2Config, dict]:
