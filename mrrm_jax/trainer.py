@@ -401,7 +401,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Train (or resume) in `workdir`; returns the final evaluation ({} without eval data). A finished
     run leaves its reward model in `workdir/reward_model` (for `mrrm_jax.score`)."""
     _validate(cfg)
-    mesh = sharding.make_mesh(cfg.mesh.to_dict())
+    try:
+        mesh = sharding.make_mesh(cfg.mesh.to_dict())
+    except ValueError as error:  # a shape the devices do not fit, or too few CPU threads for them
+        raise ConfigError(f"config.mesh: {error}") from error
     # Under the mesh the model pins its activations to the batch axes (sharding.constrain_rows), which
     # is what makes the 4B step fit a TPU (aot.py compiles it the same way).
     with jax.set_mesh(mesh):

@@ -102,6 +102,12 @@ def test_missing_data_is_a_clear_error(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
 
 
+def test_a_mesh_the_devices_do_not_fit_is_a_clear_error(tmp_path):
+    with pytest.raises(trainer.ConfigError, match=r"config.mesh: mesh .* needs 2 devices, there are 1"):
+        trainer.train(small_config(**{"mesh.data": 2}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_rejects_a_config_key_that_does_not_exist(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mrrm_jax.train", "--config=configs/demo.py", "--config.train.num_stepz=3",
