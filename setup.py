@@ -26,6 +26,8 @@ setup(
         "av==18.1.0",
         "psutil==7.2.2",
         "tensorboardX==2.6.5",
+        "pyarrow==26.0.1",  # VL-RewardBench's parquet
+        "matplotlib==3.10.8",  # evaluation plots
     ],
     extras_require={
         # The PyTorch oracle for parity tests; torch 2.14.1 is the build torchvision 0.29.1 pairs with.

@@ -298,7 +298,7 @@ def busy_cpu_seconds() -> tuple[float, float]:
 
 def run_wallclock(processor_dir, sizes, repeats, prompt_tokens, response_tokens, lm_layers, hidden,
                   forward_only=True):
-    from mrrm_jax.score import RewardModel
+    from mrrm_jax.reward_model import RewardModel
 
     print(f"\n== 2. CPU wall clock, small random model (LM {lm_layers} x {hidden}, ViT {SMALL_VIT_LAYERS} x "
           f"{SMALL_VIT_HIDDEN}), default processor ==")

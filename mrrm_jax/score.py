@@ -1,4 +1,4 @@
-"""Scoring with a multi-response reward model: a Python API and a JSONL command line.
+"""Scoring JSONL files with a multi-response reward model (`mrrm_jax.reward_model.RewardModel`).
 
     python -m mrrm_jax.score --checkpoint=DIR --input=in.jsonl --output=out.jsonl [--mode=single]
 
@@ -17,60 +17,11 @@ import pathlib
 import sys
 import time
 
-import jax
 import numpy as np
 from absl import app, flags
 
-from mrrm_jax import checkpoint, lora, reward
-from mrrm_jax.data import collate, formatting, preprocess, records
-from mrrm_jax.hf_interop import batch_from_processor
-from mrrm_jax.models.molmo2 import Molmo2
-
-
-class RewardModel:
-    """A loaded reward model: the base with its LoRA merged in (fast scoring), the head, the processor."""
-
-    def __init__(self, config, params, head_config, head_params, processor):
-        self.config = config.replace(with_lm_head=False)
-        self.backbone, self.head = Molmo2(self.config), reward.ValueHead(head_config)
-        self.params, self.head_params, self.processor = params, head_params, processor
-        self._scores = jax.jit(lambda p, h, batch: reward.forward_scores(
-            self.backbone, self.head, p, {"head": h, "lora": {}}, batch))
-
-    @classmethod
-    def load(cls, reward_dir: str | pathlib.Path, dtype: str | None = None) -> RewardModel:
-        reward_dir = pathlib.Path(reward_dir)
-        config, base = checkpoint.load_base(reward_dir / checkpoint.BASE_DIR, dtype=dtype)
-        trainable, head_config, spec = checkpoint.load_trainable(reward_dir)
-        params = lora.merge(base, trainable["lora"], spec) if trainable["lora"] else base
-        params.pop("lm_head", None)  # the reward path never uses it (design decision 8)
-        if dtype is not None:
-            config = config.replace(dtype=dtype, param_dtype=dtype)
-        processor = formatting.load_processor(reward_dir / checkpoint.PROCESSOR_DIR)
-        return cls(config, params, head_config, trainable["head"], processor)
-
-    def example(self, prompt, responses, images=None, video=None, video_metadata=None) -> dict:
-        """One example as a one-row model batch with its read positions."""
-        formatted = formatting.format_example(self.processor, prompt, responses, images, video, video_metadata)
-        batch = batch_from_processor(formatted.processor_outputs, self.config)
-        batch["read_positions"] = formatted.read_positions[None].astype(np.int32)
-        batch["response_starts"] = formatted.response_starts[None].astype(np.int32)
-        return batch
-
-    def score_examples(self, examples: list[dict]) -> list[np.ndarray]:
-        """Scores of several examples (from `example`) in one padded batch: one array [N_i] each."""
-        batch = collate.collate(examples)
-        scores_bn = np.asarray(self._scores(self.params, self.head_params, batch))
-        return [scores_bn[i, : e["read_positions"].shape[1]] for i, e in enumerate(examples)]
-
-    def score(self, prompt, responses, images=None, video=None, video_metadata=None) -> np.ndarray:
-        """Scores [N] of the N responses, in one forward pass."""
-        return self.score_examples([self.example(prompt, responses, images, video, video_metadata)])[0]
-
-    def score_single(self, prompt, responses, images=None, video=None, video_metadata=None) -> np.ndarray:
-        """The conventional baseline: each response scored in its own pass."""
-        examples = [self.example(prompt, [r], images, video, video_metadata) for r in responses]
-        return np.concatenate(self.score_examples(examples))
+from mrrm_jax.data import preprocess, records
+from mrrm_jax.reward_model import RewardModel
 
 
 def score_file(model: RewardModel, input_path: pathlib.Path, output_path: pathlib.Path, batch_size: int = 8,
@@ -88,7 +39,7 @@ def score_file(model: RewardModel, input_path: pathlib.Path, output_path: pathli
         def flush():
             nonlocal scored
             flat = [e for _, examples in pending for e in examples]
-            results = iter(model.score_examples(flat)) if flat else iter(())
+            results = iter(model.score_examples(flat, rows=batch_size)) if flat else iter(())
             for entry, examples in pending:
                 parts = [next(results) for _ in examples]
                 out.write(json.dumps({**entry, "scores": np.concatenate(parts).tolist()}) + "\n")

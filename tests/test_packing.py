@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from mrrm_jax.data import packing
-from mrrm_jax.score import RewardModel
+from mrrm_jax.reward_model import RewardModel
 
 
 @pytest.fixture(scope="module")

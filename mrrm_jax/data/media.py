@@ -25,8 +25,8 @@ def load_image(path) -> Image.Image:
     return image if image.mode in ("RGB", "RGBA") else image.convert("RGB")
 
 
-def load_video(source, fps: float | None = None,
-               keep: Callable[[dict], np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
+def load_video(source, fps: float | None = None, keep: Callable[[dict], np.ndarray] | None = None,
+               pick_files: Callable[[list], list] | None = None) -> tuple[np.ndarray, dict]:
     """Frames uint8 [K, H, W, 3] and metadata (fps, total_num_frames, duration, frames_indices [K]).
 
     `source`: a video file (path or binary file object), or frames: a directory of image files (name
@@ -34,13 +34,16 @@ def load_video(source, fps: float | None = None,
     (`preprocess.sample_frame_indices`); only those are converted to RGB (the costly part) and held;
     every frame when `keep` is None. Frames are sampled with both ends included (metadata
     "sampling": "ends"), and only the kept files are read; their frame rate comes from `fps` (the
-    record's `fps`, or 1 / `sampling_interval`), as image files carry none.
+    record's `fps`, or 1 / `sampling_interval`), as image files carry none. `pick_files(files)`: a
+    benchmark's own sampling of a frame directory before ours (MM-RLHF's 32 evenly spaced files); the
+    picked files then stand for the whole video.
     """
     if isinstance(source, (str, pathlib.Path)) and pathlib.Path(source).is_dir():
         source = sorted(p for p in pathlib.Path(source).iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
         if not source:
             raise ValueError("no decodable frames (no image files in the directory)")
     if isinstance(source, list):
+        source = pick_files(source) if pick_files is not None else source
         if fps is None:
             raise ValueError("a frame directory needs 'fps' or 'sampling_interval' in the record")
         metadata = _metadata(len(source), fps, sampling="ends")

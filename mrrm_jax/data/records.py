@@ -85,10 +85,10 @@ class MediaBlobs:
         return [io.BytesIO(self.blobs[k]) for k in frames]
 
 
-def load_media(record: dict, record_id: str, files, keep_frames=None) -> dict:
+def load_media(record: dict, record_id: str, files, keep_frames=None, pick_files=None) -> dict:
     """{"images": [...]} and/or {"video": frames, "video_metadata": {...}}; raises `Skip`.
-    `files`: a `MediaDir` or `MediaBlobs`; `keep_frames`: which video frames to decode
-    (`media.load_video`'s `keep`), all when None."""
+    `files`: a `MediaDir` or `MediaBlobs`; `keep_frames`, `pick_files`: which video frames to decode
+    (`media.load_video`'s `keep` and `pick_files`), all when None."""
     loaded, images = {}, []
     for name in image_names(record):
         source = files.open(name, record_id, "image")
@@ -104,7 +104,7 @@ def load_media(record: dict, record_id: str, files, keep_frames=None) -> dict:
         source = files.open(record["video"], record_id, "video")
         fps = record.get("fps") or (1 / record["sampling_interval"] if record.get("sampling_interval") else None)
         try:
-            loaded["video"], loaded["video_metadata"] = media.load_video(source, fps, keep_frames)
+            loaded["video"], loaded["video_metadata"] = media.load_video(source, fps, keep_frames, pick_files)
         except (OSError, ValueError, av.error.FFmpegError) as error:
             reason = "no_frames" if "no decodable frames" in str(error) else "bad_video"
             raise Skip(reason, f"{record_id}: video {record['video']!r} cannot be used ({error})") from error

@@ -1,0 +1,1 @@
+"""Benchmarks: release-format converters (formats), metrics as pure functions (metrics), reports (report)."""
