@@ -1,4 +1,4 @@
-"""Defaults every config starts from (configs/*.py): the paper's training recipe (../shared/docs/paper.md).
+"""Defaults every config starts from (configs/*.py): the training recipe of the paper (arXiv 2604.10966).
 
 Every key that a run may set exists here, so `--config.<key>=...` for a key that is not here is an
 error (ml_collections refuses unknown keys).

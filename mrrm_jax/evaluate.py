@@ -180,8 +180,10 @@ def run(model, spec: formats.Benchmark, items: list, out_dir: pathlib.Path, sett
 
         def flush():
             nonlocal scored_now
+            if not pending:
+                return
             flat = [example for _, _, examples in pending for example in examples]
-            results = iter(model.score_examples(flat, rows=batch_size)) if flat else iter(())
+            results = iter(model.score_examples(flat, rows=batch_size))
             lines = []
             for record, orders, examples in pending:
                 per_example = [next(results) for _ in examples]

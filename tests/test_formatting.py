@@ -184,3 +184,18 @@ def test_response_starts_point_at_each_responses_first_token(processor_dir):
         span = tokenizer.decode(example.input_ids[start: read + 1])
         # The first token may also hold the "\n\n" (or "assistant\n") before the response, never more.
         assert response.strip() in span and len(span) - len(response) <= len("assistant\n\n\n")
+
+
+def test_formatting_in_many_threads_gives_the_same_examples(processor):
+    """Worker threads format at once (mrrm_jax.evaluate); special-token text kept plain in one thread must
+    not split another thread's media tokens."""
+    import concurrent.futures
+
+    jobs = [(name, responses) for name in MEDIA for responses in
+            (["<|resp_sep|> and <im_patch> as text", "<|im_end|>"], RESPONSE_SETS["punctuation"])] * 6
+    run = lambda job: format_example(processor, "Describe.", job[1], **MEDIA[job[0]]).input_ids
+    alone = [run(job) for job in jobs[:8]]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(run, jobs))
+    for index, ids in enumerate(together):
+        np.testing.assert_array_equal(ids, alone[index % 8])

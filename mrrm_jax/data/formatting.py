@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import threading
+import weakref
 
 import numpy as np
 import tokenizers
@@ -257,9 +259,23 @@ def _template_pieces(text, special_pattern, tokenizer) -> list:
     return [tokenizer.convert_tokens_to_ids(part) if index % 2 else part for index, part in enumerate(parts)]
 
 
+# tokenizer -> a copy of its backend that reads special-token text as plain text. transformers'
+# `split_special_tokens=True` instead flips that flag on the SHARED backend for the call: formatting in
+# several threads at once (evaluate's workers) then split the media head's `<im_patch>` tokens of
+# another thread (seen as an image with too few patch tokens).
+_PLAIN_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PLAIN_BACKENDS_LOCK = threading.Lock()
+
+
 def _plain_ids(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Ids (and their character spans) of `text`, every special-token literal in it tokenized as plain text."""
     if not text:
         return [], []
-    encoded = tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
-    return encoded["input_ids"], encoded["offset_mapping"]
+    with _PLAIN_BACKENDS_LOCK:
+        if tokenizer not in _PLAIN_BACKENDS:
+            backend = tokenizers.Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+            backend.encode_special_tokens = True
+            _PLAIN_BACKENDS[tokenizer] = backend
+        backend = _PLAIN_BACKENDS[tokenizer]
+    encoded = backend.encode(text, add_special_tokens=False)
+    return encoded.ids, encoded.offsets
