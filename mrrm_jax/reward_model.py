@@ -63,10 +63,14 @@ class RewardModel:
         fixed `rows` bounds the number of programs): one array [N_i] each."""
         devices = self.mesh.size
         rows = -(-max(len(examples), rows) // devices) * devices
-        batch = collate.collate(examples, batch_size=rows, geometric=True)
-        self.programs.add(tuple(sorted((name, array.shape) for name, array in batch.items())))
-        scores_bn = np.asarray(self._scores(self.params, self.head_params, jax.device_put(batch, self._rows)))
+        scores_bn = self.score_batch(collate.collate(examples, batch_size=rows, geometric=True))
         return [scores_bn[i, : e["read_positions"].shape[1]] for i, e in enumerate(examples)]
+
+    def score_batch(self, batch: dict) -> np.ndarray:
+        """Scores of a model batch (`collate`d [B, N], or packed rows [B, E, N]; rows a multiple of the
+        device count), -inf where a read position is -1."""
+        self.programs.add(tuple(sorted((name, array.shape) for name, array in batch.items())))
+        return np.asarray(self._scores(self.params, self.head_params, jax.device_put(batch, self._rows)))
 
     def score(self, prompt, responses, images=None, video=None, video_metadata=None) -> np.ndarray:
         """Scores [N] of the N responses, in one forward pass."""

@@ -1,0 +1,228 @@
+"""The reward server on loopback: /score and /get_reward equal the scoring command line, grouping across
+requests, dynamic batching without compiling on the request path, and bad requests as 4xx JSON."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import contextlib
+import itertools
+import json
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from mrrm_jax.data import media, packing
+from mrrm_jax.reward_model import RewardModel
+from mrrm_jax.score import score_file
+from mrrm_jax.serving import groups
+from mrrm_jax.serving.app import ServeSettings, create_app
+from mrrm_jax.serving.batcher import Batcher
+from mrrm_jax.serving.metrics import ServerMetrics
+from tests.benchmark_files import ANSWERS, image
+
+BUDGET = packing.RowBudget(row_tokens=1024, row_crops=16, row_pooled=16 * 25, row_examples=4, max_responses=8)
+
+
+@contextlib.contextmanager
+def serve(model, max_rows=2, max_wait_s=0.02, **settings):
+    """The app with its own batcher on a free loopback port, in this process; yields the base URL."""
+    metrics = ServerMetrics()
+    batcher = Batcher(model, BUDGET, max_rows, max_wait_s, metrics.on_batch)
+    app = create_app(model, batcher, ServeSettings(**settings), metrics)
+    batcher.warm_up()
+    batcher.start()
+    app.state.ready = True
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        batcher.stop()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_reward_dir):
+    return RewardModel.load(tiny_reward_dir)
+
+
+@pytest.fixture(scope="module")
+def media_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    image(1, (150, 100)).save(root / "a.png")
+    image(2, (90, 120)).save(root / "b.jpg")
+    media.write_mp4(root / "clip.mp4", np.random.RandomState(3).randint(0, 256, (6, 48, 64, 3), np.uint8), 2.0)
+    (root / "sub").mkdir()
+    (root / "sub" / "escape.png").symlink_to("/etc/hostname")
+    return root
+
+
+@pytest.fixture(scope="module")
+def url(model, media_root):
+    with serve(model, media_root=str(media_root)) as base:
+        yield base
+
+
+def _data_uri(path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+GROUPS = [
+    {"prompt": "Which answer fits?", "responses": ANSWERS},
+    {"prompt": "Describe the picture.", "responses": ANSWERS[:3], "image": "a.png"},
+    {"prompt": "Compare the two pictures.", "responses": ANSWERS[1:], "image": ["a.png", "b.jpg"]},
+    {"prompt": "What happens?", "responses": ANSWERS[:2], "video": "clip.mp4"},
+]
+
+
+def test_score_endpoint_equals_the_scoring_command_line(model, url, media_root, tmp_path):
+    programs = len(model.programs)
+    inline = {**GROUPS[1], "image": _data_uri(media_root / "a.png")}
+    bare = {**GROUPS[1], "image": base64.b64encode((media_root / "a.png").read_bytes()).decode()}
+    reply = httpx.post(f"{url}/score", json={"groups": GROUPS + [inline, bare]}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    served = [g["scores"] for g in reply.json()["groups"]]
+    assert len(model.programs) == programs  # warm-up compiled every shape: nothing on the request path
+    (media_root / "in.jsonl").write_text("\n".join(json.dumps(g) for g in GROUPS) + "\n")
+    score_file(model, media_root / "in.jsonl", tmp_path / "out.jsonl")
+    expected = [json.loads(line)["scores"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    for got, want in zip(served, expected + [expected[1], expected[1]]):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_concurrent_requests_are_batched_and_score_as_alone(model, url):
+    alone = httpx.post(f"{url}/score", json={"groups": [GROUPS[0]]}, timeout=60).json()["groups"][0]["scores"]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda _: httpx.post(f"{url}/score", json={"groups": [GROUPS[0]]}, timeout=60),
+                                range(16)))
+    for reply in replies:
+        np.testing.assert_allclose(reply.json()["groups"][0]["scores"], alone, atol=1e-5)
+    text = httpx.get(f"{url}/metrics").text
+    count = float(_metric(text, "mrrm_batch_groups_count"))
+    assert float(_metric(text, "mrrm_batch_groups_sum")) > count  # some batches held several groups
+    assert float(_metric(text, "mrrm_compiled_programs")) >= 4
+    assert 'mrrm_requests_total{endpoint="/score"}' in text and "mrrm_request_latency_seconds_bucket" in text
+
+
+def _metric(text: str, name: str) -> str:
+    return next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " "))
+
+
+def _openrlhf_query(model, prompt: str, response: str) -> str:
+    """What OpenRLHF sends: the decoded chat-templated prompt, then the response and its end token."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+    rendered = model.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return rendered + response + "<|im_end|>"
+
+
+def test_get_reward_groups_entries_of_one_prompt_and_reads_media_from_labels(model, url, media_root):
+    prompts = ["Describe the picture."] * 3 + ["Which answer fits?"] * 2
+    responses = ANSWERS[:3] + ANSWERS[2:]
+    labels = [json.dumps({"image": "a.png"})] * 3 + ["", "not json"]
+    body = {"query": [_openrlhf_query(model, p, r) for p, r in zip(prompts, responses)], "prompts": prompts,
+            "labels": labels}
+    reply = httpx.post(f"{url}/get_reward", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    out = reply.json()
+    with_image = model.score("Describe the picture.", ANSWERS[:3], images=[media.load_image(media_root / "a.png")])
+    text = model.score("Which answer fits?", ANSWERS[2:])
+    np.testing.assert_allclose(out["rewards"], np.concatenate([with_image, text]), atol=1e-5)
+    np.testing.assert_allclose(out["scores"][:3], groups.softmax(with_image), atol=1e-5)
+    assert out["extra_logs"]["group_size"] == [3, 3, 3, 2, 2]
+
+
+def test_get_reward_groups_across_requests(model, media_root):
+    prompt = "Which answer fits?"
+    with serve(model, media_root=str(media_root), group_size=4, group_timeout_s=0.5, reward="zscore") as base:
+        def one(response):
+            return httpx.post(f"{base}/get_reward", json={"query": [_openrlhf_query(model, prompt, response)],
+                                                         "prompts": [prompt], "labels": [""]}, timeout=60).json()
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(one, ANSWERS))
+        raw = [r["extra_logs"]["raw_score"][0] for r in replies]
+        assert [r["extra_logs"]["group_size"][0] for r in replies] == [4, 4, 4, 4]
+        # The group's order is the order the requests arrived in: one of the permutations, scored directly.
+        matches = [order for order in itertools.permutations(range(4))
+                   if np.allclose(model.score(prompt, [ANSWERS[i] for i in order])[np.argsort(order)], raw, atol=1e-5)]
+        assert matches, raw
+        np.testing.assert_allclose([r["rewards"][0] for r in replies], groups.zscore(np.asarray(raw)), atol=1e-5)
+        start = time.monotonic()
+        late = one(ANSWERS[0])  # alone: scored when the group times out
+        assert late["extra_logs"]["group_size"] == [1] and time.monotonic() - start >= 0.4
+
+
+def test_bad_requests_are_4xx_json_and_the_server_keeps_serving(url):
+    cases = [
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 422, None),
+        ({"json": {"groups": [{"prompt": 3, "responses": ["a"]}]}}, 422, "groups.0.prompt"),
+        ({"json": {"groups": [{"prompt": "p", "responses": []}]}}, 422, "groups.0.responses"),
+        ({"json": {"groups": []}}, 422, "groups"),
+        ({"json": {"groups": [{"prompt": "x" * (1 << 20), "responses": ["a"]}]}}, 422, "groups.0.prompt"),
+        ({"json": {"groups": [{"prompt": "p", "responses": ["a", ""]}]}}, 400, "groups[0].responses[1]"),
+        ({"json": {"groups": [{"prompt": "p", "responses": ["a"], "image": "http://example.com/a.png"}]}}, 400,
+         "groups[0].image[0]"),
+        ({"json": {"groups": [{"prompt": "p", "responses": ["a"], "image": "../a.png"}]}}, 400, "groups[0]"),
+        ({"json": {"groups": [{"prompt": "p", "responses": ["a"], "image": "sub/escape.png"}]}}, 400, "groups[0]"),
+        ({"json": {"groups": [{"prompt": "p", "responses": ["a"], "image": "none.png"}]}}, 400, "groups[0]"),
+        ({"json": {"groups": [{"prompt": "p", "responses": ["a"], "image": "data:image/png;base64,AAAA"}]}}, 400,
+         "groups[0]"),
+        ({"json": {"groups": [{"prompt": "word " * 2000, "responses": ["a"]}]}}, 413, "groups[0]"),
+        ({"json": {"groups": [{"prompt": "p", "responses": ["a"] * 9}]}}, 413, "groups[0]"),
+        ({"json": {"query": ["q"], "prompts": ["a", "b"]}}, 422, "prompts"),
+    ]
+    for kwargs, status, field in cases:
+        path = "/get_reward" if "query" in kwargs.get("json", {}) else "/score"
+        reply = httpx.post(f"{url}{path}", timeout=60, **kwargs)
+        assert reply.status_code == status, (kwargs.get("json", kwargs.get("content")), reply.text[:300])
+        body = reply.json()
+        assert body["error"] and (field is None or body["field"] == field), body
+    too_long = httpx.post(f"{url}/score", content=b"x" * (65 << 20), headers={"content-type": "application/json"})
+    assert too_long.status_code == 413
+    assert "tokens (limit 1024)" in httpx.post(f"{url}/score", json={"groups": [{"prompt": "word " * 2000,
+                                                                                  "responses": ["a"]}]}).json()["error"]
+    assert httpx.get(f"{url}/health").json()["status"] == "ready"
+    assert httpx.post(f"{url}/score", json={"groups": [GROUPS[0]]}, timeout=60).status_code == 200
+
+
+def test_api_key_and_single_mode(model):
+    with serve(model, api_key="secret", mode="single") as base:
+        assert httpx.post(f"{base}/score", json={"groups": [GROUPS[0]]}).status_code == 401
+        assert httpx.get(f"{base}/health").status_code == 200  # probes need no key
+        reply = httpx.post(f"{base}/score", json={"groups": [GROUPS[0]]}, headers={"Authorization": "Bearer secret"},
+                           timeout=60)
+        np.testing.assert_allclose(reply.json()["groups"][0]["scores"],
+                                   model.score_single(GROUPS[0]["prompt"], ANSWERS), atol=1e-5)
+
+
+def test_openrlhf_query_parsing():
+    special = groups.special_token_pattern(type("T", (), {
+        "added_tokens_decoder": {1: type("A", (), {"content": "<|im_start|>"})(),
+                                 2: type("A", (), {"content": "<|im_end|>"})(),
+                                 3: type("A", (), {"content": "<|image_pad|>"})()},
+        "all_special_tokens": ["<|im_end|>"]})())
+    query = "<|im_start|>user\n<|image_pad|><|image_pad|>Hi there?<|im_end|>\n<|im_start|>assistant\nIt is red.<|im_end|>"
+    assert groups.extract_response(query, "Hi there?", special) == "It is red."
+    assert groups.extract_response(query, None, special) == "It is red."
+    assert groups.extract_response("Hi there? It is red.", "Hi there?", special) == "It is red."
+    assert groups.clean_prompt("<|image_pad|><|image_pad|>Hi there?", special) == "Hi there?"
+    assert groups.parse_label('{"image": "a.png", "group": "g1"}', "labels[0]") == {"image": "a.png", "group": "g1"}
+    assert groups.parse_label("plain answer 42", "labels[0]") == {} and groups.parse_label(None, "x") == {}
+    with pytest.raises(ValueError, match="labels\\[0\\].image"):
+        groups.parse_label({"image": 3}, "labels[0]")
+    np.testing.assert_allclose(groups.softmax(np.array([0.0, np.log(3.0)])), [0.25, 0.75])
+    np.testing.assert_allclose(groups.zscore(np.array([1.0, 3.0])), [-1, 1], atol=1e-5)
