@@ -1,0 +1,67 @@
+"""Scoring groups: over HTTP (`RewardClient`, POST /score) or in process (`LocalScorer`, a `RewardModel`).
+
+Both take groups `{"prompt": str, "responses": [str], "image": ref | [refs] (optional), "video": ref
+(optional)}` and return one list of scores per group; scores are comparable only within a group.
+"""
+
+from __future__ import annotations
+
+import httpx
+
+
+class RewardClient:
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 180.0):
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout_s = timeout_s
+
+    def score(self, groups: list[dict]) -> list[list[float]]:
+        reply = httpx.post(f"{self.url}/score", json={"groups": groups}, headers=self.headers, timeout=self.timeout_s)
+        if reply.status_code != 200:
+            raise RuntimeError(f"reward server {self.url}: HTTP {reply.status_code}: {reply.text[:500]}")
+        return [group["scores"] for group in reply.json()["groups"]]
+
+
+class LocalScorer:
+    """The same interface on a `RewardModel` in this process (no server); media refs resolve as the
+    server resolves them (paths under `media_root`, data: URIs, base64)."""
+
+    def __init__(self, model, media_root=None):
+        from mrrm_jax.serving import media_refs
+
+        self.model, self.media_root, self._load = model, media_root, media_refs.load
+
+    def score(self, groups: list[dict]) -> list[list[float]]:
+        examples = []
+        for index, group in enumerate(groups):
+            images = group.get("image") or []
+            images = [images] if isinstance(images, str) else images
+            loaded = self._load(images, group.get("video"), self.media_root, f"groups[{index}]")
+            examples.append(self.model.example(group["prompt"], group["responses"], **loaded))
+        return [scores.tolist() for scores in self.model.score_examples(examples)]
+
+
+def column_at(column, index: int):
+    """Row `index` of a framework's per-row column, None when the column is absent."""
+    return None if column is None else column[index]
+
+
+def runs(keys: list) -> list[list[int]]:
+    """Indices grouped by key, groups in order of first appearance (a key's entries need not be adjacent)."""
+    groups: dict = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())
+
+
+def score_entries(scorer, entries: list[tuple[str, str, dict]], keys: list) -> list[float]:
+    """`entries[i]` = (prompt, response, media {"image", "video"}); entries sharing a key are one group.
+    Returns one score per entry, in entry order."""
+    groups = runs(keys)
+    requests = [{"prompt": entries[g[0]][0], "responses": [entries[i][1] for i in g],
+                 **{k: v for k, v in entries[g[0]][2].items() if v is not None}} for g in groups]
+    rewards = [0.0] * len(entries)
+    for group, scores in zip(groups, scorer.score(requests)):
+        for index, score in zip(group, scores):
+            rewards[index] = float(score)
+    return rewards
