@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 
 from mrrm_jax.benchmarks import formats, metrics, report
 from mrrm_jax.data import preprocess, records
@@ -241,6 +242,7 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute and 
 def main(argv) -> None:
     from mrrm_jax.reward_model import RewardModel  # after flag parsing: jax starts with the model
 
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every restore at INFO
     try:
         if len(argv) > 1:
             raise EvaluationError(f"unexpected arguments: {argv[1:]}")

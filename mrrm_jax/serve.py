@@ -15,6 +15,7 @@ import sys
 import threading
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from mrrm_jax.data import packing
 
@@ -65,6 +66,9 @@ def main(argv) -> None:
     from mrrm_jax.serving.batcher import Batcher
     from mrrm_jax.serving.metrics import ServerMetrics
 
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every restore at INFO
+    log = logging.getLogger("mrrm_jax.serve")
+    log.setLevel(logging.INFO)
     try:
         if len(argv) > 1:
             raise ValueError(f"unexpected arguments: {argv[1:]}")
@@ -79,7 +83,6 @@ def main(argv) -> None:
     except (OSError, ValueError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     metrics = ServerMetrics()
     budget = row_budget(model, _ROW_TOKENS.value, _ROW_CROPS.value, _ROW_GROUPS.value, _MAX_RESPONSES.value)
     batcher = Batcher(model, budget, _MAX_BATCH_TOKENS.value // _ROW_TOKENS.value, _MAX_WAIT_MS.value / 1000,
@@ -93,7 +96,7 @@ def main(argv) -> None:
     def warm_up():
         if _WARMUP.value:
             programs = batcher.warm_up()
-            logging.info("warm: %d programs compiled (rows %s, with and without media)", programs,
+            log.info("warm: %d programs compiled (rows %s, with and without media)", programs,
                          batcher.row_buckets)
         batcher.start()
         api.state.ready = True

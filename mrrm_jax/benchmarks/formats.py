@@ -284,7 +284,8 @@ def _read_authors_schema(path, media_root, num_responses: int | None):
         if not isinstance(prompt, str):
             raise ValueError(f"{where}: field 'prompt' must be a string")
         media = {k: item[k] for k in ("image", "video", "fps", "sampling_interval") if item.get(k) is not None}
-        return EvalRecord(index, record_id, str(item.get("category", "all")), prompt, responses, rankings, media,
+        kind = "video" if "video" in media else "image" if "image" in media else "text"
+        return EvalRecord(index, record_id, str(item.get("category", kind)), prompt, responses, rankings, media,
                           files)
 
     yield from _records(read_one, _json_items(path))
