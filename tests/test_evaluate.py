@@ -276,20 +276,31 @@ def test_eight_devices_score_as_one_through_the_command_line(model, tiny_reward_
     assert eight["margins"]["mean"] == pytest.approx(one["margins"]["mean"], abs=1e-5)
 
 
-def test_command_line_errors_are_one_line(tiny_reward_dir, tmp_path):
+def test_command_line_errors_are_one_line(tiny_reward_dir, tmp_path, capsys):
+    from absl import flags
+
     (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
+    broken, out = f"--data={tmp_path / 'broken.parquet'}", f"--output={tmp_path / 'o'}"
+    done = _cli("--benchmark=nope", f"--checkpoint={tiny_reward_dir}", broken, out)  # the real command, once
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: unknown --benchmark 'nope'; one of " + ", ".join(formats.BENCHMARKS))
     cases = [
-        (["--benchmark=nope", f"--checkpoint={tiny_reward_dir}", f"--data={tmp_path / 'broken.parquet'}",
-          f"--output={tmp_path / 'o'}"], "unknown --benchmark 'nope'"),
-        (["--benchmark=jsonl", f"--data={tmp_path / 'broken.parquet'}", f"--output={tmp_path / 'o'}"],
-         "--checkpoint is required"),
-        (["--benchmark=vl_rewardbench", f"--checkpoint={tiny_reward_dir}", f"--data={tmp_path / 'broken.parquet'}",
-          f"--output={tmp_path / 'o'}"], "as parquet"),
-        (["--benchmark=jsonl", f"--checkpoint={tmp_path / 'none'}", f"--data={tmp_path / 'broken.parquet'}",
-          f"--output={tmp_path / 'o'}"], "is not a directory"),
+        (["--benchmark=jsonl", broken, out], "--checkpoint is required"),
+        (["--benchmark=vl_rewardbench", f"--checkpoint={tiny_reward_dir}", broken, out], "as parquet"),
+        (["--benchmark=jsonl", f"--checkpoint={tmp_path / 'none'}", broken, out], "is not a directory"),
+        (["--benchmark=jsonl", f"--checkpoint={tiny_reward_dir}", f"--data={tmp_path / 'none.jsonl'}", out],
+         "is not a file"),
     ]
-    for args, message in cases:
-        done = _cli(*args)
-        assert done.returncode == 2, (args, done.stderr[-2000:])
-        assert "Traceback" not in done.stderr
-        assert done.stderr.strip().splitlines()[-1].startswith("error: ") and message in done.stderr, done.stderr
+    try:
+        for args, message in cases:  # the same main() in this process: no jax start-up per case
+            flags.FLAGS.unparse_flags()
+            flags.FLAGS(["evaluate", *args])
+            with pytest.raises(SystemExit) as exit_info:
+                evaluate.main(["evaluate"])
+            stderr = capsys.readouterr().err.strip().splitlines()
+            assert exit_info.value.code == 2 and len(stderr) == 1, (args, stderr)
+            assert stderr[0].startswith("error: ") and message in stderr[0], stderr
+    finally:
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS.mark_as_parsed()
