@@ -28,6 +28,11 @@ setup(
         "tensorboardX==2.6.5",
         "pyarrow==26.0.1",  # VL-RewardBench's parquet
         "matplotlib==3.10.8",  # evaluation plots
+        "fastapi==0.165.0",  # the reward server
+        "pydantic==2.13.4",
+        "uvicorn==0.54.0",
+        "prometheus-client==0.26.0",
+        "httpx==0.28.1",  # RL adapters' client
     ],
     extras_require={
         # The PyTorch oracle for parity tests; torch 2.14.1 is the build torchvision 0.29.1 pairs with.

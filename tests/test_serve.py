@@ -226,3 +226,39 @@ def test_openrlhf_query_parsing():
         groups.parse_label({"image": 3}, "labels[0]")
     np.testing.assert_allclose(groups.softmax(np.array([0.0, np.log(3.0)])), [0.25, 0.75])
     np.testing.assert_allclose(groups.zscore(np.array([1.0, 3.0])), [-1, 1], atol=1e-5)
+
+
+def test_the_command_line_server_warms_up_then_serves(model, tiny_reward_dir, tmp_path):
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mrrm_jax.serve", f"--checkpoint={tiny_reward_dir}", f"--port={port}",
+         "--row_tokens=1024", "--max_batch_tokens=2048", "--row_crops=16", "--row_groups=4", "--max_responses=8"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url, seen = f"http://127.0.0.1:{port}", set()
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                seen.add(status := httpx.get(f"{url}/health", timeout=2).status_code)
+            except httpx.HTTPError:
+                continue
+            if status == 200:
+                break
+            assert httpx.post(f"{url}/score", json={"groups": [GROUPS[0]]}).status_code == 503
+            time.sleep(0.2)
+        assert 200 in seen and seen <= {200, 503}, (seen, process.poll())
+        reply = httpx.post(f"{url}/score", json={"groups": [GROUPS[0]]}, timeout=60)
+        np.testing.assert_allclose(reply.json()["groups"][0]["scores"], model.score(GROUPS[0]["prompt"], ANSWERS),
+                                   atol=1e-5)
+        assert _metric(httpx.get(f"{url}/metrics").text, "mrrm_compiled_programs") == "4.0"  # rows 1, 2 x media
+        # Paths need --media_root: without one, only inline media are accepted.
+        refused = httpx.post(f"{url}/score", json={"groups": [{**GROUPS[0], "image": "a.png"}]})
+        assert refused.status_code == 400 and "--media_root" in refused.json()["error"]
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
