@@ -29,6 +29,8 @@ _ROW_TOKENS = flags.DEFINE_integer("row_tokens", 4096, "Length of one packed row
 _ROW_CROPS = flags.DEFINE_integer("row_crops", 64, "ViT crops (image crops or video frames) per row.")
 _MAX_RESPONSES = flags.DEFINE_integer("max_responses", 16, "Largest group (responses per prompt).")
 _ROW_GROUPS = flags.DEFINE_integer("row_groups", 8, "Groups packed into one row at most.")
+_LENGTH_BUCKETS = flags.DEFINE_integer("length_buckets", 3, "Row shapes: the full row, its half, quarter, ... "
+                                       "(this many), so that a short group alone does not pay for a full row.")
 _MAX_WAIT_MS = flags.DEFINE_float("max_wait_ms", 5.0, "How long a batch waits for more groups after its first.")
 _GROUP_SIZE = flags.DEFINE_integer("group_size", 0, "/get_reward: buffer entries across requests until a group "
                                    "has this many (0: group within each request).")
@@ -86,7 +88,7 @@ def main(argv) -> None:
     metrics = ServerMetrics()
     budget = row_budget(model, _ROW_TOKENS.value, _ROW_CROPS.value, _ROW_GROUPS.value, _MAX_RESPONSES.value)
     batcher = Batcher(model, budget, _MAX_BATCH_TOKENS.value // _ROW_TOKENS.value, _MAX_WAIT_MS.value / 1000,
-                      metrics.on_batch)
+                      metrics.on_batch, _LENGTH_BUCKETS.value)
     settings = serving_app.ServeSettings(
         media_root=_MEDIA_ROOT.value, api_key=_API_KEY.value, mode=_MODE.value, reward=_REWARD.value,
         group_size=_GROUP_SIZE.value, group_timeout_s=_GROUP_TIMEOUT_S.value,
@@ -96,8 +98,8 @@ def main(argv) -> None:
     def warm_up():
         if _WARMUP.value:
             programs = batcher.warm_up()
-            log.info("warm: %d programs compiled (rows %s, with and without media)", programs,
-                         batcher.row_buckets)
+            log.info("warm: %d programs compiled (rows %s x %d row lengths, with and without media)", programs,
+                     batcher.row_buckets, _LENGTH_BUCKETS.value)
         batcher.start()
         api.state.ready = True
 

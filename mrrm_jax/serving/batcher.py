@@ -4,9 +4,11 @@ rows and scored by ONE model thread.
 A group (a prompt, its media and its G responses) is one example, i.e. one segment of a packed row
 (`data/packing.py`): the segment mask keeps the groups of a row apart, so a group's scores do not
 depend on what it was batched with. Batch shapes come from a fixed set, so serving never compiles:
-`rows` is a power of two up to `max_rows` (rounded up to the device count), each row holds
-`budget.row_tokens` tokens and `budget.row_crops` crops, or no crops at all when no group of the batch
-has media. That is 2 x (log2(max_rows) + 1) programs, compiled by `warm_up()` before serving.
+`rows` is a power of two up to `max_rows` (rounded up to the device count); a row is the full `budget`
+or its half, quarter, ... (`length_buckets` sizes: tokens, crops and pooled tokens scaled together), so
+that a lone short group does not pay for a whole row; and a batch where no group has media has no crops
+at all (no ViT). Each batch takes the cheapest shape (rows x row tokens) that holds it. That is
+2 x length_buckets x (log2(max_rows) + 1) programs, all compiled by `warm_up()` before serving.
 
 The model thread takes the first waiting group, then keeps taking groups until the rows are full or
 `max_wait_s` has passed since that first group arrived; a group that no longer fits waits for the
@@ -18,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -43,10 +46,21 @@ class _Job:
     enqueued: float
 
 
+def _scaled(budget: packing.RowBudget, fraction: float, with_media: bool) -> packing.RowBudget:
+    """A row shape `fraction` of `budget` (tokens, crops and pooled tokens), without media room if not
+    `with_media`."""
+    media = (math.ceil(budget.row_crops * fraction), math.ceil(budget.row_pooled * fraction)) if with_media else (0, 0)
+    return dataclasses.replace(budget, row_tokens=math.ceil(budget.row_tokens * fraction), row_crops=media[0],
+                               row_pooled=media[1])
+
+
 class Batcher:
-    def __init__(self, model, budget: packing.RowBudget, max_rows: int, max_wait_s: float, on_batch=None):
+    def __init__(self, model, budget: packing.RowBudget, max_rows: int, max_wait_s: float, on_batch=None,
+                 length_buckets: int = 3):
         self.model, self.budget, self.max_wait_s = model, budget, max_wait_s
-        self.text_budget = dataclasses.replace(budget, row_crops=0, row_pooled=0)
+        fractions = [0.5 ** k for k in reversed(range(length_buckets))]
+        # with_media -> row shapes, smallest first
+        self.shapes = {m: [_scaled(budget, f, m) for f in fractions] for m in (False, True)}
         self.patch_dim = (model.config.vision.num_patches, model.config.vision.patch_dim)
         devices = model.mesh.size
         self.row_buckets = sorted({-(-(1 << k) // devices) * devices for k in range(max(max_rows, 1).bit_length())
@@ -88,19 +102,33 @@ class Batcher:
 
     def warm_up(self) -> int:
         """Compiles every batch shape (empty rows); returns how many programs the model has."""
-        for rows in self.row_buckets:
-            for with_media in (False, True):
-                self.model.score_batch(self._pack([], rows, with_media))
+        for shapes in self.shapes.values():
+            for budget in shapes:
+                for rows in self.row_buckets:
+                    self.model.score_batch(self._pack([], [], budget, rows))
         return len(self.model.programs)
 
-    def _pack(self, examples: list[dict], rows: int, with_media: bool) -> dict:
-        budget = self.budget if with_media else self.text_budget
-        packed = [packing.pack_row([examples[i] for i in row], budget, self.patch_dim)
-                  for row in packing.first_fit(examples, budget)]
+    def _layout(self, examples: list[dict]) -> tuple[packing.RowBudget, list[list[int]], int] | None:
+        """(row shape, example indices per row, rows) of the cheapest shape that holds `examples` in at
+        most `max_rows` rows; None when none does."""
+        best = None
+        for budget in self.shapes[any("crops" in e for e in examples)]:
+            try:
+                placement = packing.first_fit(examples, budget)
+            except ValueError:  # an example longer than this row shape
+                continue
+            if len(placement) <= self.max_rows:
+                rows = next(r for r in self.row_buckets if r >= len(placement))
+                if best is None or rows * budget.row_tokens < best[2] * best[0].row_tokens:
+                    best = (budget, placement, rows)
+        return best
+
+    def _pack(self, examples: list[dict], placement: list[list[int]], budget: packing.RowBudget, rows: int) -> dict:
+        packed = [packing.pack_row([examples[i] for i in row], budget, self.patch_dim) for row in placement]
         packed += [packing.pack_row([], budget, self.patch_dim)] * (rows - len(packed))
         batch = {name: np.concatenate([row[name] for row in packed]) for name in packed[0]
                  if name not in _TRAINING_ONLY}
-        if not with_media:  # a text-only program: no ViT at all
+        if not budget.row_crops:  # a text-only program: no ViT at all
             del batch["crops"], batch["pooling"]
         return batch
 
@@ -118,7 +146,7 @@ class Batcher:
             if job is None:
                 self._queue.put(None)  # stop after this batch
                 return jobs
-            if len(packing.first_fit([j.example for j in jobs + [job]], self.budget)) > self.max_rows:
+            if self._layout([j.example for j in jobs + [job]]) is None:
                 self._carry = job
                 return jobs
             jobs.append(job)
@@ -131,10 +159,8 @@ class Batcher:
             start = time.monotonic()
             try:
                 examples = [job.example for job in jobs]
-                with_media = any("crops" in e for e in examples)
-                placement = packing.first_fit(examples, self.budget if with_media else self.text_budget)
-                rows = next(r for r in self.row_buckets if r >= len(placement))
-                scores_ben = self.model.score_batch(self._pack(examples, rows, with_media))
+                budget, placement, rows = self._layout(examples)
+                scores_ben = self.model.score_batch(self._pack(examples, placement, budget, rows))
                 for row, indices in enumerate(placement):
                     for slot, index in enumerate(indices):
                         count = examples[index]["read_positions"].shape[1]
