@@ -55,9 +55,11 @@ def presentation_orders(responses: list[str], order: str, seed: int, index: int)
     return [np.roll(canonical, -shift) for shift in range(len(responses))]
 
 
-def prepare(model, record: formats.EvalRecord, order: str, seed: int, mode: str, keep_frames):
-    """(record, orders, model examples) with the media decoded and formatted; or a `RecordError`.
-    Runs in worker threads, ahead of the model."""
+def prepare(record: formats.EvalRecord | formats.RecordError, model, order: str, seed: int, mode: str, keep_frames):
+    """(record, orders, model examples) with the media decoded and formatted; or a `RecordError` (a
+    converter's passes through). Runs in worker threads, ahead of the model."""
+    if isinstance(record, formats.RecordError):
+        return record
     try:
         pick = functools.partial(formats.official_frame_files, count=record.video_files) if record.video_files else None
         loaded = records.load_media(record.media, record.id, record.files, keep_frames, pick)
@@ -109,8 +111,26 @@ def result_line(record: formats.EvalRecord, orders: list[np.ndarray], presented_
     return {**line, "scores": scores_pn.mean(0).tolist(), "correct": correct}
 
 
-def _error_line(error: formats.RecordError, category: str | None = None) -> dict:
-    return {"index": error.index, "id": error.id, **({"category": category} if category else {}), "error": error.error}
+def _error_line(error: formats.RecordError) -> dict:
+    return {"index": error.index, "id": error.id, "error": error.error}
+
+
+def score_pending(model, pending: list, mode: str, batch_size: int) -> list[dict]:
+    """Scores prepared records in one batch (of at least `batch_size` rows) -> their scores.jsonl lines."""
+    results = iter(model.score_examples([e for _, _, examples in pending for e in examples], rows=batch_size))
+    lines = []
+    for record, orders, examples in pending:
+        per_example = [next(results) for _ in examples]
+        # single mode has one order (rotations need multi): its N one-response passes in a row
+        presented = per_example if mode == "multi" else [np.concatenate(per_example)]
+        lines.append(result_line(record, orders, presented))
+    return lines
+
+
+def _write(out, lines: list[dict], progress: report.Progress) -> None:
+    out.write("".join(json.dumps(line) + "\n" for line in lines))
+    out.flush()  # a killed run keeps every finished line
+    progress.update(len(lines))
 
 
 def read_done(path: pathlib.Path) -> list[dict]:
@@ -170,48 +190,24 @@ def run(model, spec: formats.Benchmark, items: list, out_dir: pathlib.Path, sett
 
     keep = functools.partial(preprocess.sample_frame_indices,
                              options=preprocess.VisionOptions.from_processor(model.processor))
-    start, scored_now, progress = time.time(), 0, report.Progress(len(items), len(done))
+    prepared = functools.partial(prepare, model=model, order=order, seed=seed, mode=mode, keep_frames=keep)
+    start, progress = time.time(), report.Progress(len(items), len(done))
     with open(out_dir / SCORES_FILE, "a") as out:
-        def write(lines):
-            out.write("".join(json.dumps(line) + "\n" for line in lines))
-            out.flush()  # a killed run keeps every finished line
-            progress.update(len(lines))
-
         pending = []
-
-        def flush():
-            nonlocal scored_now
-            if not pending:
-                return
-            flat = [example for _, _, examples in pending for example in examples]
-            results = iter(model.score_examples(flat, rows=batch_size))
-            lines = []
-            for record, orders, examples in pending:
-                per_example = [next(results) for _ in examples]
-                # single mode has one order (rotations need multi): its N one-response passes in a row
-                presented = per_example if mode == "multi" else [np.concatenate(per_example)]
-                lines.append(result_line(record, orders, presented))
-            scored_now += len(pending)
-            pending.clear()
-            write(lines)
-
-        def prepared(item):
-            if isinstance(item, formats.RecordError):
-                return item
-            return prepare(model, item, order, seed, mode, keep)
-
-        workers = workers or min(4, os.cpu_count() or 1)
-        for result in prefetch(prepared, todo, workers, ahead=4 * batch_size):
+        for result in prefetch(prepared, todo, workers or min(4, os.cpu_count() or 1), ahead=4 * batch_size):
             if isinstance(result, formats.RecordError):
-                write([_error_line(result)])
+                _write(out, [_error_line(result)], progress)
                 continue
             pending.append(result)
             if sum(len(examples) for _, _, examples in pending) >= batch_size:
-                flush()
-        flush()
+                _write(out, score_pending(model, pending, mode, batch_size), progress)
+                pending = []
+        if pending:
+            _write(out, score_pending(model, pending, mode, batch_size), progress)
     progress.close()
     elapsed = time.time() - start
     lines = read_lines(out_dir / SCORES_FILE)
+    scored_now = sum("scores" in line for line in lines) - len(done)
     timing = {"seconds": round(elapsed, 3), "records_scored_in_this_run": scored_now,
               "records_per_s": round(scored_now / elapsed, 3) if elapsed else None,
               "compiled_programs": len(model.programs), "devices": model.mesh.size}

@@ -27,6 +27,7 @@ from mrrm_jax.serving.batcher import Batcher, TooLarge
 from mrrm_jax.serving.metrics import ServerMetrics
 
 MAX_TEXT = 200_000  # characters of one prompt or response; longer is refused by validation (422)
+ROUTES = ("/score", "/get_reward", "/health", "/metrics")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,8 +183,10 @@ def create_app(model, batcher: Batcher, settings: ServeSettings, metrics: Server
     async def count(request: Request, call_next):
         start = time.monotonic()
         response = await call_next(request)
-        metrics.requests.labels(request.url.path).inc()
-        metrics.latency.labels(request.url.path).observe(time.monotonic() - start)
+        # Only our routes as labels: a label per unknown path would let clients grow the registry.
+        endpoint = request.url.path if request.url.path in ROUTES else "other"
+        metrics.requests.labels(endpoint).inc()
+        metrics.latency.labels(endpoint).observe(time.monotonic() - start)
         if response.status_code >= 400:
             metrics.errors.labels(str(response.status_code)).inc()
         return response
