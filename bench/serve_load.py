@@ -8,11 +8,13 @@ with asyncio httpx clients, every loop bounded in requests and in seconds. Each 
 group: a ~40-token question about a small inline PNG (data: URI) and G ~30-token answers.
 
 1. Throughput: concurrency 1 / 8 / 32 clients x G = 4 / 8 with dynamic batching (rows of 2048
-   tokens, 4 rows per batch, --max_wait_ms=5): groups/s, p50 / p99 latency, errors.
+   tokens, 4 rows per batch, --max_wait_ms=5): groups/s, p50 / p99 latency, errors, and from /metrics
+   the mean batch fill (the share of a batch's token slots holding group tokens: on an accelerator a
+   batch costs its shape, so fill is what batching buys, free of timing noise) and groups per batch.
 2. The gain of dynamic batching: the same load on a server that scores one group at a time
    (--max_batch_tokens=2048, one row; --max_wait_ms=0).
 3. Multi vs single: --mode=single (one pass per response) on the same load.
-4. Soak: --soak_requests requests at concurrency 16, 10% malformed (bad JSON, wrong types, missing
+4. Soak: --soak_requests requests at concurrency 16 (an image on one good group in ten), 10% malformed (bad JSON, wrong types, missing
    media, path escapes, bodies over --max_body_mb): status counts, zero 5xx, the server alive, its RSS
    growth from after the first 10% of requests to the end.
 """
@@ -57,11 +59,12 @@ def _image_uri(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def make_groups(count: int, size: int, seed: int = 0) -> list[dict]:
+def make_groups(count: int, size: int, seed: int = 0, image_every: int = 1) -> list[dict]:
+    """GRPO groups: a question, `size` answers, an inline image on every `image_every`-th group."""
     rng = random.Random(seed)
     images = [_image_uri(i) for i in range(8)]
-    return [{"prompt": _text(rng, 40), "responses": [_text(rng, 30) for _ in range(size)], "image": images[i % 8]}
-            for i in range(count)]
+    return [{"prompt": _text(rng, 40), "responses": [_text(rng, 30) for _ in range(size)],
+             **({"image": images[i % 8]} if i % image_every == 0 else {})} for i in range(count)]
 
 
 class Server:
@@ -131,13 +134,27 @@ def _row(label: str, result: dict) -> str:
     p = lambda q: 1000 * lat[min(int(q * len(lat)), len(lat) - 1)] if lat else float("nan")
     errors = sum(v for k, v in result["statuses"].items() if k != 200)
     return (f"{label:<34} {len(lat) / result['seconds']:9.2f} {p(0.5):9.0f} {p(0.99):9.0f} {len(lat):7d} "
-            f"{errors:7d}")
+            f"{errors:7d} {result['fill']:6.2f} {result['groups_per_batch']:6.2f}")
+
+
+def _batch_stats(url: str) -> tuple[float, float, float]:
+    """(sum of batch fills, sum of groups, batches) so far, from /metrics."""
+    values = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        name, _, value = line.partition(" ")
+        values[name] = value
+    return (float(values["mrrm_batch_fill_sum"]), float(values["mrrm_batch_groups_sum"]),
+            float(values["mrrm_batch_groups_count"]))
 
 
 def throughput(server: Server, concurrency: int, size: int, seconds: float) -> dict:
+    """The load, with the mean batch fill (token slots holding group tokens) and groups per batch."""
     bodies = [{"groups": [g]} for g in make_groups(4000, size, seed=concurrency * 100 + size)]
     asyncio.run(load(server.url, bodies[:concurrency * 2], concurrency, seconds))  # warm the connections
-    return asyncio.run(load(server.url, bodies, concurrency, seconds))
+    before = _batch_stats(server.url)
+    result = asyncio.run(load(server.url, bodies, concurrency, seconds))
+    fill, groups, batches = (a - b for a, b in zip(_batch_stats(server.url), before))
+    return {**result, "fill": fill / max(batches, 1), "groups_per_batch": groups / max(batches, 1)}
 
 
 def malformed(rng: random.Random, big_bytes: int) -> dict | bytes:
@@ -162,7 +179,8 @@ def main():
     parser.add_argument("--lm_layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     args = parser.parse_args()
-    header = f"{'server, load':<34} {'groups/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'groups':>7} {'errors':>7}"
+    header = (f"{'server, load':<34} {'groups/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'groups':>7} {'errors':>7} "
+              f"{'fill':>6} {'g/batch':>6}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         reward_dir = build_reward_dir(tmp, write_molmo2_processor_dir(tmp / "processor"), args.lm_layers, args.hidden)
@@ -187,7 +205,9 @@ def main():
                 result = throughput(server, concurrency, 4, args.seconds)
                 gain = (len(batched[concurrency, 4]["latencies"]) / batched[concurrency, 4]["seconds"]) / (
                     len(result["latencies"]) / result["seconds"])
-                print(_row(f"unbatched, {concurrency} clients, G=4", result) + f"   batching gain {gain:.2f}x")
+                fill = batched[concurrency, 4]["fill"] / result["fill"]
+                print(_row(f"unbatched, {concurrency} clients, G=4", result) +
+                      f"   batching: {gain:.2f}x groups/s, {fill:.2f}x fill")
         finally:
             server.stop()
 
@@ -205,7 +225,7 @@ def main():
         server = Server(reward_dir, tmp / "media", "--max_batch_tokens=8192", "--max_wait_ms=5", "--max_body_mb=1")
         try:
             rng = random.Random(0)
-            good = make_groups(args.soak_requests, 4, seed=7)
+            good = make_groups(args.soak_requests, 4, seed=7, image_every=10)
             bodies = [malformed(rng, 2 << 20) if rng.random() < 0.1 else {"groups": [good[i]]}
                       for i in range(args.soak_requests)]
             marks = {}

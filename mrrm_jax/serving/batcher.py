@@ -66,7 +66,7 @@ class Batcher:
         self.row_buckets = sorted({-(-(1 << k) // devices) * devices for k in range(max(max_rows, 1).bit_length())
                                    if 1 << k <= max_rows} | {-(-max_rows // devices) * devices})
         self.max_rows = self.row_buckets[-1]
-        self.on_batch = on_batch or (lambda groups, rows, seconds: None)
+        self.on_batch = on_batch or (lambda groups, rows, fill, seconds: None)
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._carry: _Job | None = None
         self._thread = threading.Thread(target=self._loop, name="model", daemon=True)
@@ -165,7 +165,8 @@ class Batcher:
                     for slot, index in enumerate(indices):
                         count = examples[index]["read_positions"].shape[1]
                         jobs[index].future.set_result(scores_ben[row, slot, :count])
-                self.on_batch(len(jobs), rows, time.monotonic() - start)
+                fill = sum(e["tokens"].shape[1] for e in examples) / (rows * budget.row_tokens)
+                self.on_batch(len(jobs), rows, fill, time.monotonic() - start)
             except Exception as error:  # the model thread must outlive any batch: fail its requests only
                 log.exception("batch of %d groups failed", len(jobs))
                 for job in jobs:
