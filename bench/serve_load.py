@@ -12,7 +12,7 @@ group: a ~40-token question about a small inline PNG (data: URI) and G ~30-token
    the mean batch fill (the share of a batch's token slots holding group tokens: on an accelerator a
    batch costs its shape, so fill is what batching buys, free of timing noise) and groups per batch.
 2. The gain of dynamic batching: the same load on a server that scores one group at a time
-   (--max_batch_tokens=2048, one row; --max_wait_ms=0).
+   (--max_batch_tokens=2048: one row; --row_groups=1: one group in it; --max_wait_ms=0).
 3. Multi vs single: --mode=single (one pass per response) on the same load.
 4. Soak: --soak_requests requests at concurrency 16 (an image on one good group in ten), 10% malformed (bad JSON, wrong types, missing
    media, path escapes, bodies over --max_body_mb): status counts, zero 5xx, the server alive, its RSS
@@ -172,77 +172,98 @@ def malformed(rng: random.Random, big_bytes: int) -> dict | bytes:
     return b'{"groups": [{"prompt": "' + b"x" * big_bytes + b'", "responses": ["a"]}]}'
 
 
+HEADER = (f"{'server, load':<34} {'groups/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'groups':>7} {'errors':>7} "
+          f"{'fill':>6} {'g/batch':>6}")
+
+
+def _groups_per_s(result: dict) -> float:
+    return len(result["latencies"]) / result["seconds"]
+
+
+def batched_throughput(start, seconds: float, cases) -> dict:
+    print("\n== 1. dynamic batching (4 rows per batch, --max_wait_ms=5) ==\n" + HEADER)
+    server, results = start("--max_batch_tokens=8192", "--max_wait_ms=5"), {}
+    try:
+        for concurrency, size in cases:
+            results[concurrency, size] = throughput(server, concurrency, size, seconds)
+            print(_row(f"batched, {concurrency} clients, G={size}", results[concurrency, size]), flush=True)
+    finally:
+        server.stop()
+    return results
+
+
+def unbatched_throughput(start, seconds: float, batched: dict) -> None:
+    print("\n== 2. one group at a time (one row, --row_groups=1, --max_wait_ms=0) ==\n" + HEADER)
+    server = start("--max_batch_tokens=2048", "--row_groups=1", "--max_wait_ms=0")
+    try:
+        for concurrency in (8, 32):
+            result, reference = throughput(server, concurrency, 4, seconds), batched[concurrency, 4]
+            print(_row(f"unbatched, {concurrency} clients, G=4", result) +
+                  f"   batching: {_groups_per_s(reference) / _groups_per_s(result):.2f}x groups/s, "
+                  f"{reference['fill'] / result['fill']:.2f}x fill")
+    finally:
+        server.stop()
+
+
+def single_mode(start, seconds: float, batched: dict) -> None:
+    print("\n== 3. --mode=single (one pass per response), batched ==\n" + HEADER)
+    server = start("--max_batch_tokens=8192", "--max_wait_ms=5", "--mode=single")
+    try:
+        result = throughput(server, 8, 4, seconds)
+        print(_row("single, 8 clients, G=4", result) +
+              f"   multi is {_groups_per_s(batched[8, 4]) / _groups_per_s(result):.2f}x faster")
+    finally:
+        server.stop()
+
+
+def soak(start, requests: int) -> None:
+    print(f"\n== 4. soak: {requests} requests, 10% malformed, concurrency 16 ==")
+    server = start("--max_batch_tokens=8192", "--max_wait_ms=5", "--max_body_mb=1")
+    try:
+        rng = random.Random(0)
+        good = make_groups(requests, 4, seed=7, image_every=10)
+        bodies = [malformed(rng, 2 << 20) if rng.random() < 0.1 else {"groups": [good[i]]} for i in range(requests)]
+        marks = {}
+
+        def note(done):
+            if done == requests // 10 and "start" not in marks:
+                marks["start"] = server.rss_mib()
+
+        result = asyncio.run(load(server.url, bodies, 16, 1800, on_done=note))
+        end_rss, alive = server.rss_mib(), httpx.get(f"{server.url}/health").status_code == 200
+        fives = sum(v for k, v in result["statuses"].items() if isinstance(k, int) and k >= 500)
+        print(f"statuses {dict(sorted(result['statuses'].items(), key=str))}; 5xx {fives}; alive {alive}; "
+              f"RSS {marks.get('start', float('nan')):.0f} -> {end_rss:.0f} MiB "
+              f"({100 * (end_rss / marks.get('start', end_rss) - 1):+.1f}%); {result['seconds']:.0f} s; "
+              f"p50 {1000 * statistics.median(result['latencies']):.0f} ms")
+    finally:
+        server.stop()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=15.0, help="per throughput measurement")
     parser.add_argument("--soak_requests", type=int, default=2000)
     parser.add_argument("--lm_layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--parts", default="1,2,3,4", help="which of the four parts to run")
     args = parser.parse_args()
-    header = (f"{'server, load':<34} {'groups/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'groups':>7} {'errors':>7} "
-              f"{'fill':>6} {'g/batch':>6}")
+    parts = {int(p) for p in args.parts.split(",")}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         reward_dir = build_reward_dir(tmp, write_molmo2_processor_dir(tmp / "processor"), args.lm_layers, args.hidden)
         (tmp / "media").mkdir()
+        start = lambda *flags: Server(reward_dir, tmp / "media", *flags)
         print(f"{os.cpu_count()} cores; server and clients share them. Rows of 2048 tokens, 8 crops.")
-
-        print("\n== 1. dynamic batching (4 rows per batch, --max_wait_ms=5) ==\n" + header)
-        server = Server(reward_dir, tmp / "media", "--max_batch_tokens=8192", "--max_wait_ms=5")
-        batched = {}
-        try:
-            for size in (4, 8):
-                for concurrency in (1, 8, 32):
-                    batched[concurrency, size] = throughput(server, concurrency, size, args.seconds)
-                    print(_row(f"batched, {concurrency} clients, G={size}", batched[concurrency, size]), flush=True)
-        finally:
-            server.stop()
-
-        print("\n== 2. one group at a time (--max_batch_tokens=2048, --max_wait_ms=0) ==\n" + header)
-        server = Server(reward_dir, tmp / "media", "--max_batch_tokens=2048", "--max_wait_ms=0")
-        try:
-            for concurrency in (8, 32):
-                result = throughput(server, concurrency, 4, args.seconds)
-                gain = (len(batched[concurrency, 4]["latencies"]) / batched[concurrency, 4]["seconds"]) / (
-                    len(result["latencies"]) / result["seconds"])
-                fill = batched[concurrency, 4]["fill"] / result["fill"]
-                print(_row(f"unbatched, {concurrency} clients, G=4", result) +
-                      f"   batching: {gain:.2f}x groups/s, {fill:.2f}x fill")
-        finally:
-            server.stop()
-
-        print("\n== 3. --mode=single (one pass per response), batched ==\n" + header)
-        server = Server(reward_dir, tmp / "media", "--max_batch_tokens=8192", "--max_wait_ms=5", "--mode=single")
-        try:
-            result = throughput(server, 8, 4, args.seconds)
-            ratio = (len(batched[8, 4]["latencies"]) / batched[8, 4]["seconds"]) / (
-                len(result["latencies"]) / result["seconds"])
-            print(_row("single, 8 clients, G=4", result) + f"   multi is {ratio:.2f}x faster")
-        finally:
-            server.stop()
-
-        print(f"\n== 4. soak: {args.soak_requests} requests, 10% malformed, concurrency 16 ==")
-        server = Server(reward_dir, tmp / "media", "--max_batch_tokens=8192", "--max_wait_ms=5", "--max_body_mb=1")
-        try:
-            rng = random.Random(0)
-            good = make_groups(args.soak_requests, 4, seed=7, image_every=10)
-            bodies = [malformed(rng, 2 << 20) if rng.random() < 0.1 else {"groups": [good[i]]}
-                      for i in range(args.soak_requests)]
-            marks = {}
-
-            def note(done):
-                if done == args.soak_requests // 10 and "start" not in marks:
-                    marks["start"] = server.rss_mib()
-
-            result = asyncio.run(load(server.url, bodies, 16, 1800, on_done=note))
-            end_rss, alive = server.rss_mib(), httpx.get(f"{server.url}/health").status_code == 200
-            fives = sum(v for k, v in result["statuses"].items() if isinstance(k, int) and k >= 500)
-            print(f"statuses {dict(sorted(result['statuses'].items(), key=str))}; 5xx {fives}; alive {alive}; "
-                  f"RSS {marks.get('start', float('nan')):.0f} -> {end_rss:.0f} MiB "
-                  f"({100 * (end_rss / marks.get('start', end_rss) - 1):+.1f}%); {result['seconds']:.0f} s; "
-                  f"p50 {1000 * statistics.median(result['latencies']):.0f} ms")
-        finally:
-            server.stop()
+        # Parts 2 and 3 compare with part 1's G = 4 rows at 8 and 32 clients.
+        cases = [(c, g) for g in (4, 8) for c in (1, 8, 32)] if 1 in parts else [(8, 4), (32, 4)]
+        batched = batched_throughput(start, args.seconds, cases) if parts & {1, 2, 3} else {}
+        if 2 in parts:
+            unbatched_throughput(start, args.seconds, batched)
+        if 3 in parts:
+            single_mode(start, args.seconds, batched)
+        if 4 in parts:
+            soak(start, args.soak_requests)
 
 
 if __name__ == "__main__":
