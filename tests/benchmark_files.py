@@ -119,6 +119,9 @@ def mr2bench(root: pathlib.Path, video: bool = False, num: int = 5):
         records.append({"id": f"mr2_{n}", "prompt": f"Rank the answers to question {n}.",
                         "responses": [ANSWERS[(n + k) % 4] + f" ({k})" for k in range(4)], "rankings": rankings,
                         **medium})
+    if video:  # a frame directory without fps or sampling_interval: the authors' 4 s spacing
+        frame_dir(root / "videos" / "frames", 6, 70)
+        records.append({**records[0], "id": "mr2_frames", "video": "videos/frames"})
     records.append({"id": "mr2_three", "prompt": "?", "responses": ANSWERS[:3], "rankings": [1, 2, 3]})
     records.append({"id": "mr2_all_tied", "prompt": "?", "responses": ANSWERS, "rankings": [1, 1, 1, 1]})
     path = root / ("mr2bench_video.json" if video else "mr2bench_image.json")

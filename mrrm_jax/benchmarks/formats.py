@@ -273,6 +273,11 @@ def read_videorewardbench(path: pathlib.Path, media_root: pathlib.Path, field_ma
 
 # -- MR2Bench and any file in the authors' schema --------------------------------------------------
 
+# The authors' loader spaces a frame directory's timestamps by the record's `sampling_interval`, else
+# its `fps` (sic), else 4.0 seconds; a video file keeps its own frame rate.
+AUTHORS_FRAME_INTERVAL_S = 4.0
+
+
 def _read_authors_schema(path, media_root, num_responses: int | None):
     files = records.MediaDir(media_root)
 
@@ -284,6 +289,9 @@ def _read_authors_schema(path, media_root, num_responses: int | None):
         if not isinstance(prompt, str):
             raise ValueError(f"{where}: field 'prompt' must be a string")
         media = {k: item[k] for k in ("image", "video", "fps", "sampling_interval") if item.get(k) is not None}
+        if isinstance(media.get("video"), str) and "fps" not in media and "sampling_interval" not in media \
+                and (pathlib.Path(media_root) / media["video"]).is_dir():
+            media["sampling_interval"] = AUTHORS_FRAME_INTERVAL_S
         kind = "video" if "video" in media else "image" if "image" in media else "text"
         return EvalRecord(index, record_id, str(item.get("category", kind)), prompt, responses, rankings, media,
                           files)
