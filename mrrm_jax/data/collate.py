@@ -4,9 +4,9 @@ Buckets keep the number of compiled programs small: a batch is padded to the nex
 `token_bucket` tokens and to the next power of two of pooled tokens and responses. Crops are padded
 to the batch's largest count only: every padded crop costs a full ViT pass (Molmo2 makes few
 distinct counts: 1 + its tiling, or the number of frames). With `geometric=True` (scoring a whole
-benchmark, where lengths are anything) tokens and crops are rounded up to the next of
-1, 1.5, 2, 3, 4, 6, 8, ... times their unit instead: at most 33% padding, and a number of programs
-that grows with the logarithm of the longest example.
+benchmark, where lengths are anything) tokens are rounded up to the next of 128 x {1, 1.5, 2, 3, 4,
+6, 8, ...} and crops to the next of 1, 2, 3, 4, 6, 8, ... instead: at most a third padding, and a
+number of programs that grows with the logarithm of the longest example.
 """
 
 from __future__ import annotations
