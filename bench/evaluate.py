@@ -5,7 +5,7 @@
 Run from the repository root. The benchmark is the demo's synthetic corpus (image and video questions,
 4 ranked responses each, the authors' JSONL schema, read as `--benchmark=jsonl`); the model is the small
 random Molmo2 of `bench.multi_vs_single` (converted, LoRA merged, value head) with Molmo2's DEFAULT
-processor (378 px crops, up to 8 + 1 crops, 64 frames). For each mode the whole `mrrm_jax.evaluate.run`
+processor (378 px crops, up to 8 + 1 crops, 64 frames). For each mode the whole `mrrm_jax.benchmarks.runner.run`
 path is timed (media decoding in worker threads, preprocessing, formatting, batching, the forward,
 scores.jsonl and the report), twice: cold (compiling every program it meets) and warm (a fresh output
 directory, the same model: the programs are compiled). Prints records/s, the compiled program count
@@ -23,7 +23,7 @@ import time
 import jax
 
 from bench.multi_vs_single import build_reward_dir
-from mrrm_jax import evaluate
+from mrrm_jax.benchmarks import runner
 from mrrm_jax.benchmarks import formats
 from mrrm_jax.data import synthetic
 from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
@@ -53,7 +53,7 @@ def main():
                 settings = {"benchmark": "jsonl", "data": str(data), "checkpoint": "", "order": order, "seed": 0,
                             "mode": mode, "limit": None}
                 start = time.perf_counter()
-                result = evaluate.run(model, spec, items, tmp / f"out_{mode}_{order}_{run}", settings,
+                result = runner.run(model, spec, items, tmp / f"out_{mode}_{order}_{run}", settings,
                                       args.batch_size)
                 seconds = time.perf_counter() - start
                 label = mode if order == "shuffle" else f"{mode} {order}"

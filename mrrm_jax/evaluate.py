@@ -4,221 +4,18 @@
         --output=OUT_DIR [--order=as_is|shuffle|rotations] [--seed=0] [--mode=multi|single] [--batch_size=8] \\
         [--limit=N] [--field_map=prompt:KEY,...]
 
-Writes OUT_DIR/scores.jsonl (one line per record: its scores in the file's response order, the order
-the model saw them in, `correct`, or `error`), report.json, report.md and PNG plots
-(`mrrm_jax.benchmarks.report`). Running again with the same OUT_DIR resumes: records already scored
-are kept, failed ones are tried again.
-
-Order: a single-pass model sees the responses' order, and these releases list the preferred answer
-first. `shuffle` (default) presents each record in a permutation seeded by (seed, record index);
-`as_is` keeps the file's order; `rotations` scores every cyclic rotation (N passes per record) of
-the responses sorted by text and judges the mean score of each response over them (the position-bias
-diagnostic): every response is seen once at every position, and since the rotations start from a
-canonical order, the set of sequences and the averaged scores do not depend on the file's order.
+The logic lives in `mrrm_jax.benchmarks.runner`; this is the command line around it.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import functools
-import json
-import os
 import pathlib
 import sys
-import time
 
-import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
-from mrrm_jax.benchmarks import formats, metrics, report
-from mrrm_jax.data import preprocess, records
-from mrrm_jax.data.examples import Skip
-
-SCORES_FILE, RUN_FILE = "scores.jsonl", "run.json"
-# What a record can fail with while its media are read and it is formatted: a bad record, not a bug.
-RECORD_ERRORS = (Skip, ValueError, TypeError, OSError)
-
-
-class EvaluationError(Exception):
-    """The run cannot start: one `error:` line from the command line."""
-
-
-def presentation_orders(responses: list[str], order: str, seed: int, index: int) -> list[np.ndarray]:
-    """Each pass's order: position i of the sequence shows response `order[i]` of the file."""
-    if order == "as_is":
-        return [np.arange(len(responses))]
-    if order == "shuffle":
-        return [np.random.default_rng([seed, index]).permutation(len(responses))]
-    canonical = np.asarray(sorted(range(len(responses)), key=lambda i: responses[i]))
-    return [np.roll(canonical, -shift) for shift in range(len(responses))]
-
-
-def prepare(record: formats.EvalRecord | formats.RecordError, model, order: str, seed: int, mode: str, keep_frames):
-    """(record, orders, model examples) with the media decoded and formatted; or a `RecordError` (a
-    converter's passes through). Runs in worker threads, ahead of the model."""
-    if isinstance(record, formats.RecordError):
-        return record
-    try:
-        pick = functools.partial(formats.official_frame_files, count=record.video_files) if record.video_files else None
-        loaded = records.load_media(record.media, record.id, record.files, keep_frames, pick)
-        orders = presentation_orders(record.responses, order, seed, record.index)
-        cache: dict = {}  # the media are preprocessed once for all orders and passes of this record
-        groups = [[record.responses[i] for i in presented] for presented in orders]
-        if mode == "single":
-            groups = [[response] for group in groups for response in group]
-        examples = [model.example(record.prompt, group, **loaded, media_cache=cache) for group in groups]
-        return record, orders, examples
-    except RECORD_ERRORS as error:
-        reason = error.reason if isinstance(error, Skip) else type(error).__name__
-        return formats.RecordError(record.index, record.id, f"{reason}: {error}")
-
-
-def prefetch(fn, items, workers: int, ahead: int):
-    """fn(item) for every item, in order, computed by `workers` threads at most `ahead` items early."""
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        pending = collections.deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= ahead:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def result_line(record: formats.EvalRecord, orders: list[np.ndarray], presented_scores: list[np.ndarray]) -> dict:
-    """A scores.jsonl line: scores back in the file's response order, judged by `metrics.top_correct`."""
-    line = {"index": record.index, "id": record.id, "category": record.category, "rankings": record.rankings}
-    if record.group is not None:
-        line["group"] = record.group
-    per_pass = []
-    for presented, scores_n in zip(orders, presented_scores):
-        in_file_order = np.empty(len(presented))
-        in_file_order[presented] = scores_n
-        per_pass.append(in_file_order)
-    scores_pn = np.stack(per_pass)
-    try:
-        correct = metrics.top_correct(scores_pn.mean(0), record.rankings)
-        for scores_n in scores_pn:  # each rotation's own scores must be finite too
-            metrics.top_correct(scores_n, record.rankings)
-    except ValueError as error:
-        return {**line, "error": f"{error}"}
-    if len(orders) > 1:
-        line.update(order="rotations", rotation_scores=scores_pn.tolist())
-    else:
-        line["order"] = orders[0].tolist()
-    return {**line, "scores": scores_pn.mean(0).tolist(), "correct": correct}
-
-
-def _error_line(error: formats.RecordError) -> dict:
-    return {"index": error.index, "id": error.id, "error": error.error}
-
-
-def score_pending(model, pending: list, mode: str, batch_size: int) -> list[dict]:
-    """Scores prepared records in one batch (of at least `batch_size` rows) -> their scores.jsonl lines."""
-    results = iter(model.score_examples([e for _, _, examples in pending for e in examples], rows=batch_size))
-    lines = []
-    for record, orders, examples in pending:
-        per_example = [next(results) for _ in examples]
-        # single mode has one order (rotations need multi): its N one-response passes in a row
-        presented = per_example if mode == "multi" else [np.concatenate(per_example)]
-        lines.append(result_line(record, orders, presented))
-    return lines
-
-
-def _write(out, lines: list[dict], progress: report.Progress) -> None:
-    out.write("".join(json.dumps(line) + "\n" for line in lines))
-    out.flush()  # a killed run keeps every finished line
-    progress.update(len(lines))
-
-
-def read_done(path: pathlib.Path) -> list[dict]:
-    """The scored lines of an earlier run (a line cut short by a kill and error lines are dropped, so
-    those records are scored again); the file is rewritten with only those lines."""
-    if not path.exists():
-        return []
-    done = []
-    for text in path.read_text().splitlines():
-        try:
-            line = json.loads(text)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(line, dict) and "scores" in line:
-            done.append(line)
-    path.write_text("".join(json.dumps(line) + "\n" for line in done))
-    return done
-
-
-def check_run(out_dir: pathlib.Path, settings: dict) -> None:
-    """An OUT_DIR resumes only the run it holds: other settings would mix two evaluations."""
-    run_file = out_dir / RUN_FILE
-    if run_file.exists():
-        earlier = json.loads(run_file.read_text())
-        differ = {k: (earlier.get(k), v) for k, v in settings.items() if earlier.get(k) != v}
-        if differ:
-            shown = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
-            raise EvaluationError(f"{out_dir} holds an evaluation with other settings ({shown}); "
-                                  "use another --output or delete it")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps(settings, indent=1) + "\n")
-
-
-def evaluate(model, benchmark: str, data: str, out_dir: str, media_root: str | None = None, order: str = "shuffle",
-             seed: int = 0, mode: str = "multi", batch_size: int = 8, limit: int | None = None,
-             field_map: str | None = None, checkpoint: str = "", workers: int | None = None) -> dict:
-    """Scores a benchmark file into `out_dir` (resuming what is there) and returns the report. `model`: a
-    `RewardModel`, or a function returning one, called once the benchmark file has been read (an
-    unusable file fails before the model loads)."""
-    if order == "rotations" and mode == "single":
-        raise EvaluationError("--order=rotations needs --mode=multi (one pass per response sees no order)")
-    spec, items = formats.read(benchmark, pathlib.Path(data), media_root, field_map)
-    model = model() if callable(model) else model
-    settings = {"benchmark": benchmark, "data": str(pathlib.Path(data).resolve()), "checkpoint": checkpoint,
-                "order": order, "seed": seed, "mode": mode, "limit": limit}
-    return run(model, spec, items[:limit] if limit else items, pathlib.Path(out_dir), settings, batch_size, workers)
-
-
-def run(model, spec: formats.Benchmark, items: list, out_dir: pathlib.Path, settings: dict, batch_size: int = 8,
-        workers: int | None = None) -> dict:
-    """Scores converted records (`formats.read`) into `out_dir`, resuming what is there; returns the report."""
-    order, seed, mode = settings["order"], settings["seed"], settings["mode"]
-    check_run(out_dir, settings)
-    done = read_done(out_dir / SCORES_FILE)
-    done_indices = {line["index"] for line in done}
-    todo = [item for item in items if item.index not in done_indices]
-
-    keep = functools.partial(preprocess.sample_frame_indices,
-                             options=preprocess.VisionOptions.from_processor(model.processor))
-    prepared = functools.partial(prepare, model=model, order=order, seed=seed, mode=mode, keep_frames=keep)
-    start, progress = time.time(), report.Progress(len(items), len(done))
-    with open(out_dir / SCORES_FILE, "a") as out:
-        pending = []
-        for result in prefetch(prepared, todo, workers or min(4, os.cpu_count() or 1), ahead=4 * batch_size):
-            if isinstance(result, formats.RecordError):
-                _write(out, [_error_line(result)], progress)
-                continue
-            pending.append(result)
-            if sum(len(examples) for _, _, examples in pending) >= batch_size:
-                _write(out, score_pending(model, pending, mode, batch_size), progress)
-                pending = []
-        if pending:
-            _write(out, score_pending(model, pending, mode, batch_size), progress)
-    progress.close()
-    elapsed = time.time() - start
-    lines = read_lines(out_dir / SCORES_FILE)
-    scored_now = sum("scores" in line for line in lines) - len(done)
-    timing = {"seconds": round(elapsed, 3), "records_scored_in_this_run": scored_now,
-              "records_per_s": round(scored_now / elapsed, 3) if elapsed else None,
-              "compiled_programs": len(model.programs), "devices": model.mesh.size}
-    result = report.build(lines, spec, settings["benchmark"], settings, timing)
-    report.write(result, lines, out_dir)
-    return result
-
-
-def read_lines(path: pathlib.Path) -> list[dict]:
-    return [json.loads(text) for text in path.read_text().splitlines() if text.strip()]
-
+from mrrm_jax.benchmarks import formats, report, runner
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Reward-model directory (trained here or imported).")
 _BENCHMARK = flags.DEFINE_string("benchmark", None, f"One of: {', '.join(formats.BENCHMARKS)}.")
@@ -241,30 +38,31 @@ def main(argv) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every restore at INFO
     try:
         if len(argv) > 1:
-            raise EvaluationError(f"unexpected arguments: {argv[1:]}")
+            raise runner.EvaluationError(f"unexpected arguments: {argv[1:]}")
         for name, flag in (("checkpoint", _CHECKPOINT), ("benchmark", _BENCHMARK), ("data", _DATA),
                            ("output", _OUTPUT)):
             if not flag.value:
-                raise EvaluationError(f"--{name} is required")
+                raise runner.EvaluationError(f"--{name} is required")
         if not pathlib.Path(_CHECKPOINT.value).is_dir():
-            raise EvaluationError(f"--checkpoint {_CHECKPOINT.value} is not a directory")
+            raise runner.EvaluationError(f"--checkpoint {_CHECKPOINT.value} is not a directory")
 
         def load_model():
             try:
                 return RewardModel.load(_CHECKPOINT.value, dtype=_DTYPE.value)
             except (OSError, ValueError, KeyError) as error:
-                raise EvaluationError(f"--checkpoint {_CHECKPOINT.value} is not a reward-model directory: {error}")
+                raise runner.EvaluationError(
+                    f"--checkpoint {_CHECKPOINT.value} is not a reward-model directory: {error}") from error
 
-        result = evaluate(load_model, _BENCHMARK.value, _DATA.value, _OUTPUT.value, _MEDIA_ROOT.value, _ORDER.value,
-                          _SEED.value, _MODE.value, _BATCH.value, _LIMIT.value, _FIELD_MAP.value,
-                          checkpoint=str(pathlib.Path(_CHECKPOINT.value).resolve()))
-    except (EvaluationError, formats.BenchmarkError) as error:
+        result = runner.evaluate(load_model, _BENCHMARK.value, _DATA.value, _OUTPUT.value, _MEDIA_ROOT.value,
+                                 _ORDER.value, _SEED.value, _MODE.value, _BATCH.value, _LIMIT.value, _FIELD_MAP.value,
+                                 checkpoint=str(pathlib.Path(_CHECKPOINT.value).resolve()))
+    except (runner.EvaluationError, formats.BenchmarkError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(report.summary(result))
     if result["num_scored"] == 0:
-        print(f"error: no record could be scored ({result['num_errors']} errors; see {_OUTPUT.value}/{SCORES_FILE})",
-              file=sys.stderr)
+        print(f"error: no record could be scored ({result['num_errors']} errors; see "
+              f"{_OUTPUT.value}/{runner.SCORES_FILE})", file=sys.stderr)
         sys.exit(1)
 
 

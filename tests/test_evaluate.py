@@ -1,5 +1,8 @@
 """Evaluation: metrics against hand-computed values, every release format end to end, orders, resume,
-data-parallel scoring on 8 simulated devices, and the command line's errors."""
+data-parallel scoring on 8 simulated devices, and the command line's errors.
+
+No test imports a command-line module (`mrrm_jax.evaluate`, `mrrm_jax.score`): each defines its absl
+flags, and two of them in one process would define `--checkpoint` twice."""
 
 from __future__ import annotations
 
@@ -13,8 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from mrrm_jax import evaluate
-from mrrm_jax.benchmarks import formats, metrics
+from mrrm_jax.benchmarks import formats, metrics, runner
 from mrrm_jax.data import collate, media
 from mrrm_jax.reward_model import RewardModel
 from tests import benchmark_files
@@ -84,7 +86,7 @@ def model(tiny_reward_dir):
 
 
 def _lines(out_dir) -> list[dict]:
-    return [json.loads(t) for t in (pathlib.Path(out_dir) / evaluate.SCORES_FILE).read_text().splitlines()]
+    return [json.loads(t) for t in (pathlib.Path(out_dir) / runner.SCORES_FILE).read_text().splitlines()]
 
 
 def _raw_records(name, path) -> dict[str, dict]:
@@ -118,7 +120,7 @@ CATEGORIES = {
 @pytest.mark.parametrize("name", list(benchmark_files.WRITERS))
 def test_each_release_format_end_to_end(name, model, tmp_path):
     data, media_root, bad_ids = benchmark_files.write(name, tmp_path / "bench")
-    result = evaluate.evaluate(model, name, data, tmp_path / "out", media_root=media_root, seed=3, batch_size=4)
+    result = runner.evaluate(model, name, data, tmp_path / "out", media_root=media_root, seed=3, batch_size=4)
     lines = _lines(tmp_path / "out")
     raw = _raw_records(name, data)
     assert {line["id"] for line in lines if "error" in line} == bad_ids
@@ -153,7 +155,7 @@ def test_each_release_format_end_to_end(name, model, tmp_path):
 
 def test_mm_rlhf_categories_acc_plus_and_official_frames(model, tmp_path):
     data, media_root, _ = benchmark_files.write("mm_rlhf_rewardbench", tmp_path / "bench")
-    result = evaluate.evaluate(model, "mm_rlhf_rewardbench", data, tmp_path / "out", media_root=media_root)
+    result = runner.evaluate(model, "mm_rlhf_rewardbench", data, tmp_path / "out", media_root=media_root)
     lines = {line["index"]: line for line in _lines(tmp_path / "out") if "scores" in line}
     assert [lines[i]["category"] for i in range(8)] == ["mcq", "long", "short", "safety", "mcq", "long", "video",
                                                         "video"]
@@ -169,7 +171,7 @@ def test_mm_rlhf_categories_acc_plus_and_official_frames(model, tmp_path):
 
 def test_scores_are_those_of_the_model_on_the_order_it_saw(model, tmp_path):
     data, media_root, _ = benchmark_files.write("mr2bench_image", tmp_path / "bench")
-    evaluate.evaluate(model, "mr2bench_image", data, tmp_path / "out", media_root=media_root, seed=5)
+    runner.evaluate(model, "mr2bench_image", data, tmp_path / "out", media_root=media_root, seed=5)
     raw = _raw_records("mr2bench_image", data)
     for line in [line for line in _lines(tmp_path / "out") if "scores" in line][:2]:
         record = raw[line["id"]]
@@ -181,14 +183,14 @@ def test_scores_are_those_of_the_model_on_the_order_it_saw(model, tmp_path):
 
 def test_single_mode_scores_each_response_alone(model, tmp_path):
     data, media_root, _ = benchmark_files.write("jsonl", tmp_path / "bench")
-    result = evaluate.evaluate(model, "jsonl", data, tmp_path / "out", media_root=media_root, mode="single")
+    result = runner.evaluate(model, "jsonl", data, tmp_path / "out", media_root=media_root, mode="single")
     raw = _raw_records("jsonl", data)
     line = next(line for line in _lines(tmp_path / "out") if line["id"] == "t2")
     direct = model.score_single(raw["t2"]["prompt"], raw["t2"]["responses"])
     np.testing.assert_allclose(line["scores"], direct, atol=1e-5)
     assert result["settings"]["mode"] == "single"
-    with pytest.raises(evaluate.EvaluationError, match="rotations needs --mode=multi"):
-        evaluate.evaluate(model, "jsonl", data, tmp_path / "out2", order="rotations", mode="single")
+    with pytest.raises(runner.EvaluationError, match="rotations needs --mode=multi"):
+        runner.evaluate(model, "jsonl", data, tmp_path / "out2", order="rotations", mode="single")
 
 
 def _permuted_copy(path: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
@@ -205,7 +207,7 @@ def _permuted_copy(path: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
 
 def test_rotations_report_each_rotation_and_averaged_scores_ignore_the_file_order(model, tmp_path):
     data, media_root, _ = benchmark_files.write("mr2bench_image", tmp_path / "bench")
-    result = evaluate.evaluate(model, "mr2bench_image", data, tmp_path / "out", media_root=media_root,
+    result = runner.evaluate(model, "mr2bench_image", data, tmp_path / "out", media_root=media_root,
                                order="rotations", batch_size=8)
     lines = [line for line in _lines(tmp_path / "out") if "scores" in line]
     rotations = result["rotations"]
@@ -221,7 +223,7 @@ def test_rotations_report_each_rotation_and_averaged_scores_ignore_the_file_orde
     assert sum(entry["n"] for entry in result["by_position"].values()) == 4 * 4
 
     permuted = _permuted_copy(data, tmp_path / "bench" / "permuted.json")
-    evaluate.evaluate(model, "mr2bench_image", permuted, tmp_path / "out_permuted", media_root=media_root,
+    runner.evaluate(model, "mr2bench_image", permuted, tmp_path / "out_permuted", media_root=media_root,
                       order="rotations", batch_size=8)
     original = {line["id"]: line for line in lines}
     raw_permuted = _raw_records("mr2bench_image", permuted)
@@ -235,18 +237,18 @@ def test_rotations_report_each_rotation_and_averaged_scores_ignore_the_file_orde
 
 def test_a_killed_run_resumes_to_the_same_report(model, tmp_path):
     data, media_root, _ = benchmark_files.write("multimodal_rewardbench", tmp_path / "bench")
-    full = evaluate.evaluate(model, "multimodal_rewardbench", data, tmp_path / "out", media_root=media_root)
-    scores_file = tmp_path / "out" / evaluate.SCORES_FILE
+    full = runner.evaluate(model, "multimodal_rewardbench", data, tmp_path / "out", media_root=media_root)
+    scores_file = tmp_path / "out" / runner.SCORES_FILE
     lines = scores_file.read_text().splitlines()
     half = len(lines) // 2
     # What a kill leaves: the lines written so far and one cut short.
     scores_file.write_text("\n".join(lines[:half]) + "\n" + lines[half][: len(lines[half]) // 2])
-    resumed = evaluate.evaluate(model, "multimodal_rewardbench", data, tmp_path / "out", media_root=media_root)
+    resumed = runner.evaluate(model, "multimodal_rewardbench", data, tmp_path / "out", media_root=media_root)
     kept = [json.loads(t) for t in lines[:half]]
     assert resumed["timing"]["records_scored_in_this_run"] == full["num_scored"] - sum("scores" in k for k in kept)
     assert {k: v for k, v in resumed.items() if k != "timing"} == {k: v for k, v in full.items() if k != "timing"}
-    with pytest.raises(evaluate.EvaluationError, match="other settings"):
-        evaluate.evaluate(model, "multimodal_rewardbench", data, tmp_path / "out", media_root=media_root,
+    with pytest.raises(runner.EvaluationError, match="other settings"):
+        runner.evaluate(model, "multimodal_rewardbench", data, tmp_path / "out", media_root=media_root,
                           order="as_is")
 
 
@@ -257,7 +259,7 @@ def _cli(*args, env=None, timeout=600):
 
 def test_eight_devices_score_as_one_through_the_command_line(model, tiny_reward_dir, tmp_path):
     data, media_root, _ = benchmark_files.write("mr2bench_image", tmp_path / "bench")
-    one = evaluate.evaluate(model, "mr2bench_image", data, tmp_path / "one", media_root=media_root,
+    one = runner.evaluate(model, "mr2bench_image", data, tmp_path / "one", media_root=media_root,
                             order="rotations", batch_size=8)
     done = _cli(f"--checkpoint={tiny_reward_dir}", "--benchmark=mr2bench_image", f"--data={data}",
                 f"--media_root={media_root}", f"--output={tmp_path / 'eight'}", "--order=rotations", "--batch_size=8",
@@ -276,31 +278,20 @@ def test_eight_devices_score_as_one_through_the_command_line(model, tiny_reward_
     assert eight["margins"]["mean"] == pytest.approx(one["margins"]["mean"], abs=1e-5)
 
 
-def test_command_line_errors_are_one_line(tiny_reward_dir, tmp_path, capsys):
-    from absl import flags
-
+def test_command_line_errors_are_one_line(model, tiny_reward_dir, tmp_path):
     (tmp_path / "broken.parquet").write_bytes(b"not parquet at all")
     broken, out = f"--data={tmp_path / 'broken.parquet'}", f"--output={tmp_path / 'o'}"
-    done = _cli("--benchmark=nope", f"--checkpoint={tiny_reward_dir}", broken, out)  # the real command, once
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines()[-1] == (
-        "error: unknown --benchmark 'nope'; one of " + ", ".join(formats.BENCHMARKS))
-    cases = [
-        (["--benchmark=jsonl", broken, out], "--checkpoint is required"),
-        (["--benchmark=vl_rewardbench", f"--checkpoint={tiny_reward_dir}", broken, out], "as parquet"),
-        (["--benchmark=jsonl", f"--checkpoint={tmp_path / 'none'}", broken, out], "is not a directory"),
-        (["--benchmark=jsonl", f"--checkpoint={tiny_reward_dir}", f"--data={tmp_path / 'none.jsonl'}", out],
-         "is not a file"),
-    ]
-    try:
-        for args, message in cases:  # the same main() in this process: no jax start-up per case
-            flags.FLAGS.unparse_flags()
-            flags.FLAGS(["evaluate", *args])
-            with pytest.raises(SystemExit) as exit_info:
-                evaluate.main(["evaluate"])
-            stderr = capsys.readouterr().err.strip().splitlines()
-            assert exit_info.value.code == 2 and len(stderr) == 1, (args, stderr)
-            assert stderr[0].startswith("error: ") and message in stderr[0], stderr
-    finally:
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS.mark_as_parsed()
+    for args, last_line in [
+        (["--benchmark=nope", f"--checkpoint={tiny_reward_dir}", broken, out],
+         "error: unknown --benchmark 'nope'; one of " + ", ".join(formats.BENCHMARKS)),
+        (["--benchmark=jsonl", f"--checkpoint={tmp_path / 'none'}", broken, out],
+         f"error: --checkpoint {tmp_path / 'none'} is not a directory"),
+    ]:
+        done = _cli(*args)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1] == last_line
+    # What the command line turns into such a line, raised by the library.
+    with pytest.raises(formats.BenchmarkError, match="as parquet"):
+        runner.evaluate(model, "vl_rewardbench", tmp_path / "broken.parquet", tmp_path / "o")
+    with pytest.raises(formats.BenchmarkError, match="is not a file"):
+        runner.evaluate(model, "jsonl", tmp_path / "none.jsonl", tmp_path / "o")

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mrrm_jax.reward_model import RewardModel
-from mrrm_jax.score import score_file
+from mrrm_jax.reward_model import RewardModel, score_file
 
 RESPONSES = ["A red square on a blue background.", "A cat.", "Two circles, one green.", "Nothing at all."]
 

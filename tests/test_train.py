@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from mrrm_jax import score, trainer
+from mrrm_jax import reward_model, trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -59,9 +59,9 @@ def test_demo_trains_and_evaluates_with_controls(straight):
 
 def test_the_finished_run_leaves_a_reward_model_that_scores(straight):
     workdir, _ = straight
-    model = score.RewardModel.load(workdir / trainer.REWARD_MODEL_DIR)
+    model = reward_model.RewardModel.load(workdir / trainer.REWARD_MODEL_DIR)
     record = json.loads((workdir / "data" / "eval" / "corpus.jsonl").read_text().splitlines()[0])
-    scored, failed = score.score_file(model, workdir / "data" / "eval" / "corpus.jsonl", workdir / "scores.jsonl")
+    scored, failed = reward_model.score_file(model, workdir / "data" / "eval" / "corpus.jsonl", workdir / "scores.jsonl")
     assert (scored, failed) == (12, 0)
     first = json.loads((workdir / "scores.jsonl").read_text().splitlines()[0])
     assert len(first["scores"]) == len(record["responses"]) and all(map(math.isfinite, first["scores"]))
@@ -131,7 +131,7 @@ def test_demo_learns_from_the_media(tmp_path):
     # The exported reward model (its own base: the demo trains base weights) scores as well, one
     # example at a time through `mrrm_jax.score` instead of packed rows.
     eval_file = tmp_path / "data" / "eval" / "corpus.jsonl"
-    score.score_file(score.RewardModel.load(tmp_path / trainer.REWARD_MODEL_DIR), eval_file, tmp_path / "scores.jsonl")
+    reward_model.score_file(reward_model.RewardModel.load(tmp_path / trainer.REWARD_MODEL_DIR), eval_file, tmp_path / "scores.jsonl")
     best = [int(np.argmin(json.loads(line)["rankings"])) for line in eval_file.read_text().splitlines()]
     picked = [int(np.argmax(json.loads(line)["scores"])) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert np.mean(np.equal(best, picked)) >= 0.8
