@@ -54,3 +54,12 @@ def tiny_reward_dir(tmp_path_factory, tiny_models, processor_dir) -> pathlib.Pat
     checkpoint.save_trainable(out, {"lora": factors, "head": head}, head_config, spec)
     load_processor(processor_dir).save_pretrained(out / checkpoint.PROCESSOR_DIR)
     return out
+
+
+@pytest.fixture(scope="session")
+def model(tiny_reward_dir):
+    """The tiny reward model loaded once for every test that scores (one jit cache: each batch shape
+    compiles once in the whole run)."""
+    from mrrm_jax.reward_model import RewardModel
+
+    return RewardModel.load(tiny_reward_dir)

@@ -18,7 +18,6 @@ import pytest
 
 from mrrm_jax.benchmarks import formats, metrics, runner
 from mrrm_jax.data import collate, media
-from mrrm_jax.reward_model import RewardModel
 from tests import benchmark_files
 
 # -- metrics, by hand ------------------------------------------------------------------------------
@@ -79,11 +78,6 @@ def test_geometric_buckets():
 
 
 # -- end to end ------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def model(tiny_reward_dir):
-    return RewardModel.load(tiny_reward_dir)
-
 
 def _lines(out_dir) -> list[dict]:
     return [json.loads(t) for t in (pathlib.Path(out_dir) / runner.SCORES_FILE).read_text().splitlines()]

@@ -10,11 +10,6 @@ from mrrm_jax.data import packing
 from mrrm_jax.reward_model import RewardModel
 
 
-@pytest.fixture(scope="module")
-def model(tiny_reward_dir):
-    return RewardModel.load(tiny_reward_dir)
-
-
 def _examples(model):
     rng = np.random.RandomState(0)
     image = Image.fromarray(rng.randint(0, 256, (120, 200, 3), dtype=np.uint8))

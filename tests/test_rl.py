@@ -12,24 +12,24 @@ import pytest
 from mrrm_jax.data import media
 from mrrm_jax.rl import trl, tunix, verl
 from tests.benchmark_files import ANSWERS
-from tests.test_serve import media_root, model, serve  # noqa: F401  (fixtures)
+from tests.test_serve import media_root, serve  # noqa: F401  (media_root is a fixture)
 
 PROMPTS = ["Describe the picture.", "Which answer fits?"]
 
 
 @pytest.fixture(scope="module")
-def url(model, media_root):  # noqa: F811
+def url(model, media_root):
     with serve(model, media_root=str(media_root)) as base:
         yield base
 
 
-def _direct(model, media_root):  # noqa: F811
+def _direct(model, media_root):
     """What the two groups score when given to the model directly: 3 answers with an image, 2 without."""
     return np.concatenate([model.score(PROMPTS[0], ANSWERS[:3], images=[media.load_image(media_root / "a.png")]),
                            model.score(PROMPTS[1], ANSWERS[:2])])
 
 
-def test_verl_batch_reward_function(model, url, media_root):  # noqa: F811
+def test_verl_batch_reward_function(model, url, media_root):
     infos = [{"prompt": PROMPTS[0], "image": "a.png", "uid": "u0"}] * 3 + [{"prompt": PROMPTS[1], "uid": "u1"}] * 2
     rewards = verl.compute_score(data_sources=["mm"] * 5, solution_strs=ANSWERS[:3] + ANSWERS[:2],
                                  ground_truths=[""] * 5, extra_infos=infos, url=url)
@@ -38,7 +38,7 @@ def test_verl_batch_reward_function(model, url, media_root):  # noqa: F811
         verl.compute_score(["mm"], ["a"], [""], [{}], url=url)
 
 
-def test_tunix_reward_fn_over_http_and_in_process(model, url, media_root):  # noqa: F811
+def test_tunix_reward_fn_over_http_and_in_process(model, url, media_root):
     prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
     completions = ANSWERS[:3] + ANSWERS[:3]
     images = ["a.png"] * 3 + [None] * 3
@@ -53,7 +53,7 @@ def test_tunix_reward_fn_over_http_and_in_process(model, url, media_root):  # no
         over_http(prompts=prompts[:4], completions=completions[:4])
 
 
-def test_trl_reward_func_groups_by_prompt_within_the_slice(model, url, media_root):  # noqa: F811
+def test_trl_reward_func_groups_by_prompt_within_the_slice(model, url, media_root):
     # Conversational, interleaved, and a partial group (the rest of it on another process).
     prompts = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPTS[0]}]}],
                [{"role": "user", "content": PROMPTS[1]}]] * 2 + [

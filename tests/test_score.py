@@ -13,11 +13,6 @@ from mrrm_jax.reward_model import RewardModel, score_file
 RESPONSES = ["A red square on a blue background.", "A cat.", "Two circles, one green.", "Nothing at all."]
 
 
-@pytest.fixture(scope="module")
-def model(tiny_reward_dir):
-    return RewardModel.load(tiny_reward_dir)
-
-
 def _image(seed=0, size=(160, 120)):
     return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (*size[::-1], 3), dtype=np.uint8))
 

@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 
 from mrrm_jax.data import media, packing
-from mrrm_jax.reward_model import RewardModel, score_file
+from mrrm_jax.reward_model import score_file
 from mrrm_jax.serving import groups
 from mrrm_jax.serving.app import ServeSettings, create_app
 from mrrm_jax.serving.batcher import Batcher
@@ -52,11 +52,6 @@ def serve(model, max_rows=2, max_wait_s=0.02, **settings):
         server.should_exit = True
         thread.join(timeout=10)
         batcher.stop()
-
-
-@pytest.fixture(scope="module")
-def model(tiny_reward_dir):
-    return RewardModel.load(tiny_reward_dir)
 
 
 @pytest.fixture(scope="module")
