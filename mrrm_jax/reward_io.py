@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from mrrm_jax import checkpoint, convert, reward
+from mrrm_jax import checkpoint, convert, reward, torch_files
 from mrrm_jax.data import formatting
 from mrrm_jax.lora import LoraSpec
 from mrrm_jax.models.molmo2.config import Molmo2Config
@@ -209,10 +209,7 @@ def _read_head(adapter_dir: pathlib.Path, hidden_size: int) -> tuple[reward.Head
     if (adapter_dir / HEAD_SAFETENSORS).exists():
         state = _read_safetensors(adapter_dir / HEAD_SAFETENSORS)
     elif (adapter_dir / HEAD_PT).exists():
-        import torch  # only a .pt head needs PyTorch
-
-        state = {k: v.float().numpy() for k, v in torch.load(adapter_dir / HEAD_PT, map_location="cpu",
-                                                               weights_only=True).items()}
+        state = {k: v.astype(np.float32) for k, v in torch_files.load_state_dict(adapter_dir / HEAD_PT).items()}
     else:
         raise FileNotFoundError(f"{adapter_dir}: no {HEAD_PT} or {HEAD_SAFETENSORS}")
     layers = _HEAD_LAYERS[head_type]

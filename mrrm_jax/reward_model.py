@@ -97,7 +97,7 @@ def score_file(model: RewardModel, input_path: pathlib.Path, output_path: pathli
     lines = input_path.read_text().splitlines()
     media_files = records.MediaDir(input_path.parent)
     keep_frames = functools.partial(preprocess.sample_frame_indices,
-                                    options=preprocess.VisionOptions.from_processor(model.processor))
+                                    options=model.processor.options)
     scored = failed = 0
     start = time.time()
     with open(output_path, "w") as out:

@@ -10,6 +10,7 @@ same read-position rule), for comparison.
 from __future__ import annotations
 
 import pathlib
+import sys
 
 from absl import app, flags
 
@@ -25,7 +26,12 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute and 
 
 def main(argv):
     del argv
-    model = RewardModel.load(_CHECKPOINT.value, dtype=_DTYPE.value)
+    try:
+        model = RewardModel.load(_CHECKPOINT.value, dtype=_DTYPE.value)
+    except (OSError, ValueError, KeyError) as error:
+        sys.exit(f"error: --checkpoint {_CHECKPOINT.value}: {error}")
+    if not pathlib.Path(_INPUT.value).is_file():
+        sys.exit(f"error: --input {_INPUT.value} is not a file")
     score_file(model, pathlib.Path(_INPUT.value), pathlib.Path(_OUTPUT.value), _BATCH.value, _MODE.value)
 
 

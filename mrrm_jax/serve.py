@@ -50,7 +50,7 @@ def row_budget(model, row_tokens: int, row_crops: int, row_groups: int, max_resp
     """A packed row's capacity; pooled tokens and slots follow from the model's processor."""
     from mrrm_jax.data import preprocess
 
-    options = preprocess.VisionOptions.from_processor(model.processor)
+    options = model.processor.options
     side = options.crop_size // options.patch_size
     pools = (options.image_pooling, options.video_pooling)
     # A crop pools to at most ceil(side / pool_h) x ceil(side / pool_w) tokens.

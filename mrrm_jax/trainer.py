@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 
 from mrrm_jax import checkpoint, lora, reward, sharding
 from mrrm_jax.data import examples, packing, pipeline, records, synthetic, tfds_records
+from mrrm_jax.data import processor as processor_lib
 from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
 from mrrm_jax.metrics import MetricsWriter
 from mrrm_jax.models.molmo2 import Molmo2, Molmo2Config
@@ -198,20 +199,27 @@ def eval_scores(model: Model, state: dict, base: dict, batch: dict):
 # -- data ------------------------------------------------------------------------------------------
 
 def processor_dir(cfg, workdir: pathlib.Path) -> pathlib.Path:
+    """The run's processor directory, checked once here: a setting our preprocessing does not implement
+    must stop the run at the start, not in a data worker."""
     if cfg.processor.dir:
-        return pathlib.Path(cfg.processor.dir)
-    if cfg.model.base_dir:
-        if (pathlib.Path(cfg.model.base_dir) / "tokenizer_config.json").exists():
-            return pathlib.Path(cfg.model.base_dir)
-        raise ConfigError(f"model.base_dir={cfg.model.base_dir!r} has no tokenizer/processor files: set "
-                          "processor.dir to the Hugging Face checkpoint directory it was converted from")
-    out = workdir / "processor"
-    if not (out / "processor_config.json").exists():
-        k = cfg.processor.kwargs
-        size = {"height": k.crop, "width": k.crop}
-        write_molmo2_processor_dir(
-            out, image_processor_kwargs=dict(size=size, max_crops=k.max_crops, overlap_margins=[1, 1]),
-            video_processor_kwargs=dict(size=size, num_frames=k.num_frames, max_fps=k.max_fps))
+        out = pathlib.Path(cfg.processor.dir)
+    elif cfg.model.base_dir:
+        out = pathlib.Path(cfg.model.base_dir)
+        if not (out / "tokenizer_config.json").exists():
+            raise ConfigError(f"model.base_dir={cfg.model.base_dir!r} has no tokenizer/processor files: set "
+                              "processor.dir to the Hugging Face checkpoint directory it was converted from")
+    else:
+        out = workdir / "processor"
+        if not (out / "processor_config.json").exists():
+            k = cfg.processor.kwargs
+            size = {"height": k.crop, "width": k.crop}
+            write_molmo2_processor_dir(
+                out, image_processor_kwargs=dict(size=size, max_crops=k.max_crops, overlap_margins=[1, 1]),
+                video_processor_kwargs=dict(size=size, num_frames=k.num_frames, max_fps=k.max_fps))
+    try:
+        processor_lib.load(out)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"processor {out}: {error}") from error
     return out
 
 

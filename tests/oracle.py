@@ -7,6 +7,7 @@ import pathlib
 
 import numpy as np
 import torch
+from transformers import AutoProcessor
 from transformers import Molmo2Config as HFMolmo2Config
 from transformers import Molmo2ForConditionalGeneration
 
@@ -18,6 +19,12 @@ PROCESSOR_KWARGS = dict(
     image_processor_kwargs=dict(size={"height": CROP, "width": CROP}, max_crops=4, overlap_margins=[2, 2]),
     video_processor_kwargs=dict(size={"height": CROP, "width": CROP}, num_frames=4, max_fps=2),
 )
+
+
+def hf_processor(processor, tmp_dir: pathlib.Path):
+    """transformers' own `Molmo2Processor` (torchvision image/video processors) on the files of our
+    `processor`, `<|resp_sep|>` included: the oracle for our torch-free processor and preprocessing."""
+    return AutoProcessor.from_pretrained(processor.save_pretrained(tmp_dir))
 
 
 def tiny_hf_config(**text_overrides) -> HFMolmo2Config:

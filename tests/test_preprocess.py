@@ -31,6 +31,11 @@ def processor(request, tmp_path_factory, processor_dir):
     return load_processor(write_molmo2_processor_dir(tmp_path_factory.mktemp("molmo2_processor")))
 
 
+@pytest.fixture(scope="module")
+def hf_processor(processor, tmp_path_factory):
+    return oracle.hf_processor(processor, tmp_path_factory.mktemp("hf_processor"))
+
+
 def _tiny_options() -> preprocess.VisionOptions:
     return preprocess.VisionOptions(crop_size=oracle.CROP, max_crops=4, overlap_margins=(2, 2), num_frames=4)
 
@@ -57,30 +62,30 @@ def _assert_equal_outputs(ours: dict, reference, keys):
 
 
 @pytest.mark.parametrize("max_crops", [None, 2, 1])
-def test_images_equal_the_image_processor(processor, tmp_path, max_crops):
-    options = preprocess.VisionOptions.from_processor(processor)
+def test_images_equal_the_image_processor(processor, hf_processor, tmp_path, max_crops):
+    options = processor.options
     images = [media.load_image(_image_file(tmp_path, i, *spec)) for i, spec in enumerate(IMAGES)]
     kwargs = {} if max_crops is None else {"max_crops": max_crops}
-    reference = processor.image_processor(images=images, return_tensors="np", **kwargs)
+    reference = hf_processor.image_processor(images=images, return_tensors="np", **kwargs)
     ours = preprocess.image_inputs(images, options, max_crops)
     _assert_equal_outputs(ours, reference, ["pixel_values", "image_token_pooling", "image_grids", "image_num_crops"])
     for index in range(len(images)):
-        assert preprocess.image_tokens(ours["image_grids"][index], options) == processor.replace_image_token(
+        assert preprocess.image_tokens(ours["image_grids"][index], options) == hf_processor.replace_image_token(
             {"image_grids": reference["image_grids"]}, index)
 
 
 @pytest.mark.parametrize("num_frames", [None, 8, 2])
 @pytest.mark.parametrize("length,fps", VIDEOS)
-def test_videos_equal_the_video_processor(processor, tmp_path, length, fps, num_frames):
+def test_videos_equal_the_video_processor(processor, hf_processor, tmp_path, length, fps, num_frames):
     """The reference samples from every decoded frame; ours decodes only what the budget can pick."""
-    options = preprocess.VisionOptions.from_processor(processor)
+    options = processor.options
     frames = np.random.RandomState(length).randint(0, 256, (length, 48, 64, 3), dtype=np.uint8)
     media.write_mp4(tmp_path / "clip.mp4", frames, fps)
     all_frames, metadata = media.load_video(tmp_path / "clip.mp4")
     assert len(all_frames) == metadata["total_num_frames"] == length
 
     kwargs = {} if num_frames is None else {"num_frames": num_frames}
-    reference = processor.video_processor(
+    reference = hf_processor.video_processor(
         videos=[all_frames], video_metadata=[VideoMetadata(total_num_frames=length, fps=metadata["fps"])],
         return_tensors="np", return_metadata=True, **kwargs)
 
@@ -90,16 +95,16 @@ def test_videos_equal_the_video_processor(processor, tmp_path, length, fps, num_
     sampled, timestamps = preprocess.sample_video(kept_frames, kept_metadata, options, num_frames)
     ours = preprocess.video_inputs(sampled, options)
     _assert_equal_outputs(ours, reference, ["pixel_values_videos", "video_token_pooling", "video_grids"])
-    assert preprocess.video_tokens(ours["video_grids"][0], timestamps, options) == processor.replace_video_token(
+    assert preprocess.video_tokens(ours["video_grids"][0], timestamps, options) == hf_processor.replace_video_token(
         reference, 0)
     assert len(kept_frames) <= len(all_frames)
 
 
-def test_sample_frame_indices_equal_the_video_processor(processor):
-    options = preprocess.VisionOptions.from_processor(processor)
+def test_sample_frame_indices_equal_the_video_processor(processor, hf_processor):
+    options = processor.options
     for total, fps, num_frames in [(1, 30.0, None), (7, 2.0, 4), (64, 2.0, None), (300, 29.97, None),
                                    (301, 30.0, 33), (1000, 24.0, 16), (9999, 59.94, 64), (5, 0.5, 64)]:
-        reference = processor.video_processor.sample_frames(
+        reference = hf_processor.video_processor.sample_frames(
             VideoMetadata(total_num_frames=total, fps=fps), num_frames=num_frames).numpy()
         ours = preprocess.sample_frame_indices({"total_num_frames": total, "fps": fps}, options, num_frames)
         np.testing.assert_array_equal(ours, reference, err_msg=str((total, fps, num_frames)))

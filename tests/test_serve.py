@@ -119,7 +119,7 @@ def _metric(text: str, name: str) -> str:
 def _openrlhf_query(model, prompt: str, response: str) -> str:
     """What OpenRLHF sends: the decoded chat-templated prompt, then the response and its end token."""
     messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
-    rendered = model.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    rendered = model.processor.apply_chat_template(messages, add_generation_prompt=True)
     return rendered + response + "<|im_end|>"
 
 

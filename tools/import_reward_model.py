@@ -4,8 +4,10 @@
 
 --base: the Molmo2 checkpoint the adapter was trained on (transformers or original layout, safetensors).
 --adapter: PEFT LoRA adapter dir with value_head.pt (or .safetensors) and reward_model_config.json.
-No PyTorch is needed unless the value head is a .pt file.
+No PyTorch is needed (a .pt value head is read by mrrm_jax.torch_files).
 """
+
+import sys
 
 from absl import app, flags
 
@@ -18,7 +20,10 @@ _OUT = flags.DEFINE_string("out", None, "Output reward-model directory (base/, t
 
 def main(argv):
     del argv
-    out = reward_io.import_peft(_BASE.value, _ADAPTER.value, _OUT.value)
+    try:
+        out = reward_io.import_peft(_BASE.value, _ADAPTER.value, _OUT.value)
+    except (OSError, ValueError, KeyError) as error:
+        sys.exit(f"error: {error}")
     print(f"imported {_ADAPTER.value} over {_BASE.value} -> {out}")
 
 

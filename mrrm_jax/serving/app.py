@@ -128,7 +128,7 @@ def create_app(model, batcher: Batcher, settings: ServeSettings, metrics: Server
     app.state.ready = False
     prep_pool = concurrent.futures.ThreadPoolExecutor(settings.workers, thread_name_prefix="prepare")
     keep_frames = functools.partial(preprocess.sample_frame_indices,
-                                    options=preprocess.VisionOptions.from_processor(model.processor))
+                                    options=model.processor.options)
     special = groups_lib.special_token_pattern(model.processor.tokenizer)
     metrics.queue_depth.set_function(batcher.queue_depth)
     metrics.programs.set_function(lambda: len(model.programs))
