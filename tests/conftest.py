@@ -8,6 +8,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pathlib
+import re
+import site
+import subprocess
+import sys
 
 import pytest
 from absl import flags
@@ -16,6 +20,8 @@ from absl import flags
 flags.FLAGS.mark_as_parsed()
 
 from tests import oracle
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +69,21 @@ def model(tiny_reward_dir):
     from mrrm_jax.reward_model import RewardModel
 
     return RewardModel.load(tiny_reward_dir)
+
+
+TORCH_PACKAGES = re.compile(r"(torch|torchvision|functorch|torchgen)([-.].*)?")
+
+
+@pytest.fixture(scope="session")
+def no_torch_env(tmp_path_factory) -> dict:
+    """An environment where PyTorch is not installed: `python -S` (no site-packages) over a copy of
+    site-packages, made of links, that leaves out torch and torchvision with their metadata."""
+    packages = tmp_path_factory.mktemp("site_packages_without_torch")
+    for entry in pathlib.Path(site.getsitepackages()[0]).iterdir():
+        if not TORCH_PACKAGES.fullmatch(entry.name) and entry.suffix != ".pth":
+            (packages / entry.name).symlink_to(entry)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(packages)]), "JAX_PLATFORMS": "cpu"}
+    probe = "import importlib.util, sys; assert importlib.util.find_spec('torch') is None; import torch"
+    blocked = subprocess.run([sys.executable, "-S", "-c", probe], env=env, capture_output=True, text=True)
+    assert "ModuleNotFoundError: No module named 'torch'" in blocked.stderr, blocked.stderr
+    return env

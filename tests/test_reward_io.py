@@ -14,6 +14,8 @@ import json
 import math
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -342,3 +344,18 @@ def test_other_architecture_is_a_clear_error(releases, tmp_path):
     (tmp_path / "qwen" / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     with pytest.raises(ValueError, match=r"qwen.*model_type='qwen2'.*Molmo2 only"):
         reward_io.import_peft(tmp_path / "qwen", releases["native"].adapter_dir, tmp_path / "out")
+
+
+def test_the_import_tool_needs_no_torch(releases, imported, no_torch_env, tmp_path):
+    """The release with a value_head.pt, imported where torch is not installed, gives what the import
+    in this process (torch present) gave."""
+    release = releases["native"]
+    result = subprocess.run(
+        [sys.executable, "-S", "tools/import_reward_model.py", f"--base={release.base_dir}",
+         f"--adapter={release.adapter_dir}", f"--out={tmp_path / 'out'}"],
+        cwd=pathlib.Path(__file__).resolve().parents[1], env=no_torch_env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, head, spec = checkpoint.load_trainable(tmp_path / "out")
+    expected, expected_head, expected_spec = checkpoint.load_trainable(imported["native"])
+    assert (head, spec) == (expected_head, expected_spec)
+    jax.tree.map(np.testing.assert_array_equal, ours, expected)
