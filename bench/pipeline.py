@@ -1,13 +1,14 @@
 """Input pipeline throughput and packing efficiency.
 
-    python -m bench.pipeline [--images=40 --videos=20 --corpus=4000 --row_tokens=8192]
+    python -m bench.pipeline [--images=40 --videos=20 --corpus=4000 --row_tokens=8192,24576 --packing_only]
 
 1. Examples/s of ONE worker (one process, one thread: what each grain worker does) turning records
    into training examples at Molmo2's real preprocessing settings (378-pixel crops, up to 8 crops;
    16-frame videos): decode (PIL / PyAV), preprocess, format, budget.
-2. Packing efficiency (non-padding share of tokens) of `pipeline.PackedBatches` at the given row
+2. Packing efficiency (non-padding share of tokens) of `pipeline.PackedBatches` at each given row
    length on a corpus with a realistic length spread (sizes only: prompt 20-300 tokens, 2-8 responses
-   of 20-700 tokens, an image of 1-9 crops or a video of 8-64 frames or no media).
+   of 20-700 tokens, an image of 1-9 crops or a video of 8-64 frames or no media), and the examples
+   per second it packs (content-free examples: the cost of packing alone).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from mrrm_jax.models.molmo2 import Molmo2Config
 _IMAGES = flags.DEFINE_integer("images", 40, "image records timed")
 _VIDEOS = flags.DEFINE_integer("videos", 20, "16-frame video records timed")
 _CORPUS = flags.DEFINE_integer("corpus", 4000, "examples in the packing corpus")
-_ROW_TOKENS = flags.DEFINE_integer("row_tokens", 8192, "packed row length")
+_ROW_TOKENS = flags.DEFINE_list("row_tokens", ["8192", "24576"], "packed row lengths")
+_PACKING_ONLY = flags.DEFINE_bool("packing_only", False, "skip the decoding part")
 _WINDOW = flags.DEFINE_integer("window", 64, "examples packed together")
 
 RESPONSES = ["The image shows a red square on a grey background, slightly left of the centre.",
@@ -78,20 +80,29 @@ def fake_example(rng) -> dict:
     return {"example": example, "counts": np.zeros(len(pipeline.COUNT_KEYS), np.int64)}
 
 
-def packing_efficiency(num_examples: int, row_tokens: int, window: int) -> tuple[float, float]:
+def packing_efficiency(num_examples: int, row_tokens: int, window: int) -> tuple[float, float, float]:
+    """(non-padding share of the row tokens, examples per row, examples packed per second)."""
     rng = np.random.default_rng(0)
     corpus = [fake_example(rng) for _ in range(num_examples)]
     corpus = [e for e in corpus if e["example"]["tokens"].shape[1] <= row_tokens]
     row = packing.RowBudget(row_tokens, row_crops=256, row_pooled=row_tokens, row_examples=32, max_responses=8)
     config = pipeline.PackingConfig(row, (1, 1), rows_per_batch=1, window=window)
+    start = time.perf_counter()
     batches = list(pipeline.PackedBatches(grain.MapDataset.source(corpus).to_iter_dataset(), config))
+    rate = len(corpus) / (time.perf_counter() - start)
     used = sum(int((b["segment_ids"] > 0).sum()) for b in batches)
     per_row = sum(int((b["labels"] >= 0).sum()) for b in batches) / len(batches)
-    return used / (len(batches) * row_tokens), per_row
+    return used / (len(batches) * row_tokens), per_row, rate
 
 
 def main(argv) -> None:
     del argv
+    for row_tokens in map(int, _ROW_TOKENS.value):
+        efficiency, per_row, rate = packing_efficiency(_CORPUS.value, row_tokens, _WINDOW.value)
+        print(f"packing at {row_tokens} tokens, window {_WINDOW.value}: efficiency {efficiency:.3f} "
+              f"({per_row:.1f} examples per row, {rate:.0f} examples/s packed)")
+    if _PACKING_ONLY.value:
+        return
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
@@ -104,9 +115,6 @@ def main(argv) -> None:
         video_rate = examples_per_second(prepare, items[_IMAGES.value:])
     print(f"one worker: {image_rate:.1f} image examples/s (320-1600 px, up to 8+1 crops of 378 px), "
           f"{video_rate:.1f} video examples/s (16 frames sampled from 32, 640x360 mp4)")
-    efficiency, per_row = packing_efficiency(_CORPUS.value, _ROW_TOKENS.value, _WINDOW.value)
-    print(f"packing at {_ROW_TOKENS.value} tokens, window {_WINDOW.value}: efficiency {efficiency:.3f} "
-          f"({per_row:.1f} examples per row)")
 
 
 if __name__ == "__main__":

@@ -55,3 +55,12 @@ def test_first_fit_respects_every_budget():
     assert packing.first_fit(examples, budget) == [[0, 2, 3], [1, 4, 5]]
     with pytest.raises(ValueError, match="example 0 does not fit"):
         packing.first_fit([example(101, 0)], budget)
+
+
+def test_fullness_is_the_fullest_budget():
+    budget = packing.RowBudget(row_tokens=100, row_crops=4, row_pooled=8, row_examples=4, max_responses=4)
+    text = {"tokens": np.zeros((1, 30), np.int32)}
+    image = {"tokens": np.zeros((1, 20), np.int32), "crops": np.zeros((1, 3, 4, 3)), "pooling": np.zeros((1, 2, 9))}
+    assert budget.fullness([text]) == 0.3  # tokens 0.3, one example of 4: 0.25
+    assert budget.fullness([text, image]) == 0.75  # crops 3 of 4 bind before tokens (0.5)
+    assert budget.fullness([]) == 0.0

@@ -44,6 +44,13 @@ class RowBudget:
                 and used["pooled"] + _num(example, "pooling") <= self.row_pooled
                 and used["examples"] < self.row_examples)
 
+    def fullness(self, examples: list[dict]) -> float:
+        """The largest share of any row budget that `examples` use together: 1.0 is a row nothing more fits."""
+        return max(sum(e["tokens"].shape[1] for e in examples) / self.row_tokens,
+                   sum(_num(e, "crops") for e in examples) / max(self.row_crops, 1),
+                   sum(_num(e, "pooling") for e in examples) / max(self.row_pooled, 1),
+                   len(examples) / self.row_examples)
+
 
 def _num(example: dict, field: str) -> int:
     return example[field].shape[1] if field in example else 0

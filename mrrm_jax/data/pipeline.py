@@ -2,11 +2,14 @@
 
     records (JSONL, or TFDS ArrayRecord: tfds_records.py) -> MapDataset.source -> per-process shard -> shuffle, repeat (new order
     per epoch) -> PrepareExample (decode media, Molmo2 preprocessing, formatting, budget; in the
-    grain workers) -> mp_prefetch -> PackedBatches (window first-fit-decreasing packing)
+    grain workers) -> mp_prefetch -> PackedBatches (window first-fit-decreasing packing, the examples
+    of a window's under-full rows carried into the next window once)
 
 Every step of it is a deterministic function of (seed, element index), so the iterator state is
 small: `PackedBatches` saves the parent's state at the start of the packing window that holds the
-next row, and the index of that row. Restoring re-reads that window and re-packs it identically.
+next row and at the start of the window before it, the arrival indices of the examples carried from
+that one, and the index of the next row. Restoring re-reads that window (and the one before, when
+it carried examples) and re-packs identically.
 Skips and drops travel inside the batches as a count vector (`COUNT_KEYS`), also from the workers,
 so nothing is lost silently and the counts survive a restore exactly.
 """
@@ -120,7 +123,13 @@ class PackingConfig:
     row: packing.RowBudget
     patch_dim: tuple[int, int]  # (patches per crop, values per patch)
     rows_per_batch: int
-    window: int = 64  # examples packed together (first-fit decreasing); larger packs tighter, holds more
+    window: int = 64  # examples read and packed together (first-fit decreasing); larger packs tighter, holds more
+
+
+# A row whose fullest budget is below this share, packed from one window's examples alone, waits for the
+# next window instead (once): the last rows of a window are where its padding is. Lower wastes more of the
+# rows left under it; higher carries rows that are nearly full already, for no fewer rows in the end.
+CARRY_BELOW = 0.9
 
 
 class PackedBatches(grain.IterDataset):
@@ -135,16 +144,27 @@ class PackedBatches(grain.IterDataset):
 
 
 class _PackedBatchIterator(grain.DatasetIterator):
+    """Reads `config.window` examples at a time and packs them, with the examples carried from the window
+    before placed first; the examples of its under-full rows that are all its own carry on to the next.
+
+    State: where the previous window and this one start in the parent, which of the previous window's
+    examples (by arrival index) were carried into this one, and the next row. Restoring re-reads the
+    previous window for those examples only when there are any, then re-reads and re-packs this one.
+    """
+
     def __init__(self, parent: grain.DatasetIterator, config: PackingConfig):
         super().__init__(parent)
         self.config = config
-        self._window_state = parent.get_state()
-        self._rows: list[dict] = []
+        self._window_start = self._previous_start = parent.get_state()
+        self._carried_in: list[int] = []  # arrival indices in the previous window
+        self._carry_out: list[tuple[int, dict]] = []  # (arrival index in this window, example)
+        self._rows: list[list[dict]] = []  # examples per row, packed as they are emitted
+        self._counts = np.zeros(len(COUNT_KEYS), np.int64)
         self._next_row = 0
         self._exhausted = False
 
-    def _read_window(self) -> None:
-        self._window_state = self._parent.get_state()
+    def _read(self) -> tuple[list[dict], np.ndarray]:
+        """The next window's examples in arrival order, and the counts of every record read for them."""
         window, counts = [], np.zeros(len(COUNT_KEYS), np.int64)
         while len(window) < self.config.window:
             try:
@@ -155,38 +175,66 @@ class _PackedBatchIterator(grain.DatasetIterator):
             counts += item["counts"]
             if item["example"] is not None:
                 window.append(item["example"])
-        # Longest first (stable), then first fit: tight rows, identical on every re-read.
-        window.sort(key=lambda e: -e["tokens"].shape[1])
-        rows = [[window[i] for i in row] for row in packing.first_fit(window, self.config.row)]
-        self._rows = [packing.pack_row(row, self.config.row, self.config.patch_dim) for row in rows]
-        if not self._rows and counts.any():  # a window of skips only: an empty row carries its counts
-            self._rows = [packing.pack_row([], self.config.row, self.config.patch_dim)]
-        for index, row in enumerate(self._rows):
-            row["counts"] = counts if index == 0 else np.zeros_like(counts)
+        return window, counts
+
+    def _next_window(self) -> None:
+        carried = self._carry_out
+        self._previous_start, self._window_start = self._window_start, self._parent.get_state()
+        self._carried_in = [index for index, _ in carried]
+        arrivals, self._counts = self._read()
+        # Carried examples first, so the rows they open fill up with this window's; each part longest
+        # first (stable): identical on every re-read.
+        order = [(None, example) for _, example in _longest_first(carried)] + _longest_first(list(enumerate(arrivals)))
+        rows = [[order[i] for i in row] for row in packing.first_fit([e for _, e in order], self.config.row)]
+        # The first row always goes (it carries the counts); a carried example never waits twice.
+        self._rows, self._carry_out = [], []
+        for number, row in enumerate(rows):
+            examples = [example for _, example in row]
+            if (number == 0 or self._exhausted or any(index is None for index, _ in row)
+                    or self.config.row.fullness(examples) >= CARRY_BELOW):
+                self._rows.append(examples)
+            else:
+                self._carry_out += row
+        if not self._rows and self._counts.any():  # a window of skips only: an empty row carries its counts
+            self._rows = [[]]
         self._next_row = 0
 
     def __next__(self) -> dict:
         rows = []
         while len(rows) < self.config.rows_per_batch:
             if self._next_row < len(self._rows):
-                rows.append(self._rows[self._next_row])
+                row = packing.pack_row(self._rows[self._next_row], self.config.row, self.config.patch_dim)
+                row["counts"] = self._counts if self._next_row == 0 else np.zeros_like(self._counts)
+                rows.append(row)
                 self._next_row += 1
             elif self._exhausted:
                 break
             else:
-                self._read_window()
+                self._next_window()
         if not rows:
             raise StopIteration
         return _stack(rows + [_empty_row(self.config)] * (self.config.rows_per_batch - len(rows)))
 
     def get_state(self) -> dict:
-        return {"window_start": self._window_state, "next_row": self._next_row}
+        return {"previous_window_start": self._previous_start, "carried": self._carried_in,
+                "window_start": self._window_start, "next_row": self._next_row}
 
     def set_state(self, state: dict) -> None:
-        self._parent.set_state(state["window_start"])
         self._exhausted = False
-        self._read_window()
+        self._carry_out = []
+        if state["carried"]:  # re-read the previous window: it ends where this one starts
+            self._parent.set_state(state["previous_window_start"])
+            previous, _ = self._read()
+            self._carry_out = [(index, previous[index]) for index in state["carried"]]
+        else:
+            self._parent.set_state(state["window_start"])
+        self._window_start = state["previous_window_start"]
+        self._next_window()
         self._next_row = state["next_row"]
+
+
+def _longest_first(examples: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+    return sorted(examples, key=lambda item: -item[1]["tokens"].shape[1])
 
 
 def _empty_row(config: PackingConfig) -> dict:
