@@ -222,13 +222,14 @@ class _PackedBatchIterator(grain.DatasetIterator):
     def set_state(self, state: dict) -> None:
         self._exhausted = False
         self._carry_out = []
-        if state["carried"]:  # re-read the previous window: it ends where this one starts
+        # .get: a state saved before carrying existed restores as one that carried nothing.
+        if state.get("carried"):  # re-read the previous window: it ends where this one starts
             self._parent.set_state(state["previous_window_start"])
             previous, _ = self._read()
             self._carry_out = [(index, previous[index]) for index in state["carried"]]
         else:
             self._parent.set_state(state["window_start"])
-        self._window_start = state["previous_window_start"]
+        self._window_start = state.get("previous_window_start", state["window_start"])
         self._next_window()
         self._next_row = state["next_row"]
 
