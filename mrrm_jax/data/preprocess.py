@@ -15,6 +15,10 @@ Exactness notes (where our code mirrors the reference's arithmetic):
   The taps, the weights, the two 1-D passes and the fused multiply-adds follow torch's CPU kernel
   step by step, so the float32 results are bit-identical (float64 stands in for the fused operations:
   a double rounding could in principle differ in the last bit; the parity tests have seen none).
+  That is the kernel torch runs with more than one intra-op thread; with one, torch switches to a
+  channels-last kernel that rounds differently, so transformers' own output depends on its thread
+  count (measured: a few values in a million, one grey level apart); the parity tests run torch with
+  its default, all cores.
 - normalise: (x - 255 * mean) / (255 * std) in float32 (transformers fuses the rescale into the
   normalisation that way).
 - frame sampling: `arange(0, total, total / target)` evaluated in float64, stored as float32, then
@@ -24,6 +28,7 @@ Exactness notes (where our code mirrors the reference's arithmetic):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 
@@ -60,52 +65,98 @@ def rgb_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
+@functools.lru_cache(maxsize=256)
 def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """torch's `compute_source_index_and_lambda` (align_corners=False) in float32: for every output
-    pixel the two source indices and their weights."""
+    pixel the two source indices and their weights. Cached (video frames share a size): read-only."""
     if in_size == out_size:
         index = np.arange(out_size)
-        return index, index, np.ones(out_size, np.float32), np.zeros(out_size, np.float32)
-    scale = np.float32(in_size) / np.float32(out_size)
-    # torch's CPU kernel computes scale * (i + 0.5) - 0.5 as one fused multiply-add: float64 holds the
-    # product of two float32 exactly, so a float64 evaluation rounded once to float32 matches it.
-    centres = np.arange(out_size, dtype=np.float32) + np.float32(0.5)
-    source = (np.float64(scale) * centres.astype(np.float64) - 0.5).astype(np.float32)
-    source = np.maximum(source, np.float32(0))
-    index0 = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
-    weight1 = np.clip(source - index0.astype(np.float32), np.float32(0), np.float32(1))
-    index1 = index0 + (index0 < in_size - 1)
-    return index0, index1, np.float32(1) - weight1, weight1
+        taps = index, index, np.ones(out_size, np.float32), np.zeros(out_size, np.float32)
+    else:
+        scale = np.float32(in_size) / np.float32(out_size)
+        # torch's CPU kernel computes scale * (i + 0.5) - 0.5 as one fused multiply-add: float64 holds the
+        # product of two float32 exactly, so a float64 evaluation rounded once to float32 matches it.
+        centres = np.arange(out_size, dtype=np.float32) + np.float32(0.5)
+        source = (np.float64(scale) * centres.astype(np.float64) - 0.5).astype(np.float32)
+        source = np.maximum(source, np.float32(0))
+        index0 = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
+        weight1 = np.clip(source - index0.astype(np.float32), np.float32(0), np.float32(1))
+        taps = index0, index0 + (index0 < in_size - 1), np.float32(1) - weight1, weight1
+    for array in taps:
+        array.flags.writeable = False
+    return taps
 
 
 def _lerp(value0, weight0, value1, weight1):
     """float32 `value0 * weight0 + value1 * weight1` as torch's kernel compiles it: a fused multiply-add
-    onto the rounded second product (float64 holds the exact first product; one rounding at the end)."""
-    return (value0.astype(np.float64) * weight0 + (value1 * weight1).astype(np.float64)).astype(np.float32)
+    onto the rounded second product (float64 holds the exact first product; one rounding at the end).
+    `weight0` float64, `weight1` float32."""
+    out = value0.astype(np.float64)
+    out *= weight0
+    out += value1 * weight1
+    return out.astype(np.float32)
+
+
+# Where the left source column is 128 or more, the float32 source coordinate keeps at most 16
+# fractional bits, so both width weights are multiples of 2^-16 and x0 * w0 + x1 * w1 of 8-bit values
+# is exact in float32: plain float32 arithmetic equals the fused multiply-add there, and only the
+# output columns before need _lerp.
+_PLAIN_FROM_COLUMN = 128
+# Output values per block of rows: the float64 temporaries (256 KiB) stay in cache.
+_BLOCK_VALUES = 1 << 15
 
 
 def resize(image_hwc: np.ndarray, height: int, width: int) -> np.ndarray:
     """uint8 [H, W, C] -> uint8 [height, width, C], bilinear exactly as the reference (module doc):
-    the width pass, then the height pass over its float32 results."""
-    pixels = image_hwc.astype(np.float32)
-    w0, w1, ww0, ww1 = _linear_taps(image_hwc.shape[1], width)
-    rows = _lerp(pixels[:, w0], ww0[None, :, None], pixels[:, w1], ww1[None, :, None])
-    h0, h1, wh0, wh1 = _linear_taps(image_hwc.shape[0], height)
-    out = _lerp(rows[h0], wh0[:, None, None], rows[h1], wh1[:, None, None])
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    the width pass, then the height pass over its float32 results, a block of output rows at a time
+    (the width pass only on the source rows the block reads)."""
+    in_h, in_w, channels = image_hwc.shape
+    h0, h1, wh0, wh1 = _linear_taps(in_h, height)
+    w0, w1, ww0, ww1 = _linear_taps(in_w, width)
+    # The width pass runs on rows of W * C values: a source index and a weight per output value.
+    cols0 = (w0[:, None] * channels + np.arange(channels)).ravel()
+    cols1 = (w1[:, None] * channels + np.arange(channels)).ravel()
+    ww0, ww1 = np.repeat(ww0, channels), np.repeat(ww1, channels)
+    fused = channels * int(np.searchsorted(w0, _PLAIN_FROM_COLUMN))
+    ww0_fused = ww0[:fused].astype(np.float64)
+    # The source rows the height pass reads, and each output row's two taps numbered among them.
+    read = np.zeros(in_h, bool)
+    read[h0] = read[h1] = True
+    rows_read = np.flatnonzero(read)
+    rank = np.cumsum(read) - 1
+    r0, r1 = rank[h0], rank[h1]
+    wh0, wh1 = wh0.astype(np.float64)[:, None], wh1[:, None]
+
+    pixels = image_hwc.reshape(in_h, in_w * channels)
+    out = np.empty((height, width * channels), np.uint8)
+    block = max(1, _BLOCK_VALUES // (width * channels))
+    for start in range(0, height, block):
+        end = min(start + block, height)
+        first, last = r0[start], r1[end - 1] + 1
+        source = pixels[rows_read[first:last]]
+        x0, x1 = source[:, cols0], source[:, cols1]
+        rows = x0 * ww0
+        rows += x1 * ww1
+        rows[:, :fused] = _lerp(x0[:, :fused], ww0_fused, x1[:, :fused], ww1[:fused])
+        values = _lerp(rows[r0[start:end] - first], wh0[start:end], rows[r1[start:end] - first], wh1[start:end])
+        # Round half to even; non-negative weights summing to 1 keep the values in [0, 255] (no clamp).
+        out[start:end] = np.rint(values, out=values)
+    return out.reshape(height, width, channels)
 
 
-def _normalize(image_hwc: np.ndarray, options: VisionOptions) -> np.ndarray:
-    mean = np.asarray(options.mean, np.float32) * np.float32(255)
-    std = np.asarray(options.std, np.float32) * np.float32(255)
-    return (image_hwc.astype(np.float32) - mean) / std
-
-
-def _to_patches(crops_nhwc: np.ndarray, patch: int) -> np.ndarray:
-    """[N, H, W, C] -> [N, (H / patch) * (W / patch), patch * patch * C], patches in row-major order."""
+def _normalized_patches(crops_nhwc: np.ndarray, options: VisionOptions) -> np.ndarray:
+    """uint8 [N, H, W, C] -> float32 [N, (H / patch) * (W / patch), patch * patch * C]: patches in
+    row-major order, normalised as (x - 255 * mean) / (255 * std)."""
     n, h, w, c = crops_nhwc.shape
+    patch = options.patch_size
     patches = crops_nhwc.reshape(n, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
-    return patches.reshape(n, (h // patch) * (w // patch), patch * patch * c)
+    patches = patches.reshape(n, (h // patch) * (w // patch), patch * patch * c)
+    # Per value of a patch (channels innermost), so numpy's inner loops run a whole patch long.
+    mean = np.tile(np.asarray(options.mean, np.float32) * np.float32(255), patch * patch)
+    std = np.tile(np.asarray(options.std, np.float32) * np.float32(255), patch * patch)
+    out = np.subtract(patches, mean, dtype=np.float32)
+    out /= std
+    return out
 
 
 def _pooling_windows(index_grid: np.ndarray, pool_h: int, pool_w: int) -> tuple[np.ndarray, int, int]:
@@ -130,16 +181,18 @@ def select_tiling(height: int, width: int, window: int, max_crops: int) -> tuple
 
 
 def _image_inputs_one(rgb_hwc: np.ndarray, options: VisionOptions, max_crops: int):
-    """One image -> (patches [1 + crops, P, D], pooling [tokens, pool], grid [4])."""
+    """One image -> (uint8 crops [1 + crops, crop, crop, C], global crop first; pooling [tokens, pool];
+    grid [4])."""
     crop, patch = options.crop_size, options.patch_size
     left, right = options.overlap_margins
     crop_patches = crop // patch
     window = (crop_patches - left - right) * patch
     margin = (left + right) * patch
     tiles_h, tiles_w = select_tiling(rgb_hwc.shape[0] - margin, rgb_hwc.shape[1] - margin, window, max_crops)
-    canvas = _normalize(resize(rgb_hwc, tiles_h * window + margin, tiles_w * window + margin), options)
-    crops = np.stack([canvas[i * window: i * window + crop, j * window: j * window + crop]
-                      for i in range(tiles_h) for j in range(tiles_w)])
+    canvas = resize(rgb_hwc, tiles_h * window + margin, tiles_w * window + margin)
+    tiles = [canvas[i * window: i * window + crop, j * window: j * window + crop]
+             for i in range(tiles_h) for j in range(tiles_w)]
+    crops = np.stack([resize(rgb_hwc, crop, crop)] + tiles)  # the global crop first
 
     # Each crop's patches, numbered crop by crop; the margins a neighbour also covers are dropped.
     index = np.arange(tiles_h * tiles_w * crop_patches ** 2, dtype=np.int32).reshape(
@@ -154,14 +207,12 @@ def _image_inputs_one(rgb_hwc: np.ndarray, options: VisionOptions, max_crops: in
     index = index[index >= 0].reshape((tiles_h * window + margin) // patch, -1)
     pooling_h, rows_h, cols_h = _pooling_windows(index, *options.image_pooling)
 
-    whole = _normalize(resize(rgb_hwc, crop, crop), options)
     whole_index = np.arange(crop_patches ** 2, dtype=np.int32).reshape(crop_patches, crop_patches)
     pooling_l, rows_l, cols_l = _pooling_windows(whole_index, *options.image_pooling)
 
     # The global crop comes first, so the tiled crops' patch indices shift by one crop.
     pooling_h = np.where(pooling_h >= 0, pooling_h + crop_patches ** 2, -1)
-    patches = _to_patches(np.concatenate([whole[None], crops]), patch)
-    return patches, np.concatenate([pooling_l, pooling_h]), np.asarray([rows_l, cols_l, rows_h, cols_h], np.int64)
+    return crops, np.concatenate([pooling_l, pooling_h]), np.asarray([rows_l, cols_l, rows_h, cols_h], np.int64)
 
 
 def image_inputs(images: list[Image.Image], options: VisionOptions, max_crops: int | None = None) -> dict:
@@ -169,15 +220,17 @@ def image_inputs(images: list[Image.Image], options: VisionOptions, max_crops: i
     [crops, P, D], `image_token_pooling` int32 (indices over all the images' patches),
     `image_grids` int64 [n, 4] (low-res rows, cols, high-res rows, cols), `image_num_crops` int64 [n]."""
     max_crops = options.max_crops if max_crops is None else max_crops
-    pixels, pooling, grids, offset = [], [], [], 0
+    crops, pooling, grids, offset = [], [], [], 0
+    patches_per_crop = (options.crop_size // options.patch_size) ** 2
     for image in images:
-        patches, windows, grid = _image_inputs_one(rgb_array(image), options, max_crops)
+        image_crops, windows, grid = _image_inputs_one(rgb_array(image), options, max_crops)
         pooling.append(np.where(windows >= 0, windows + offset, -1))
-        pixels.append(patches)
+        crops.append(image_crops)
         grids.append(grid)
-        offset += patches.shape[0] * patches.shape[1]
-    return {"pixel_values": np.concatenate(pixels), "image_token_pooling": np.concatenate(pooling),
-            "image_grids": np.stack(grids), "image_num_crops": np.asarray([len(p) for p in pixels], np.int64)}
+        offset += len(image_crops) * patches_per_crop
+    return {"pixel_values": _normalized_patches(np.concatenate(crops), options),
+            "image_token_pooling": np.concatenate(pooling), "image_grids": np.stack(grids),
+            "image_num_crops": np.asarray([len(c) for c in crops], np.int64)}
 
 
 def sample_frame_indices(metadata: dict, options: VisionOptions, num_frames: int | None = None) -> np.ndarray:
@@ -217,14 +270,13 @@ def video_inputs(frames_thwc: np.ndarray, options: VisionOptions) -> dict:
     """`Molmo2VideoProcessor` outputs (numpy) for one video's sampled frames: `pixel_values_videos`
     float32 [T, P, D], `video_token_pooling` int64 [T * tokens, pool], `video_grids` int64 [1, 3]."""
     crop, patch = options.crop_size, options.patch_size
-    frames = np.stack([_normalize(resize(frame, crop, crop), options) for frame in frames_thwc])
+    patches = _normalized_patches(np.stack([resize(frame, crop, crop) for frame in frames_thwc]), options)
     index = np.arange((crop // patch) ** 2, dtype=np.int32).reshape(crop // patch, crop // patch)
     windows, rows, cols = _pooling_windows(index, *options.video_pooling)
-    patches = _to_patches(frames, patch)
-    offsets = (np.arange(len(frames), dtype=np.int64) * patches.shape[1])[:, None, None]
+    offsets = (np.arange(len(patches), dtype=np.int64) * patches.shape[1])[:, None, None]
     pooling = np.where(windows >= 0, windows + offsets, -1).reshape(-1, windows.shape[-1])
     return {"pixel_values_videos": patches, "video_token_pooling": pooling,
-            "video_grids": np.asarray([[len(frames), rows, cols]], np.int64)}
+            "video_grids": np.asarray([[len(patches), rows, cols]], np.int64)}
 
 
 def image_tokens(grid, options: VisionOptions) -> str:
