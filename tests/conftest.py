@@ -8,13 +8,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pathlib
-import re
-import site
 import subprocess
 import sys
+from importlib import metadata
 
 import pytest
 from absl import flags
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 # grain's worker processes read absl flags; under pytest nobody parses the command line for absl.
 flags.FLAGS.mark_as_parsed()
@@ -71,17 +72,35 @@ def model(tiny_reward_dir):
     return RewardModel.load(tiny_reward_dir)
 
 
-TORCH_PACKAGES = re.compile(r"(torch|torchvision|functorch|torchgen)([-.].*)?")
+def _runtime_distributions() -> list[metadata.Distribution]:
+    """The installed distributions `pip install -e .` brings: our requirements and theirs, no extras."""
+    seen, todo, found = set(), ["mrrm_jax"], []
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            distribution = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(distribution)
+        for requirement in map(Requirement, distribution.requires or []):
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    return found
 
 
 @pytest.fixture(scope="session")
 def no_torch_env(tmp_path_factory) -> dict:
-    """An environment where PyTorch is not installed: `python -S` (no site-packages) over a copy of
-    site-packages, made of links, that leaves out torch and torchvision with their metadata."""
-    packages = tmp_path_factory.mktemp("site_packages_without_torch")
-    for entry in pathlib.Path(site.getsitepackages()[0]).iterdir():
-        if not TORCH_PACKAGES.fullmatch(entry.name) and entry.suffix != ".pth":
-            (packages / entry.name).symlink_to(entry)
+    """An environment holding only what `pip install -e .` installs (no torch, no test extras): `python -S`
+    (no site-packages) over a folder of links to those distributions' files, plus this checkout."""
+    packages = tmp_path_factory.mktemp("runtime_site_packages")
+    for distribution in _runtime_distributions():
+        root = pathlib.Path(distribution.locate_file(""))
+        for top in {pathlib.PurePath(f).parts[0] for f in distribution.files or []} - {"..", "__pycache__"}:
+            if (root / top).exists() and not (packages / top).exists() and not top.endswith(".pth"):
+                (packages / top).symlink_to(root / top)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(packages)]), "JAX_PLATFORMS": "cpu"}
     probe = "import importlib.util, sys; assert importlib.util.find_spec('torch') is None; import torch"
     blocked = subprocess.run([sys.executable, "-S", "-c", probe], env=env, capture_output=True, text=True)

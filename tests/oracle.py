@@ -13,6 +13,10 @@ from transformers import Molmo2ForConditionalGeneration
 
 from mrrm_jax import convert
 
+# torch's bilinear resize takes another kernel, which rounds differently, when it runs on one thread;
+# our exact port follows the multi-threaded one (torch's default on any machine with 2+ cores).
+torch.set_num_threads(max(2, torch.get_num_threads()))
+
 # Small crops (9 x 9 patches) keep the ViT cheap; 9 is odd, so 2x2 pooling has empty (-1) slots.
 CROP = 126
 PROCESSOR_KWARGS = dict(
