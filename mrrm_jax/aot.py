@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mrrm_jax import reward, sharding, trainer
+from mrrm_jax import reward, sharding, step, trainer
 from mrrm_jax.data import packing
 from mrrm_jax.models.molmo2 import Molmo2
 from mrrm_jax.models.molmo2.config import Molmo2Config
@@ -32,7 +32,7 @@ def abstract_step(cfg, mesh, config: Molmo2Config):
                         trainer.abstract_base(config))
     tx = trainer.optimizer(cfg)
     state = shard(jax.eval_shape(lambda b: trainer.init_state(cfg, config, b, tx), base))
-    model = trainer.Model(Molmo2(config), reward.ValueHead(trainer.head_config(cfg)), trainer.lora_spec(cfg),
+    model = step.Model(Molmo2(config), reward.ValueHead(trainer.head_config(cfg)), trainer.lora_spec(cfg),
                           cfg.train.objective)
     micro = cfg.train.grad_accum
     rows = cfg.train.rows_per_step // micro
@@ -43,8 +43,8 @@ def abstract_step(cfg, mesh, config: Molmo2Config):
              for k, (shape, dtype, _) in layout.items() if k != "media_kind"}  # media_kind stays on the host
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
                                sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    step = jax.jit(functools.partial(trainer.train_step, model, tx), donate_argnums=(0,))
-    return step, (state, shard(base), batch, rng)
+    step_fn = jax.jit(functools.partial(step.train_step, model, tx), donate_argnums=(0,))
+    return step_fn, (state, shard(base), batch, rng)
 
 
 @dataclasses.dataclass
@@ -77,9 +77,9 @@ def topology_devices(topology: str):
 
 def _compile(cfg, devices, config: Molmo2Config):
     mesh = sharding.make_mesh(cfg.mesh.to_dict(), devices)
-    step, args = abstract_step(cfg, mesh, config)
+    step_fn, args = abstract_step(cfg, mesh, config)
     with jax.set_mesh(mesh):  # as in training: activations pinned to the batch axes (constrain_rows)
-        return step.lower(*args).compile()
+        return step_fn.lower(*args).compile()
 
 
 def _flops(compiled) -> float:

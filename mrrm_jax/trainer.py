@@ -1,4 +1,4 @@
-"""Training: model and state on the mesh, the jitted step, evaluation, checkpoints, the loop.
+"""Training: model and state on the mesh, the jitted step (step.py), evaluation, checkpoints, the loop.
 
 State = {"step", "trainable": {"head", "lora", "base"?}, "opt"}; the frozen base is a separate,
 never-donated argument (no gradients, no optimizer state). LoRA factors are keyed by their
@@ -9,7 +9,6 @@ the packing put into its rows.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -36,6 +35,7 @@ from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
 from mrrm_jax.metrics import MetricsWriter
 from mrrm_jax.models.molmo2 import Molmo2, Molmo2Config
 from mrrm_jax.models.molmo2.config import AdapterConfig, TextConfig, VisionConfig
+from mrrm_jax.step import Model, eval_scores, initial_state, make_optimizer, train_step, trainable_tree
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +117,11 @@ def init_trainable(cfg, config: Molmo2Config, base: dict) -> dict:
     trained = {p: v for p, v in checkpoint.flatten(base).items() if any(re.fullmatch(r, p) for r in cfg.train.full_train)}
     if cfg.train.full_train and not trained:
         raise ConfigError(f"train.full_train {tuple(cfg.train.full_train)} matches no base parameter")
-    return {"head": head, "lora": {k.replace("/", "|"): v for k, v in factors.items()},
-            "base": checkpoint.nest({p: v.astype(jnp.float32) for p, v in trained.items()})}
+    return trainable_tree(head, factors, checkpoint.nest({p: v.astype(jnp.float32) for p, v in trained.items()}))
 
 
 def init_state(cfg, config: Molmo2Config, base: dict, tx) -> dict:
-    trainable = init_trainable(cfg, config, base)
-    return {"step": jnp.int32(0), "trainable": trainable, "opt": tx.init(trainable)}
+    return initial_state(init_trainable(cfg, config, base), tx)
 
 
 def head_config(cfg) -> reward.HeadConfig:
@@ -131,69 +129,8 @@ def head_config(cfg) -> reward.HeadConfig:
 
 
 def optimizer(cfg) -> optax.GradientTransformation:
-    """AdamW with linear decay to 0 after an optional linear warmup, global-norm clipping (the paper's)."""
     t = cfg.train
-    decay = optax.linear_schedule(t.learning_rate, 0.0, max(t.num_steps - t.warmup_steps, 1))
-    schedule = decay if not t.warmup_steps else optax.join_schedules(
-        [optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps), decay], [t.warmup_steps])
-    return optax.chain(optax.clip_by_global_norm(t.clip_norm),
-                       optax.adamw(schedule, weight_decay=t.weight_decay))
-
-
-# -- the step --------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Model:
-    """What the jitted functions close over (hashable and static)."""
-
-    backbone: Molmo2
-    head: reward.ValueHead
-    spec: lora.LoraSpec | None
-    objective: str
-
-    def losses(self, base, trainable, batch, rng=None):
-        trainable = {**trainable, "lora": {k.replace("|", "/"): v for k, v in trainable["lora"].items()}}
-        return reward.example_losses(self.backbone, self.head, base, trainable, batch, self.spec, rng,
-                                     self.objective)
-
-
-def _correct(scores, labels_e):
-    """Per example slot: the top score is the labelled response."""
-    scores_en = scores.reshape(-1, scores.shape[-1])
-    return (jnp.argmax(scores_en, -1) == labels_e) & (labels_e >= 0)
-
-
-def train_step(model: Model, tx, state: dict, base: dict, batch: dict, rng):
-    """One optimizer step over `batch` leaves [micro-steps, rows, ...]; returns (state, metrics)."""
-    step_rng = jax.random.fold_in(rng, state["step"])
-
-    def micro(carry, inputs):
-        grads, loss_sum, count, correct = carry
-        micro_batch, key = inputs
-
-        def total_loss(trainable):
-            per_example, real, scores = model.losses(base, trainable, micro_batch, key)
-            return per_example.sum(), (real, scores)
-
-        (loss, (real, scores)), g = jax.value_and_grad(total_loss, has_aux=True)(state["trainable"])
-        hits = _correct(scores, micro_batch["labels"].reshape(-1)).sum()
-        return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, count + real.sum(), correct + hits), None
-
-    micro_steps = batch["tokens"].shape[0]
-    zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
-    carry = (zeros, jnp.float32(0), jnp.int32(0), jnp.int32(0))
-    (grads, loss_sum, count, correct), _ = jax.lax.scan(micro, carry, (batch, jax.random.split(step_rng, micro_steps)))
-    examples_ = jnp.maximum(count, 1)
-    grads = jax.tree.map(lambda g: g / examples_, grads)  # the mean over the step's examples
-    updates, opt = tx.update(grads, state["opt"], state["trainable"])
-    trainable = optax.apply_updates(state["trainable"], updates)
-    metrics = {"loss": loss_sum / examples_, "accuracy": correct / examples_, "examples": count,
-               "grad_norm": optax.tree.norm(grads)}
-    return {"step": state["step"] + 1, "trainable": trainable, "opt": opt}, metrics
-
-
-def eval_scores(model: Model, state: dict, base: dict, batch: dict):
-    return model.losses(base, state["trainable"], batch)[2]
+    return make_optimizer(t.learning_rate, t.num_steps, t.warmup_steps, t.weight_decay, t.clip_norm)
 
 
 # -- data ------------------------------------------------------------------------------------------
