@@ -454,7 +454,11 @@ def jax_side(args, sizes: Sizes, results: Results, deadline: float) -> None:
         batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch_np)
         fn = jax.jit(functools.partial(step.train_step, step.Model(Molmo2(count_cfg), head, spec, "cross_entropy"), tx))
         start = time.perf_counter()
-        counted = float(fn.lower(state, base_shapes, batch, key(3)).cost_analysis()["flops"])
+        lowered = fn.lower(state, base_shapes, batch, key(3))
+        # The CPU backend counts the lowered program; the GPU one counts only a compiled one (seen on jax
+        # 0.11.2: `Lowered.cost_analysis()` is None there).
+        analysis = lowered.cost_analysis() or lowered.compile().cost_analysis()
+        counted = float((analysis[0] if isinstance(analysis, list) else analysis)["flops"])
         log(f"  lowered the unrolled step and counted in {time.perf_counter() - start:.0f} s")
         return {"xla_flops": counted, "executed_flops": flops["executed_flops"],
                 "xla_over_executed": counted / flops["executed_flops"], "model_flops": flops["model_flops"]}
