@@ -1,7 +1,7 @@
 """Forward throughput on CPU: our jitted Flax Molmo2 vs transformers' PyTorch Molmo2, same weights.
 
     python -m bench.forward [--lm_layers=4] [--hidden=256] [--text_tokens=512] [--repeats=5] [--max_crops=8]
-                            [--threads=1] [--no-with_logits]
+                            [--threads=1] [--no-with_logits] [--attention=blockwise]
 
 Run from the repository root. Builds a small random transformers `Molmo2ForConditionalGeneration`
 (LM: `--lm_layers` layers of width `--hidden`, head_dim 64, hidden/64 heads, half as many KV heads,
@@ -16,7 +16,11 @@ Timed, in one process, interleaved, median of `--repeats` runs each:
 and, with `--with_logits` (default on), both again including the LM head. Both sides use all cores
 (torch.set_num_threads), or, with `--threads=1`, the process is pinned to one core. The machine may
 be shared: the script prints how much CPU other processes took during the timed runs, and min
-times beside medians.
+times beside medians. `--attention` picks our LM attention backend (default: the config's, `xla`).
+
+Measured (2-core machine, half of it taken by other processes, so min-time ratios are the estimate):
+  python -m bench.forward --attention=blockwise                                    1278 tokens: 1.83x (min), 4.76x (median)
+  python -m bench.forward --attention=blockwise --text_tokens=3330 --no-with_logits  4096 tokens: 1.92x (min), 1.83x (median)
 """
 
 from __future__ import annotations
@@ -110,6 +114,7 @@ def main():
     parser.add_argument("--text_tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max_crops", type=int, default=None, help="image processor max_crops (default: its own, 8)")
+    parser.add_argument("--attention", default=None, help="our LM attention backend (default: the config's, xla)")
     parser.add_argument("--with_logits", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--threads", type=int, default=None,
                         help="cores for both sides (default: all); fewer pins the whole process to that many cores")
@@ -142,7 +147,9 @@ def main():
         torch_model.save_pretrained(tmp / "hf", save_original_format=False)
         converted = convert.convert_dir(tmp / "hf", tmp / "ours")
         cfg, params = checkpoint.load_base(converted)
-    print(f"attention implementation (pytorch): {torch_model.config._attn_implementation}")
+    if args.attention:
+        cfg = cfg.replace(attention=args.attention)
+    print(f"attention implementation (pytorch): {torch_model.config._attn_implementation}; ours: {cfg.attention}")
 
     batch_np = batch_from_processor(inputs, cfg)
     batch = jax.device_put({k: np.asarray(v) for k, v in batch_np.items()})

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from mrrm_jax.models.attention import active_blocks
+
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp() of masked entries is exactly 0
 LANES = 128
 
@@ -37,23 +39,6 @@ def _allowed(code_q, code_k, q_start, k_start, block_q, block_k):
     same_segment = jax.lax.shift_right_logical(code_q, 1) == jax.lax.shift_right_logical(code_k, 1)
     both_vision = ((code_q & 1) & (code_k & 1)) == 1
     return same_segment & ((k_index <= q_index) | both_vision)
-
-
-def active_blocks(codes_bt, block_q: int, block_k: int):
-    """int32 [B * nq * nk]: 1 where a (q block, k block) pair may hold an allowed entry (conservative)."""
-    batch, seq_len = codes_bt.shape
-    seg_bqn = (codes_bt >> 1).reshape(batch, -1, block_q)
-    vis_bqn = (codes_bt & 1).reshape(batch, -1, block_q)
-    seg_bkn = (codes_bt >> 1).reshape(batch, -1, block_k)
-    vis_bkn = (codes_bt & 1).reshape(batch, -1, block_k)
-    q_lo, q_hi = seg_bqn.min(-1)[:, :, None], seg_bqn.max(-1)[:, :, None]
-    k_lo, k_hi = seg_bkn.min(-1)[:, None, :], seg_bkn.max(-1)[:, None, :]
-    overlap = (q_lo <= k_hi) & (k_lo <= q_hi)
-    q_last = (jnp.arange(seq_len // block_q) + 1) * block_q - 1
-    k_first = jnp.arange(seq_len // block_k) * block_k
-    causal = (k_first[None, :] <= q_last[:, None])[None]
-    vision = (vis_bqn.max(-1)[:, :, None] > 0) & (vis_bkn.max(-1)[:, None, :] > 0)
-    return (overlap & (causal | vision)).astype(jnp.int32).reshape(-1)
 
 
 def _block_index(active_ref, b, i, j, nq, nk):

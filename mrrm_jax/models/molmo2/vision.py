@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrrm_jax.models.attention import dense_attention
 from mrrm_jax.models.layers import Dense
 from mrrm_jax.models.molmo2.config import Molmo2Config
 from mrrm_jax.sharding import constrain_rows
@@ -39,7 +40,7 @@ class VisionAttention(nn.Module):
         q = proj(cfg.num_heads * cfg.head_dim, "q_proj")(x_npd).reshape(heads)
         k = proj(cfg.num_heads * cfg.head_dim, "k_proj")(x_npd).reshape(heads)
         v = proj(cfg.num_heads * cfg.head_dim, "v_proj")(x_npd).reshape(heads)
-        out = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+        out = dense_attention(q, k, v)
         return proj(cfg.hidden_size, "o_proj")(out.reshape(*x_npd.shape[:-1], -1))
 
 
