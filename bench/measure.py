@@ -59,10 +59,12 @@ def run_measured(command: list[str], log_path: pathlib.Path, timeout: float | No
                                 env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, _ = launcher.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except BaseException as error:  # a timeout, or Ctrl-C here: the command must not outlive us
         os.killpg(launcher.pid, signal.SIGKILL)
         launcher.wait()
-        raise RuntimeError(f"{' '.join(command)} ran past {timeout} s:\n{log_path.read_text()[-3000:]}") from None
+        if isinstance(error, subprocess.TimeoutExpired):
+            raise RuntimeError(f"{' '.join(command)} ran past {timeout} s:\n{log_path.read_text()[-3000:]}") from None
+        raise
     machine_end, own_end = busy_cpu_seconds()
     if launcher.returncode != 0:
         raise RuntimeError(f"the launcher of {' '.join(command)} failed ({launcher.returncode})")

@@ -97,7 +97,7 @@ def build_release(root: pathlib.Path, lm_layers: int, hidden: int) -> tuple[path
                       "value_head_input_dim": hidden, "resp_repr_mode": "last"}
     head = value_head(release_config, hidden)
     with torch.no_grad():
-        head[2].weight.mul_(10)  # scores of order 1, so that the agreement check is tight
+        head[2].weight.mul_(10)  # larger scores (|score| up to ~0.25), so that the agreement check means something
     torch.save(head.state_dict(), adapter_dir / "value_head.pt")
     (adapter_dir / "reward_model_config.json").write_text(json.dumps(release_config))
     return base_dir, adapter_dir
