@@ -12,7 +12,7 @@ them to the original release layout that `save_pretrained` writes by default (fu
 `wte.embedding` / `wte.new_embedding`, `transformer.*` / `vision_backbone.*` names).
 
 Then runs `python tools/convert_checkpoint.py` in a subprocess and reads its peak RSS (ru_maxrss
-from wait4, in a bare launcher process: see `_LAUNCHER`), and the same for a bare
+from wait4, in a bare launcher process: see `bench.measure`), and the same for a bare
 `python -c "import jax, orbax.checkpoint, mrrm_jax.convert"` baseline (and one that also starts
 the jax backend, as the converter does). Finally loads the result with `mrrm_jax.checkpoint.load_base`
 and checks a few leaves against the source tensors. Everything is deleted at the end.
@@ -24,7 +24,6 @@ import argparse
 import json
 import pathlib
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,8 @@ from safetensors.numpy import save_file
 from transformers import Molmo2Config as HFMolmo2Config
 from transformers import Molmo2ForConditionalGeneration
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from bench.measure import run_measured
+
 HEADS, KV_HEADS, HEAD_DIM = 16, 8, 64
 GiB, MiB = 2**30, 2**20
 
@@ -146,30 +146,6 @@ def write_checkpoint(out_dir: pathlib.Path, config: HFMolmo2Config, shapes: dict
     return files
 
 
-# ru_maxrss of a child forked from THIS process starts at this process's own peak (exec keeps the
-# high-water mark of the pre-exec address space, and torch + transformers are loaded here), so a
-# bare launcher process runs the command and reports the peak RSS of ITS child instead.
-_LAUNCHER = """
-import os, subprocess, sys
-with open(sys.argv[1], "wb") as log:
-    proc = subprocess.Popen(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
-print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
-"""
-
-
-def peak_rss_bytes(command: list[str], log_path: pathlib.Path) -> tuple[int, float]:
-    """(peak RSS of `command`, wall seconds); raises if it fails (its output is in log_path)."""
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", _LAUNCHER, str(log_path), *command], cwd=REPO,
-                            capture_output=True, text=True, check=True)
-    seconds = time.perf_counter() - start
-    returncode, max_rss_kib = map(int, result.stdout.split())
-    if returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({returncode}):\n{log_path.read_text()[-3000:]}")
-    return max_rss_kib * 1024, seconds  # Linux reports KiB
-
-
 def read_tensor(hf_dir: pathlib.Path, name: str) -> np.ndarray:
     index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
     with safe_open(hf_dir / index["weight_map"][name], "np") as f:
@@ -250,15 +226,16 @@ def main():
         write_seconds = time.perf_counter() - start
         checkpoint_bytes = sum(f.stat().st_size for f in files)
 
-        baseline_bytes, _ = peak_rss_bytes(
-            [sys.executable, "-c", "import jax, orbax.checkpoint, mrrm_jax.convert"], tmp / "baseline.log")
-        baseline_backend_bytes, _ = peak_rss_bytes(
+        baseline_bytes = run_measured(
+            [sys.executable, "-c", "import jax, orbax.checkpoint, mrrm_jax.convert"], tmp / "baseline.log").peak_rss_bytes
+        baseline_backend_bytes = run_measured(
             [sys.executable, "-c", "import jax, orbax.checkpoint.experimental.v1, mrrm_jax.convert, "
                                    "mrrm_jax.checkpoint, absl.app; jax.numpy.zeros(1).block_until_ready()"],
-            tmp / "baseline_backend.log")
-        peak_bytes, convert_seconds = peak_rss_bytes(
+            tmp / "baseline_backend.log").peak_rss_bytes
+        converted = run_measured(
             [sys.executable, "tools/convert_checkpoint.py", f"--hf_dir={hf_dir}", f"--out={out_dir}"],
             tmp / "convert.log")
+        peak_bytes, convert_seconds = converted.peak_rss_bytes, converted.wall_s
         converted_bytes = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
 
         rows = [

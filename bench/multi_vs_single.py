@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import resource
 import shutil
 import statistics
 import tempfile
@@ -55,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from bench.measure import busy_cpu_seconds
 from mrrm_jax import checkpoint, convert, lora, reward
 from mrrm_jax.data import collate, formatting
 from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
@@ -285,15 +285,6 @@ def build_reward_dir(tmp: pathlib.Path, processor_dir: pathlib.Path, lm_layers: 
     checkpoint.save_trainable(out, {"lora": factors, "head": head}, head_config, spec)
     formatting.load_processor(processor_dir).save_pretrained(out / checkpoint.PROCESSOR_DIR)
     return out
-
-
-def busy_cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds used by the whole machine, by this process) so far (as in bench/forward.py)."""
-    with open("/proc/stat") as f:
-        user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    machine = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return machine, own.ru_utime + own.ru_stime
 
 
 def run_wallclock(processor_dir, sizes, repeats, prompt_tokens, response_tokens, lm_layers, hidden,

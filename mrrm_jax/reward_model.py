@@ -136,5 +136,7 @@ def score_file(model: RewardModel, input_path: pathlib.Path, output_path: pathli
                 flush()
                 print(f"\r{scored + failed}/{len(lines)} records, {time.time() - start:.1f}s", end="", file=sys.stderr)
         flush()
-    print(f"\rscored {scored}, failed {failed} of {len(lines)} records in {time.time() - start:.1f}s", file=sys.stderr)
+    # The model's compiled programs so far (one per batch shape): what compiling cost this process.
+    print(f"\rscored {scored}, failed {failed} of {len(lines)} records in {time.time() - start:.1f}s; "
+          f"{len(model.programs)} compiled programs", file=sys.stderr)
     return scored, failed
