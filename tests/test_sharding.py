@@ -83,7 +83,9 @@ def test_losses_match_across_meshes(tmp_path):
     assert "PJRT_NPROC=32" in sharded.pop("too_few_threads")
     # The Pallas kernel under shard_map (sharding.map_rows), value and gradients, vs one device.
     assert all(error <= 1e-4 for error in sharded.pop("pallas_on_rows")), "pallas_on_rows"
-    assert len({round(loss, 3) for loss, _ in reference.values()}) > 1  # the steps do change the model
+    # The steps do change the losses, by more than the tolerance below (about 5e-4 relative by step 4).
+    losses = [loss for loss, _ in reference.values()]
+    assert max(losses) - min(losses) > 1e-4 * max(losses), losses
     for name, got in sharded.items():
         for step, expected in reference.items():
             assert got[str(step)] == pytest.approx(expected, rel=1e-4), (name, step)
