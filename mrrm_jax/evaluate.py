@@ -1,8 +1,8 @@
 """Evaluate a reward model on a benchmark in its official release format.
 
     python -m mrrm_jax.evaluate --checkpoint=DIR --benchmark=NAME --data=PATH [--media_root=DIR] \\
-        --output=OUT_DIR [--order=as_is|shuffle|rotations] [--seed=0] [--mode=multi|single] [--batch_size=8] \\
-        [--limit=N] [--field_map=prompt:KEY,...]
+        --output=OUT_DIR [--order=as_is|shuffle|rotations] [--seed=0] [--mode=multi|single] [--batch_size=4] \\
+        [--row_tokens=4096] [--row_crops=32] [--dtype=...] [--attention=...] [--limit=N] [--field_map=prompt:KEY,...]
 
 The logic lives in `mrrm_jax.benchmarks.runner`; this is the command line around it.
 """
@@ -15,6 +15,7 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 
+from mrrm_jax import model_flags
 from mrrm_jax.benchmarks import formats, report, runner
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Reward-model directory (trained here or imported).")
@@ -25,16 +26,12 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output directory: scores.jsonl, r
 _ORDER = flags.DEFINE_enum("order", "shuffle", ["as_is", "shuffle", "rotations"], "Response order shown to the model.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the shuffle.")
 _MODE = flags.DEFINE_enum("mode", "multi", ["multi", "single"], "multi: N responses in one pass; single: one each.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass (over all local devices).")
 _LIMIT = flags.DEFINE_integer("limit", None, "Score only the first N records.")
 _FIELD_MAP = flags.DEFINE_string("field_map", None, "videorewardbench: FIELD:KEY,... for prompt, chosen, rejected, "
                                  "video, category.")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute and parameter dtype.")
 
 
 def main(argv) -> None:
-    from mrrm_jax.reward_model import RewardModel  # after flag parsing: jax starts with the model
-
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every restore at INFO
     try:
         if len(argv) > 1:
@@ -48,13 +45,13 @@ def main(argv) -> None:
 
         def load_model():
             try:
-                return RewardModel.load(_CHECKPOINT.value, dtype=_DTYPE.value)
+                return model_flags.load_reward_model(_CHECKPOINT.value)
             except (OSError, ValueError, KeyError) as error:
                 raise runner.EvaluationError(
                     f"--checkpoint {_CHECKPOINT.value} is not a reward-model directory: {error}") from error
 
         result = runner.evaluate(load_model, _BENCHMARK.value, _DATA.value, _OUTPUT.value, _MEDIA_ROOT.value,
-                                 _ORDER.value, _SEED.value, _MODE.value, _BATCH.value, _LIMIT.value, _FIELD_MAP.value,
+                                 _ORDER.value, _SEED.value, _MODE.value, _LIMIT.value, _FIELD_MAP.value,
                                  checkpoint=str(pathlib.Path(_CHECKPOINT.value).resolve()))
     except (runner.EvaluationError, formats.BenchmarkError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -10,18 +10,22 @@ still scored. `mode="single"` is the conventional baseline: every response in it
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import functools
 import json
+import os
 import pathlib
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mrrm_jax import checkpoint, lora, reward
-from mrrm_jax.data import collate, formatting, preprocess, records
+from mrrm_jax import batch_shapes, checkpoint, lora, reward
+from mrrm_jax.data import formatting, preprocess, records
 from mrrm_jax.hf_interop import batch_from_processor
 from mrrm_jax.models.molmo2 import Molmo2
 
@@ -29,24 +33,32 @@ from mrrm_jax.models.molmo2 import Molmo2
 class RewardModel:
     """A loaded reward model: the base with its LoRA merged in (fast scoring), the head, the processor.
 
-    Scoring is data-parallel over every local device: the parameters are replicated and a batch's rows
-    are split over a 1-D ('data',) mesh (rows padded to a multiple of the device count). `programs`
-    holds the batch shapes met so far: one compiled program each.
+    Examples are scored as segments of packed rows, in batches of `rows` rows of `row_tokens` tokens and
+    `row_crops` ViT crops (or a fraction of that: `batch_shapes`). Scoring is data-parallel over every
+    local device: the parameters are replicated and a batch's rows are split over a 1-D ('data',) mesh.
+    The ViT runs `vision_crops` crops at a time (its memory is bounded by one pass), and a pass whose
+    crop slots no row fills is skipped (packed rows leave their last slots empty). `programs` holds the
+    batch shapes met so far: one compiled program each.
     """
 
-    def __init__(self, config, params, head_config, head_params, processor, devices=None):
+    def __init__(self, config, params, head_config, head_params, processor, devices=None, rows: int = 4,
+                 row_tokens: int = 4096, row_crops: int = 32, vision_crops: int = 16):
         self.config = config.replace(with_lm_head=False)
         self.backbone, self.head = Molmo2(self.config), reward.ValueHead(head_config)
         self.mesh = Mesh(np.asarray(devices if devices is not None else jax.local_devices()), ("data",))
         replicated = NamedSharding(self.mesh, P())
         self.params, self.head_params = jax.device_put((params, head_params), replicated)
-        self.processor, self.programs = processor, set()
+        self.processor, self.programs, self.vision_crops = processor, set(), vision_crops
+        budget = batch_shapes.row_budget(processor.options, row_tokens, row_crops, row_examples=16, max_responses=16)
+        patch_dim = (self.config.vision.num_patches, self.config.vision.patch_dim)
+        self.shapes = batch_shapes.BatchShapes(budget, patch_dim, rows, self.mesh.size)
         self._rows = NamedSharding(self.mesh, P("data"))
-        self._scores = jax.jit(lambda p, h, batch: reward.forward_scores(
-            self.backbone, self.head, p, {"head": h, "lora": {}}, batch))
+        self._scores = jax.jit(self._forward)
 
     @classmethod
-    def load(cls, reward_dir: str | pathlib.Path, dtype: str | None = None) -> RewardModel:
+    def load(cls, reward_dir: str | pathlib.Path, dtype: str | None = None, attention: str | None = None,
+             **shape) -> RewardModel:
+        """`dtype`, `attention`: override the saved model's; `shape`: `rows`, `row_tokens`, `row_crops`."""
         reward_dir = pathlib.Path(reward_dir)
         config, base = checkpoint.load_base(reward_dir / checkpoint.BASE_DIR, dtype=dtype)
         trainable, head_config, spec = checkpoint.load_trainable(reward_dir)
@@ -54,8 +66,39 @@ class RewardModel:
         params.pop("lm_head", None)  # the reward path never uses it (design decision 8)
         if dtype is not None:
             config = config.replace(dtype=dtype, param_dtype=dtype)
+        if attention is not None:
+            config = config.replace(attention=attention)
         processor = formatting.load_processor(reward_dir / checkpoint.PROCESSOR_DIR)
-        return cls(config, params, head_config, trainable["head"], processor)
+        return cls(config, params, head_config, trainable["head"], processor, **shape)
+
+    def _forward(self, params, head_params, batch: dict):
+        features_bpd = self._vision_features(params, batch["crops"], batch["pooling"]) if "crops" in batch else None
+        hidden_btd = self.backbone.apply({"params": params}, batch, features_bpd)
+        return reward.scores(self.head, head_params, hidden_btd, batch)
+
+    def _vision_features(self, params, crops_bcpx, pooling_bks):
+        """ViT features [B, C * P, F * hidden] of every row's crops, `vision_crops` crops a pass (the same
+        crop slots of every row); zeros for the slots of a pass that no pooled token of any row reads."""
+        batch, crops, patches, patch_dim = crops_bcpx.shape
+        per_row = max(1, min(crops, self.vision_crops // batch))
+        passes = -(-crops // per_row)
+        crops_bcpx = jnp.pad(crops_bcpx, [(0, 0), (0, passes * per_row - crops), (0, 0), (0, 0)])
+        # Crop slot of every pooled patch; a -1 (empty) index goes to a slot past the end, then dropped.
+        slot_bks = jnp.where(pooling_bks >= 0, pooling_bks // patches, passes * per_row)
+        read_bc = jnp.zeros((batch, passes * per_row + 1), bool).at[jnp.arange(batch)[:, None, None], slot_bks].set(True)
+        read_s = read_bc[:, :-1].reshape(batch, passes, per_row).any((0, 2))
+        crops_sbcpx = crops_bcpx.reshape(batch, passes, per_row, patches, patch_dim).swapaxes(0, 1)
+        run = lambda c_bcpx: self.backbone.apply({"params": params}, c_bcpx.reshape(-1, patches, patch_dim),
+                                                 method=Molmo2.vision_features).reshape(batch, per_row, patches, -1)
+        width = jax.eval_shape(run, crops_sbcpx[0]).shape[-1]
+
+        def one_pass(_, inputs):
+            c_bcpx, read = inputs
+            zeros = lambda c: jnp.zeros((batch, per_row, patches, width), self.config.dtype)
+            return None, jax.lax.cond(read, run, zeros, c_bcpx)
+
+        _, features_sbcpd = jax.lax.scan(one_pass, None, (crops_sbcpx, read_s))
+        return features_sbcpd.swapaxes(0, 1).reshape(batch, passes * per_row * patches, width)[:, : crops * patches]
 
     def example(self, prompt, responses, images=None, video=None, video_metadata=None, media_cache=None) -> dict:
         """One example as a one-row model batch with its read positions. `media_cache`: a dict kept across
@@ -67,17 +110,33 @@ class RewardModel:
         batch["response_starts"] = formatted.response_starts[None].astype(np.int32)
         return batch
 
-    def score_examples(self, examples: list[dict], rows: int = 0) -> list[np.ndarray]:
-        """Scores of several examples (from `example`) in one padded batch of at least `rows` rows (a
-        fixed `rows` bounds the number of programs): one array [N_i] each."""
-        devices = self.mesh.size
-        rows = -(-max(len(examples), rows) // devices) * devices
-        scores_bn = self.score_batch(collate.collate(examples, batch_size=rows, geometric=True))
-        return [scores_bn[i, : e["read_positions"].shape[1]] for i, e in enumerate(examples)]
+    def score_examples(self, examples: list[dict]) -> list[np.ndarray]:
+        """Scores of several examples (from `example`), packed into as few batches as hold them: one array
+        [N_i] each."""
+        scores = []
+        for indices, layout in self.shapes.split(examples):
+            batch_examples = [examples[i] for i in indices]
+            scores_ben = self.score_batch(self.shapes.pack(batch_examples, layout))
+            scores += self.shapes.unpack(batch_examples, layout, scores_ben)
+        return scores
+
+    def batched(self, items, examples_of):
+        """Consecutive runs of `items` whose examples (`examples_of(item)`, a list) fill one batch: each
+        run is one `score_examples` call of one batch (a run of one item may need more)."""
+        run, examples = [], []
+        for item in items:
+            new = examples_of(item)
+            if run and new and self.shapes.layout(examples + new) is None:
+                yield run
+                run, examples = [], []
+            run.append(item)
+            examples += new
+        if run:
+            yield run
 
     def score_batch(self, batch: dict) -> np.ndarray:
-        """Scores of a model batch (`collate`d [B, N], or packed rows [B, E, N]; rows a multiple of the
-        device count), -inf where a read position is -1."""
+        """Scores [B, E, N] of a batch of packed rows (rows a multiple of the device count), -inf where a
+        read position is -1."""
         self.programs.add(tuple(sorted((name, array.shape) for name, array in batch.items())))
         return np.asarray(self._scores(self.params, self.head_params, jax.device_put(batch, self._rows)))
 
@@ -91,51 +150,58 @@ class RewardModel:
         return np.concatenate(self.score_examples(examples))
 
 
-def score_file(model: RewardModel, input_path: pathlib.Path, output_path: pathlib.Path, batch_size: int = 8,
-               mode: str = "multi") -> tuple[int, int]:
-    """Scores every record of a JSONL file; returns (scored, failed)."""
+def prefetch(fn, items, workers: int, ahead: int):
+    """fn(item) for every item, in order, computed by `workers` threads at most `ahead` items early."""
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pending = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def score_file(model: RewardModel, input_path: pathlib.Path, output_path: pathlib.Path, mode: str = "multi",
+               workers: int | None = None) -> tuple[int, int]:
+    """Scores every record of a JSONL file; returns (scored, failed). Records are read, decoded and
+    formatted by `workers` threads ahead of the model."""
     lines = input_path.read_text().splitlines()
     media_files = records.MediaDir(input_path.parent)
-    keep_frames = functools.partial(preprocess.sample_frame_indices,
-                                    options=model.processor.options)
+    keep_frames = functools.partial(preprocess.sample_frame_indices, options=model.processor.options)
+
+    def prepare(index: int) -> tuple[dict, list[dict] | str]:
+        """(output line so far, the record's examples or its error)."""
+        entry = {"index": index}
+        try:
+            record = json.loads(lines[index])
+            if "id" in record:
+                entry["id"] = record["id"]
+            if not isinstance(record.get("responses"), list):
+                raise ValueError("field 'responses' must be a list of strings")
+            loaded = records.load_media(record, f"{input_path.name}:{index + 1}", media_files, keep_frames)
+            groups = [record["responses"]] if mode == "multi" else [[r] for r in record["responses"]]
+            return entry, [model.example(record.get("prompt", ""), g, **loaded) for g in groups]
+        except Exception as error:  # a bad record must not stop the file: report it in its line
+            return entry, f"{type(error).__name__}: {error}"
+
     scored = failed = 0
     start = time.time()
+    examples_of = lambda prepared: prepared[1] if isinstance(prepared[1], list) else []
+    todo = (index for index, line in enumerate(lines) if line.strip())
     with open(output_path, "w") as out:
-        pending: list[tuple[dict, list[dict]]] = []
-
-        def flush():
-            nonlocal scored
-            flat = [e for _, examples in pending for e in examples]
-            results = iter(model.score_examples(flat, rows=batch_size)) if flat else iter(())
-            for entry, examples in pending:
-                parts = [next(results) for _ in examples]
-                out.write(json.dumps({**entry, "scores": np.concatenate(parts).tolist()}) + "\n")
-                scored += 1
-            pending.clear()
-
-        for index, line in enumerate(lines):
-            if not line.strip():
-                continue
-            entry = {"index": index}
-            try:
-                record = json.loads(line)
-                if "id" in record:
-                    entry["id"] = record["id"]
-                if not isinstance(record.get("responses"), list):
-                    raise ValueError("field 'responses' must be a list of strings")
-                loaded = records.load_media(record, f"{input_path.name}:{index + 1}", media_files, keep_frames)
-                groups = [record["responses"]] if mode == "multi" else [[r] for r in record["responses"]]
-                examples = [model.example(record.get("prompt", ""), g, **loaded) for g in groups]
-            except Exception as error:  # a bad record must not stop the file: report it in its line
-                flush()
-                out.write(json.dumps({**entry, "error": f"{type(error).__name__}: {error}"}) + "\n")
-                failed += 1
-                continue
-            pending.append((entry, examples))
-            if sum(len(e) for _, e in pending) >= batch_size:
-                flush()
-                print(f"\r{scored + failed}/{len(lines)} records, {time.time() - start:.1f}s", end="", file=sys.stderr)
-        flush()
+        prepared = prefetch(prepare, todo, workers or min(4, os.cpu_count() or 1), ahead=32)
+        for run in model.batched(prepared, examples_of):
+            results = iter(model.score_examples([e for item in run for e in examples_of(item)]))
+            for entry, examples in run:
+                if isinstance(examples, str):
+                    out.write(json.dumps({**entry, "error": examples}) + "\n")
+                    failed += 1
+                else:
+                    scores = np.concatenate([next(results) for _ in examples])
+                    out.write(json.dumps({**entry, "scores": scores.tolist()}) + "\n")
+                    scored += 1
+            print(f"\r{scored + failed}/{len(lines)} records, {time.time() - start:.1f}s", end="", file=sys.stderr)
     # The model's compiled programs so far (one per batch shape): what compiling cost this process.
     print(f"\rscored {scored}, failed {failed} of {len(lines)} records in {time.time() - start:.1f}s; "
           f"{len(model.programs)} compiled programs", file=sys.stderr)

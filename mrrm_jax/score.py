@@ -1,6 +1,7 @@
 """Score a JSONL file of records with a multi-response reward model.
 
-    python -m mrrm_jax.score --checkpoint=DIR --input=in.jsonl --output=out.jsonl [--mode=single]
+    python -m mrrm_jax.score --checkpoint=DIR --input=in.jsonl --output=out.jsonl [--mode=single] \\
+        [--batch_size=4] [--row_tokens=4096] [--row_crops=32] [--dtype=...] [--attention=...]
 
 The logic lives in `mrrm_jax.reward_model` (`RewardModel`, `score_file`); this is the command line
 around it. `--mode=single` is the conventional baseline: every response in its own pass (same head,
@@ -14,25 +15,24 @@ import sys
 
 from absl import app, flags
 
-from mrrm_jax.reward_model import RewardModel, score_file
+from mrrm_jax import model_flags
+from mrrm_jax.reward_model import score_file
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Reward-model directory (imported or trained).")
 _INPUT = flags.DEFINE_string("input", None, "Input JSONL, paper schema.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output JSONL: one line per input record.")
 _MODE = flags.DEFINE_enum("mode", "multi", ["multi", "single"], "multi: N responses in one pass; single: one each.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute and parameter dtype.")
 
 
 def main(argv):
     del argv
     try:
-        model = RewardModel.load(_CHECKPOINT.value, dtype=_DTYPE.value)
+        model = model_flags.load_reward_model(_CHECKPOINT.value)
     except (OSError, ValueError, KeyError) as error:
         sys.exit(f"error: --checkpoint {_CHECKPOINT.value}: {error}")
     if not pathlib.Path(_INPUT.value).is_file():
         sys.exit(f"error: --input {_INPUT.value} is not a file")
-    score_file(model, pathlib.Path(_INPUT.value), pathlib.Path(_OUTPUT.value), _BATCH.value, _MODE.value)
+    score_file(model, pathlib.Path(_INPUT.value), pathlib.Path(_OUTPUT.value), _MODE.value)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import threading
 from absl import app, flags
 from absl import logging as absl_logging
 
-from mrrm_jax.data import packing
+from mrrm_jax import batch_shapes
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Reward-model directory (trained here or imported).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind; loopback unless told otherwise.")
@@ -46,20 +46,6 @@ _REQUEST_TIMEOUT_S = flags.DEFINE_float("request_timeout_s", 120.0, "Per-request
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute and parameter dtype.")
 
 
-def row_budget(model, row_tokens: int, row_crops: int, row_groups: int, max_responses: int) -> packing.RowBudget:
-    """A packed row's capacity; pooled tokens and slots follow from the model's processor."""
-    from mrrm_jax.data import preprocess
-
-    options = model.processor.options
-    side = options.crop_size // options.patch_size
-    pools = (options.image_pooling, options.video_pooling)
-    # A crop pools to at most ceil(side / pool_h) x ceil(side / pool_w) tokens.
-    pooled_per_crop = max(-(-side // h) * -(-side // w) for h, w in pools)
-    return packing.RowBudget(row_tokens=row_tokens, row_crops=row_crops, row_pooled=row_crops * pooled_per_crop,
-                             row_examples=row_groups, max_responses=max_responses,
-                             pool_slots=max(h * w for h, w in pools))
-
-
 def main(argv) -> None:
     import uvicorn
 
@@ -86,7 +72,8 @@ def main(argv) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     metrics = ServerMetrics()
-    budget = row_budget(model, _ROW_TOKENS.value, _ROW_CROPS.value, _ROW_GROUPS.value, _MAX_RESPONSES.value)
+    budget = batch_shapes.row_budget(model.processor.options, _ROW_TOKENS.value, _ROW_CROPS.value, _ROW_GROUPS.value,
+                                     _MAX_RESPONSES.value)
     batcher = Batcher(model, budget, _MAX_BATCH_TOKENS.value // _ROW_TOKENS.value, _MAX_WAIT_MS.value / 1000,
                       metrics.on_batch, _LENGTH_BUCKETS.value)
     settings = serving_app.ServeSettings(

@@ -45,7 +45,7 @@ def test_command_line_scores_good_records_and_reports_bad_ones(model, tmp_path):
         {"id": "text", "prompt": "Pick one.", "responses": RESPONSES},
     ]
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\nnot json\n")
-    scored, failed = score_file(model, tmp_path / "in.jsonl", tmp_path / "out.jsonl", batch_size=2)
+    scored, failed = score_file(model, tmp_path / "in.jsonl", tmp_path / "out.jsonl")
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert (scored, failed) == (2, 4) and len(out) == 6
     by_id = {o.get("id", o["index"]): o for o in out}
@@ -72,3 +72,30 @@ def test_release_poolings_score_consistently(model, pooling):
     batched = other.score_examples([other.example("Longer prompt " * 9, RESPONSES), other.example("Which?", RESPONSES[:3])])
     assert np.isfinite(alone).all()
     np.testing.assert_allclose(batched[1], alone, atol=1e-5)
+
+
+def test_packed_batches_and_a_vit_in_passes_score_each_example_as_alone(model, tiny_reward_dir):
+    """Small rows (several per batch, text and media together), the ViT two crops a pass (passes with no
+    crop in use skipped), and an example longer than a row (a row of its own): every example's scores
+    equal it alone through the plain forward (the whole ViT at once, no packing)."""
+    from mrrm_jax import reward
+
+    frames = np.random.RandomState(3).randint(0, 256, (4, 48, 64, 3), np.uint8)
+    video = {"fps": 2.0, "total_num_frames": 4, "duration": 2.0}
+    examples = [model.example("What is in the picture?", RESPONSES, images=[_image()]),
+                model.example("Compare them.", RESPONSES[:2], images=[_image(1, (300, 200)), _image(2, (90, 120))]),
+                model.example("No image here.", RESPONSES[:3]),
+                model.example("What happens?", RESPONSES[1:], video=frames, video_metadata=video),
+                model.example("A long question " * 80, RESPONSES)]
+    lengths = [e["tokens"].shape[1] for e in examples]
+    crops = [e["crops"].shape[1] if "crops" in e else 0 for e in examples]
+    row_tokens = -(-max(lengths[:4]) // 64) * 64
+    assert lengths[4] > row_tokens, lengths
+    small = RewardModel.load(tiny_reward_dir, rows=2, row_tokens=row_tokens, row_crops=max(crops), vision_crops=2)
+    got = small.score_examples(examples)
+    for example, scores in zip(examples, got):
+        trainable = {"head": model.head_params, "lora": {}}
+        alone = reward.forward_scores(model.backbone, model.head, model.params, trainable, example)[0]
+        np.testing.assert_allclose(scores, alone, atol=1e-5)
+    assert len(small.shapes.split(examples)) >= 3  # several batches, the long example alone
+    print(lengths, crops, [len(layout.rows) for _, layout in small.shapes.split(examples)])

@@ -15,8 +15,6 @@ canonical order, the set of sequences and the averaged scores do not depend on t
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import functools
 import json
 import os
@@ -28,6 +26,7 @@ import numpy as np
 from mrrm_jax.benchmarks import formats, metrics, report
 from mrrm_jax.data import preprocess, records
 from mrrm_jax.data.examples import Skip
+from mrrm_jax.reward_model import prefetch
 
 SCORES_FILE, RUN_FILE = "scores.jsonl", "run.json"
 # What a record can fail with while its media are read and it is formatted: a bad record, not a bug.
@@ -68,18 +67,6 @@ def prepare(record: formats.EvalRecord | formats.RecordError, model, order: str,
         return formats.RecordError(record.index, record.id, f"{reason}: {error}")
 
 
-def prefetch(fn, items, workers: int, ahead: int):
-    """fn(item) for every item, in order, computed by `workers` threads at most `ahead` items early."""
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        pending = collections.deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= ahead:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
 def result_line(record: formats.EvalRecord, orders: list[np.ndarray], presented_scores: list[np.ndarray]) -> dict:
     """A scores.jsonl line: scores back in the file's response order, judged by `metrics.top_correct`."""
     line = {"index": record.index, "id": record.id, "category": record.category, "rankings": record.rankings}
@@ -108,11 +95,11 @@ def _error_line(error: formats.RecordError) -> dict:
     return {"index": error.index, "id": error.id, "error": error.error}
 
 
-def score_pending(model, pending: list, mode: str, batch_size: int) -> list[dict]:
-    """Scores prepared records in one batch (of at least `batch_size` rows) -> their scores.jsonl lines."""
-    results = iter(model.score_examples([e for _, _, examples in pending for e in examples], rows=batch_size))
+def score_run(model, run: list, mode: str) -> list[dict]:
+    """scores.jsonl lines of prepared records (`prepare`), scored in one batch."""
+    results = iter(model.score_examples([e for _, _, examples in run for e in examples]))
     lines = []
-    for record, orders, examples in pending:
+    for record, orders, examples in run:
         per_example = [next(results) for _ in examples]
         # single mode has one order (rotations need multi): its N one-response passes in a row
         presented = per_example if mode == "multi" else [np.concatenate(per_example)]
@@ -158,7 +145,7 @@ def check_run(out_dir: pathlib.Path, settings: dict) -> None:
 
 
 def evaluate(model, benchmark: str, data: str, out_dir: str, media_root: str | None = None, order: str = "shuffle",
-             seed: int = 0, mode: str = "multi", batch_size: int = 8, limit: int | None = None,
+             seed: int = 0, mode: str = "multi", limit: int | None = None,
              field_map: str | None = None, checkpoint: str = "", workers: int | None = None) -> dict:
     """Scores a benchmark file into `out_dir` (resuming what is there) and returns the report. `model`: a
     `RewardModel`, or a function returning one, called once the benchmark file has been read (an
@@ -169,10 +156,10 @@ def evaluate(model, benchmark: str, data: str, out_dir: str, media_root: str | N
     model = model() if callable(model) else model
     settings = {"benchmark": benchmark, "data": str(pathlib.Path(data).resolve()), "checkpoint": checkpoint,
                 "order": order, "seed": seed, "mode": mode, "limit": limit}
-    return run(model, spec, items[:limit] if limit else items, pathlib.Path(out_dir), settings, batch_size, workers)
+    return run(model, spec, items[:limit] if limit else items, pathlib.Path(out_dir), settings, workers)
 
 
-def run(model, spec: formats.Benchmark, items: list, out_dir: pathlib.Path, settings: dict, batch_size: int = 8,
+def run(model, spec: formats.Benchmark, items: list, out_dir: pathlib.Path, settings: dict,
         workers: int | None = None) -> dict:
     """Scores converted records (`formats.read`) into `out_dir`, resuming what is there; returns the report."""
     order, seed, mode = settings["order"], settings["seed"], settings["mode"]
@@ -185,18 +172,13 @@ def run(model, spec: formats.Benchmark, items: list, out_dir: pathlib.Path, sett
                              options=model.processor.options)
     prepared = functools.partial(prepare, model=model, order=order, seed=seed, mode=mode, keep_frames=keep)
     start, progress = time.time(), report.Progress(len(items), len(done))
+    examples_of = lambda result: [] if isinstance(result, formats.RecordError) else result[2]
     with open(out_dir / SCORES_FILE, "a") as out:
-        pending = []
-        for result in prefetch(prepared, todo, workers or min(4, os.cpu_count() or 1), ahead=4 * batch_size):
-            if isinstance(result, formats.RecordError):
-                _write(out, [_error_line(result)], progress)
-                continue
-            pending.append(result)
-            if sum(len(examples) for _, _, examples in pending) >= batch_size:
-                _write(out, score_pending(model, pending, mode, batch_size), progress)
-                pending = []
-        if pending:
-            _write(out, score_pending(model, pending, mode, batch_size), progress)
+        results = prefetch(prepared, todo, workers or min(4, os.cpu_count() or 1), ahead=32)
+        for run in model.batched(results, examples_of):
+            errors = [result for result in run if isinstance(result, formats.RecordError)]
+            _write(out, [_error_line(error) for error in errors], progress)
+            _write(out, score_run(model, [result for result in run if result not in errors], mode), progress)
     progress.close()
     elapsed = time.time() - start
     lines = read_lines(out_dir / SCORES_FILE)

@@ -1,14 +1,9 @@
 """Dynamic batching for the reward server: groups from concurrent requests packed into fixed-shape
 rows and scored by ONE model thread.
 
-A group (a prompt, its media and its G responses) is one example, i.e. one segment of a packed row
-(`data/packing.py`): the segment mask keeps the groups of a row apart, so a group's scores do not
-depend on what it was batched with. Batch shapes come from a fixed set, so serving never compiles:
-`rows` is a power of two up to `max_rows` (rounded up to the device count); a row is the full `budget`
-or its half, quarter, ... (`length_buckets` sizes: tokens, crops and pooled tokens scaled together), so
-that a lone short group does not pay for a whole row; and a batch where no group has media has no crops
-at all (no ViT). Each batch takes the cheapest shape (rows x row tokens) that holds it. That is
-2 x length_buckets x (log2(max_rows) + 1) programs, all compiled by `warm_up()` before serving.
+A group (a prompt, its media and its G responses) is one example, i.e. one segment of a packed row.
+Batch shapes come from the fixed set of `batch_shapes.BatchShapes`, all compiled by `warm_up()`
+before serving, so serving never compiles; a group larger than a full row is refused (`TooLarge`).
 
 The model thread takes the first waiting group, then keeps taking groups until the rows are full or
 `max_wait_s` has passed since that first group arrived; a group that no longer fits waits for the
@@ -20,19 +15,14 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
-import math
 import queue
 import threading
 import time
 
-import numpy as np
-
+from mrrm_jax.batch_shapes import BatchShapes
 from mrrm_jax.data import packing
 
 log = logging.getLogger(__name__)
-
-# Packed-row fields the forward pass does not read.
-_TRAINING_ONLY = ("labels", "media_kind")
 
 
 class TooLarge(ValueError):
@@ -46,26 +36,13 @@ class _Job:
     enqueued: float
 
 
-def _scaled(budget: packing.RowBudget, fraction: float, with_media: bool) -> packing.RowBudget:
-    """A row shape `fraction` of `budget` (tokens, crops and pooled tokens), without media room if not
-    `with_media`."""
-    media = (math.ceil(budget.row_crops * fraction), math.ceil(budget.row_pooled * fraction)) if with_media else (0, 0)
-    return dataclasses.replace(budget, row_tokens=math.ceil(budget.row_tokens * fraction), row_crops=media[0],
-                               row_pooled=media[1])
-
-
 class Batcher:
     def __init__(self, model, budget: packing.RowBudget, max_rows: int, max_wait_s: float, on_batch=None,
                  length_buckets: int = 3):
         self.model, self.budget, self.max_wait_s = model, budget, max_wait_s
-        fractions = [0.5 ** k for k in reversed(range(length_buckets))]
-        # with_media -> row shapes, smallest first
-        self.shapes = {m: [_scaled(budget, f, m) for f in fractions] for m in (False, True)}
-        self.patch_dim = (model.config.vision.num_patches, model.config.vision.patch_dim)
-        devices = model.mesh.size
-        self.row_buckets = sorted({-(-(1 << k) // devices) * devices for k in range(max(max_rows, 1).bit_length())
-                                   if 1 << k <= max_rows} | {-(-max_rows // devices) * devices})
-        self.max_rows = self.row_buckets[-1]
+        patch_dim = (model.config.vision.num_patches, model.config.vision.patch_dim)
+        self.shapes = BatchShapes(budget, patch_dim, max_rows, model.mesh.size, length_buckets)
+        self.row_buckets = self.shapes.row_buckets
         self.on_batch = on_batch or (lambda groups, rows, fill, seconds: None)
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._carry: _Job | None = None
@@ -73,13 +50,7 @@ class Batcher:
 
     def check(self, example: dict) -> None:
         """Raises `TooLarge` for a group no row can hold."""
-        tokens, responses = example["tokens"].shape[1], example["read_positions"].shape[1]
-        crops = example["crops"].shape[1] if "crops" in example else 0
-        pooled = example["pooling"].shape[1] if "pooling" in example else 0
-        limits = [("tokens", tokens, self.budget.row_tokens), ("crops", crops, self.budget.row_crops),
-                  ("pooled image tokens", pooled, self.budget.row_pooled),
-                  ("responses", responses, self.budget.max_responses)]
-        over = [f"{count} {name} (limit {limit})" for name, count, limit in limits if count > limit]
+        over = self.shapes.too_large(example)
         if over:
             raise TooLarge(f"the group is too large for one batch row: {', '.join(over)}")
 
@@ -102,35 +73,9 @@ class Batcher:
 
     def warm_up(self) -> int:
         """Compiles every batch shape (empty rows); returns how many programs the model has."""
-        for shapes in self.shapes.values():
-            for budget in shapes:
-                for rows in self.row_buckets:
-                    self.model.score_batch(self._pack([], [], budget, rows))
+        for layout in self.shapes.empty_layouts():
+            self.model.score_batch(self.shapes.pack([], layout))
         return len(self.model.programs)
-
-    def _layout(self, examples: list[dict]) -> tuple[packing.RowBudget, list[list[int]], int] | None:
-        """(row shape, example indices per row, rows) of the cheapest shape that holds `examples` in at
-        most `max_rows` rows; None when none does."""
-        best = None
-        for budget in self.shapes[any("crops" in e for e in examples)]:
-            try:
-                placement = packing.first_fit(examples, budget)
-            except ValueError:  # an example longer than this row shape
-                continue
-            if len(placement) <= self.max_rows:
-                rows = next(r for r in self.row_buckets if r >= len(placement))
-                if best is None or rows * budget.row_tokens < best[2] * best[0].row_tokens:
-                    best = (budget, placement, rows)
-        return best
-
-    def _pack(self, examples: list[dict], placement: list[list[int]], budget: packing.RowBudget, rows: int) -> dict:
-        packed = [packing.pack_row([examples[i] for i in row], budget, self.patch_dim) for row in placement]
-        packed += [packing.pack_row([], budget, self.patch_dim)] * (rows - len(packed))
-        batch = {name: np.concatenate([row[name] for row in packed]) for name in packed[0]
-                 if name not in _TRAINING_ONLY}
-        if not budget.row_crops:  # a text-only program: no ViT at all
-            del batch["crops"], batch["pooling"]
-        return batch
 
     def _next_batch(self) -> list[_Job] | None:
         first = self._carry or self._queue.get()
@@ -146,7 +91,7 @@ class Batcher:
             if job is None:
                 self._queue.put(None)  # stop after this batch
                 return jobs
-            if self._layout([j.example for j in jobs + [job]]) is None:
+            if self.shapes.layout([j.example for j in jobs + [job]]) is None:
                 self._carry = job
                 return jobs
             jobs.append(job)
@@ -159,14 +104,12 @@ class Batcher:
             start = time.monotonic()
             try:
                 examples = [job.example for job in jobs]
-                budget, placement, rows = self._layout(examples)
-                scores_ben = self.model.score_batch(self._pack(examples, placement, budget, rows))
-                for row, indices in enumerate(placement):
-                    for slot, index in enumerate(indices):
-                        count = examples[index]["read_positions"].shape[1]
-                        jobs[index].future.set_result(scores_ben[row, slot, :count])
-                fill = sum(e["tokens"].shape[1] for e in examples) / (rows * budget.row_tokens)
-                self.on_batch(len(jobs), rows, fill, time.monotonic() - start)
+                layout = self.shapes.layout(examples)
+                scores_ben = self.model.score_batch(self.shapes.pack(examples, layout))
+                for job, scores_n in zip(jobs, self.shapes.unpack(examples, layout, scores_ben)):
+                    job.future.set_result(scores_n)
+                fill = sum(e["tokens"].shape[1] for e in examples) / (layout.num_rows * layout.budget.row_tokens)
+                self.on_batch(len(jobs), layout.num_rows, fill, time.monotonic() - start)
             except Exception as error:  # the model thread must outlive any batch: fail its requests only
                 log.exception("batch of %d groups failed", len(jobs))
                 for job in jobs:

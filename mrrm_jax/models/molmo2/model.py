@@ -37,19 +37,25 @@ class Molmo2(nn.Module):
             self.lm_head = Dense(self.config.text.vocab_size, dtype=self.config.dtype,
                                  param_dtype=self.config.param_dtype)
 
-    def image_tokens(self, crops_bcpx, pooling_bks):
-        """[B, K, D]: one LM-width feature per pooled image token."""
-        batch, crops, patches, patch_dim = crops_bcpx.shape
-        features_npd = self.vision_tower(crops_bcpx.reshape(batch * crops, patches, patch_dim))
-        features_bpd = features_npd.reshape(batch, crops * patches, -1)
+    def vision_features(self, crops_npx):
+        """ViT feature-layer outputs [N, P, F * vision hidden] of N crops."""
+        return self.vision_tower(crops_npx)
+
+    def image_tokens(self, crops_bcpx, pooling_bks, features_bpd=None):
+        """[B, K, D]: one LM-width feature per pooled image token. `features_bpd` [B, C * P, F * vision
+        hidden]: the crops' ViT features when computed already (the ViT is not run again)."""
+        if features_bpd is None:
+            batch, crops, patches, patch_dim = crops_bcpx.shape
+            features_bpd = self.vision_features(crops_bcpx.reshape(batch * crops, patches, patch_dim)).reshape(
+                batch, crops * patches, -1)
         return self.multi_modal_projector(features_bpd, pooling_bks)
 
-    def __call__(self, batch: dict):
-        """Final-norm hidden states [B, T, D]."""
+    def __call__(self, batch: dict, vision_features_bpd=None):
+        """Final-norm hidden states [B, T, D]. `vision_features_bpd`: see `image_tokens`."""
         tokens_bt = batch["tokens"]
         embeds_btd = self.language_model.embed(tokens_bt)
         if batch.get("crops") is not None:
-            image_bkd = self.image_tokens(batch["crops"], batch["pooling"])
+            image_bkd = self.image_tokens(batch["crops"], batch["pooling"], vision_features_bpd)
             is_patch_bt = tokens_bt == self.config.image_patch_id
             # The k-th `<im_patch>` of a row takes the row's k-th pooled feature.
             feature_index_bt = jnp.clip(jnp.cumsum(is_patch_bt, axis=1) - 1, 0, image_bkd.shape[1] - 1)

@@ -1,0 +1,152 @@
+"""Packed scoring batches from a small fixed set of shapes, for every scorer: files, benchmarks, the server.
+
+A group (a prompt, its media and its N responses) is one example, i.e. one segment of a packed row
+(`data/packing.py`): the segment mask keeps the groups of a row apart, so a group's scores do not
+depend on what it was batched with, and rows carry almost no padding (a padded batch would pay for
+its longest example's tokens and crops in every row). The shapes: a batch has a power of two rows up
+to `max_rows` (rounded up to the device count); a row is the full budget or its half, quarter, ...
+(`length_buckets`; tokens, crops and pooled tokens scaled together), so that a lone short group does
+not pay for a whole row; and a batch without media has no crops at all (no ViT). Each batch takes
+the cheapest shape (rows x row tokens) that holds it: at most 2 x length_buckets x (row buckets)
+programs.
+
+An example larger than a full row (a long video, many responses) gets a one-row shape of its own,
+rounded up (`oversize`), so that offline scoring never refuses a record for its size; the server
+refuses it instead (`too_large`), as it compiles every shape before serving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from mrrm_jax.data import packing
+
+# Packed-row fields the forward pass does not read.
+_TRAINING_ONLY = ("labels", "media_kind")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    budget: packing.RowBudget  # the shape of each row
+    rows: list[list[int]]  # example indices per packed row
+    num_rows: int  # rows in the batch: len(rows) rounded up to a row bucket
+
+
+def row_budget(options, row_tokens: int, row_crops: int, row_examples: int, max_responses: int) -> packing.RowBudget:
+    """A packed row's capacity; pooled tokens and pooling slots follow from the processor's `options`."""
+    side = options.crop_size // options.patch_size
+    pools = (options.image_pooling, options.video_pooling)
+    # A crop pools to at most ceil(side / pool_h) x ceil(side / pool_w) tokens.
+    pooled_per_crop = max(-(-side // h) * -(-side // w) for h, w in pools)
+    return packing.RowBudget(row_tokens=row_tokens, row_crops=row_crops, row_pooled=row_crops * pooled_per_crop,
+                             row_examples=row_examples, max_responses=max_responses,
+                             pool_slots=max(h * w for h, w in pools))
+
+
+def _scaled(budget: packing.RowBudget, fraction: float, with_media: bool) -> packing.RowBudget:
+    """A row shape `fraction` of `budget` (tokens, crops and pooled tokens), without media room if not
+    `with_media`."""
+    media = (math.ceil(budget.row_crops * fraction), math.ceil(budget.row_pooled * fraction)) if with_media else (0, 0)
+    return dataclasses.replace(budget, row_tokens=math.ceil(budget.row_tokens * fraction), row_crops=media[0],
+                               row_pooled=media[1])
+
+
+def _counts(example: dict) -> dict[str, int]:
+    return {"tokens": example["tokens"].shape[1], "crops": example["crops"].shape[1] if "crops" in example else 0,
+            "pooled": example["pooling"].shape[1] if "pooling" in example else 0,
+            "responses": example["read_positions"].shape[1]}
+
+
+class BatchShapes:
+    def __init__(self, budget: packing.RowBudget, patch_dim: tuple[int, int], max_rows: int, devices: int = 1,
+                 length_buckets: int = 3):
+        self.budget, self.patch_dim, self.devices = budget, patch_dim, devices
+        fractions = [0.5 ** k for k in reversed(range(length_buckets))]
+        # with_media -> row shapes, smallest first
+        self.shapes = {m: [_scaled(budget, f, m) for f in fractions] for m in (False, True)}
+        self.row_buckets = sorted({-(-(1 << k) // devices) * devices for k in range(max(max_rows, 1).bit_length())
+                                   if 1 << k <= max_rows} | {-(-max_rows // devices) * devices})
+        self.max_rows = self.row_buckets[-1]
+
+    def too_large(self, example: dict) -> list[str]:
+        """What of `example` exceeds a full row ([] when it fits)."""
+        counts, b = _counts(example), self.budget
+        limits = [("tokens", "tokens", b.row_tokens), ("crops", "crops", b.row_crops),
+                  ("pooled", "pooled image tokens", b.row_pooled), ("responses", "responses", b.max_responses)]
+        return [f"{counts[key]} {name} (limit {limit})" for key, name, limit in limits if counts[key] > limit]
+
+    def layout(self, examples: list[dict]) -> Layout | None:
+        """The cheapest shape that holds `examples` in at most `max_rows` rows; None when none does."""
+        best = None
+        for budget in self.shapes[any("crops" in e for e in examples)]:
+            try:
+                placement = packing.first_fit(examples, budget)
+            except ValueError:  # an example larger than this row shape
+                continue
+            if len(placement) <= self.max_rows:
+                rows = next(r for r in self.row_buckets if r >= len(placement))
+                if best is None or rows * budget.row_tokens < best.num_rows * best.budget.row_tokens:
+                    best = Layout(budget, placement, rows)
+        return best
+
+    def oversize(self, example: dict) -> Layout:
+        """One row of its own for an example larger than a full row: the budget grown by whole quarters
+        (tokens, crops, pooled tokens) and responses to a multiple of 8, so that similar records share
+        a program."""
+        counts, b = _counts(example), self.budget
+        grow = lambda need, unit: max(unit, -(-need // unit) * unit)
+        budget = dataclasses.replace(
+            b, row_tokens=grow(counts["tokens"], -(-b.row_tokens // 4)), row_crops=grow(counts["crops"], -(-b.row_crops // 4)),
+            row_pooled=grow(counts["pooled"], -(-b.row_pooled // 4)), row_examples=1,
+            max_responses=grow(counts["responses"], 8))
+        if not counts["crops"]:
+            budget = dataclasses.replace(budget, row_crops=0, row_pooled=0)
+        return Layout(budget, [[0]], self.devices)
+
+    def split(self, examples: list[dict]) -> list[tuple[list[int], Layout]]:
+        """`examples` as consecutive batches, each with its layout (indices into `examples`)."""
+        batches, start = [], 0
+        while start < len(examples):
+            if self.too_large(examples[start]):
+                batches.append(([start], self.oversize(examples[start])))
+                start += 1
+                continue
+            end, layout = start + 1, self.layout(examples[start:start + 1])
+            while end < len(examples) and not self.too_large(examples[end]):
+                grown = self.layout(examples[start:end + 1])
+                if grown is None:
+                    break
+                end, layout = end + 1, grown
+            batches.append((list(range(start, end)), layout))
+            start = end
+        return batches
+
+    def pack(self, examples: list[dict], layout: Layout) -> dict:
+        """The model batch of `examples` placed as `layout` says (empty rows to `num_rows`)."""
+        budget = layout.budget
+        packed = [packing.pack_row([examples[i] for i in row], budget, self.patch_dim) for row in layout.rows]
+        packed += [packing.pack_row([], budget, self.patch_dim)] * (layout.num_rows - len(packed))
+        batch = {name: np.concatenate([row[name] for row in packed]) for name in packed[0]
+                 if name not in _TRAINING_ONLY}
+        if not budget.row_crops:  # a text-only program: no ViT at all
+            del batch["crops"], batch["pooling"]
+        return batch
+
+    @staticmethod
+    def unpack(examples: list[dict], layout: Layout, scores_ben: np.ndarray) -> list[np.ndarray]:
+        """Scores [N_i] of each example, in `examples` order, from the batch's [rows, slots, N]."""
+        out = [None] * len(examples)
+        for row, indices in enumerate(layout.rows):
+            for slot, index in enumerate(indices):
+                out[index] = scores_ben[row, slot, : examples[index]["read_positions"].shape[1]]
+        return out
+
+    def empty_layouts(self):
+        """A layout of every shape (no examples), for compiling them all ahead."""
+        for shapes in self.shapes.values():
+            for budget in shapes:
+                for rows in self.row_buckets:
+                    yield Layout(budget, [], rows)

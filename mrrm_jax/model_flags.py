@@ -1,0 +1,21 @@
+"""The command-line flags that load a `RewardModel` for offline scoring (`score`, `evaluate`)."""
+
+from __future__ import annotations
+
+from absl import flags
+
+_ROWS = flags.DEFINE_integer("batch_size", 4, "Packed rows per forward pass (over all local devices).")
+_ROW_TOKENS = flags.DEFINE_integer("row_tokens", 4096, "Tokens of one packed row; a longer record gets a row of "
+                                   "its own.")
+_ROW_CROPS = flags.DEFINE_integer("row_crops", 32, "ViT crops (image crops or video frames) of one packed row.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute and parameter dtype.")
+_ATTENTION = flags.DEFINE_enum("attention", None, ["xla", "blockwise", "pallas", "cudnn"],
+                               "Attention backend (default: the saved model's).")
+
+
+def load_reward_model(checkpoint: str):
+    """The `RewardModel` in `checkpoint`, shaped by these flags."""
+    from mrrm_jax.reward_model import RewardModel  # after flag parsing: jax starts with the model
+
+    return RewardModel.load(checkpoint, dtype=_DTYPE.value, attention=_ATTENTION.value, rows=_ROWS.value,
+                            row_tokens=_ROW_TOKENS.value, row_crops=_ROW_CROPS.value)
