@@ -13,6 +13,8 @@ vision token on both sides). Text between two images of one example is handled e
 nothing is inferred from positions.
 
 Layouts: q [B, H, T, D], k/v [B, KV, T, D] (GQA: query head h reads KV head h // (H / KV)).
+The dk/dv kernel runs per KV head and reduces over the query blocks of all the group's query heads
+in float32 VMEM, so dk/dv are written once, [B, KV, T, D], cast to the input dtype at the end.
 Running max and sum are kept lane-replicated ([block, 128]) as TPU kernels like splash do.
 On CPU the kernels run in Pallas' interpret mode (tests).
 """
@@ -108,11 +110,12 @@ def _dq_kernel(active_ref, q_ref, k_ref, v_ref, cq_ref, ck_ref, do_ref, lse_ref,
 
 
 def _dkv_kernel(active_ref, q_ref, k_ref, v_ref, cq_ref, ck_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                dk_scr, dv_scr, *, scale, block_q, block_k, nq, nk):
-    # Grid (B, H, nk, nq): the reduction runs over query blocks for one key block.
-    b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+                dk_scr, dv_scr, *, scale, block_q, block_k, nq, nk, groups):
+    # Grid (B, KV, nk, groups, nq): one key block's gradients sum over the query blocks of every query
+    # head of its group, in float32, and are cast once.
+    b, j, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
 
-    @pl.when(i == 0)
+    @pl.when((g == 0) & (i == 0))
     def _init():
         dk_scr[...] = jnp.zeros_like(dk_scr)
         dv_scr[...] = jnp.zeros_like(dv_scr)
@@ -127,31 +130,37 @@ def _dkv_kernel(active_ref, q_ref, k_ref, v_ref, cq_ref, ck_ref, do_ref, lse_ref
         dk_scr[...] += jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
                                            preferred_element_type=jnp.float32) * scale
 
-    @pl.when(i == nq - 1)
+    @pl.when((g == groups - 1) & (i == nq - 1))
     def _finish():
         dk_ref[...] = dk_scr[...].astype(dk_ref.dtype)
         dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
-def _specs(block_q, block_k, head_dim, groups, kv_major: bool):
-    """BlockSpecs for q, k, v, code_q, code_k and per-query-row arrays, on grid (b, h, i, j) or (b, h, j, i)."""
-    def order(fn):
-        return (lambda b, h, j, i, *_: fn(b, h, i, j)) if kv_major else (lambda b, h, i, j, *_: fn(b, h, i, j))
-    q = pl.BlockSpec((None, None, block_q, head_dim), order(lambda b, h, i, j: (b, h, i, 0)))
+def _specs(block_q, block_k, head_dim, groups, bhij):
+    """BlockSpecs for q, k, v, code_q, code_k and per-query-row arrays, on a grid whose indices `bhij`
+    maps to (batch, query head, query block, key block)."""
+    at = lambda block, fn: pl.BlockSpec(block, lambda *ids: fn(*bhij(*ids)))
+    q = at((None, None, block_q, head_dim), lambda b, h, i, j: (b, h, i, 0))
     # lax.div truncates (h >= 0); Python's `//` lowers through `sign`, which Mosaic cannot lower off-TPU.
-    kv = pl.BlockSpec((None, None, block_k, head_dim), order(lambda b, h, i, j: (b, jax.lax.div(h, groups), j, 0)))
-    code_q = pl.BlockSpec((None, block_q, 1), order(lambda b, h, i, j: (b, i, 0)))
-    code_k = pl.BlockSpec((None, 1, block_k), order(lambda b, h, i, j: (b, 0, j)))
-    rows = pl.BlockSpec((None, None, block_q, LANES), order(lambda b, h, i, j: (b, h, i, 0)))
+    kv = at((None, None, block_k, head_dim), lambda b, h, i, j: (b, jax.lax.div(h, groups), j, 0))
+    code_q = at((None, block_q, 1), lambda b, h, i, j: (b, i, 0))
+    code_k = at((None, 1, block_k), lambda b, h, i, j: (b, 0, j))
+    rows = at((None, None, block_q, LANES), lambda b, h, i, j: (b, h, i, 0))
     return q, kv, code_q, code_k, rows
 
 
 def _call(kernel, grid_shape, in_specs, out_specs, out_shape, scratch, interpret, *args):
+    """The first three grid axes are independent; the rest are reductions into the scratch."""
     grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid_shape, in_specs=in_specs,
                                              out_specs=out_specs, scratch_shapes=scratch)
-    params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+    semantics = ("parallel",) * 3 + ("arbitrary",) * (len(grid_shape) - 3)
+    params = pltpu.CompilerParams(dimension_semantics=semantics)
     return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, compiler_params=params,
                           interpret=interpret)(*args)
+
+
+def _by_query_block(b, h, i, j, _active):
+    return b, h, i, j
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -164,7 +173,7 @@ def _forward(q, k, v, codes_q, codes_k, block_q, block_k, interpret):
     groups = heads // k.shape[1]
     nq, nk = seq_len // block_q, seq_len // block_k
     active = active_blocks(codes_q[..., 0], block_q, block_k)
-    q_spec, kv_spec, cq_spec, ck_spec, rows_spec = _specs(block_q, block_k, head_dim, groups, kv_major=False)
+    q_spec, kv_spec, cq_spec, ck_spec, rows_spec = _specs(block_q, block_k, head_dim, groups, _by_query_block)
     kernel = functools.partial(_forward_kernel, scale=head_dim ** -0.5, block_q=block_q, block_k=block_k, nq=nq, nk=nk)
     out, lse = _call(
         kernel, (batch, heads, nq, nk), [q_spec, kv_spec, kv_spec, cq_spec, ck_spec], [q_spec, rows_spec],
@@ -184,22 +193,20 @@ def _backward(block_q, block_k, interpret, residuals, d_out):
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     delta = jnp.broadcast_to(delta, (batch, heads, seq_len, LANES))
     common = dict(scale=head_dim ** -0.5, block_q=block_q, block_k=block_k, nq=nq, nk=nk)
-    q_spec, kv_spec, cq_spec, ck_spec, rows_spec = _specs(block_q, block_k, head_dim, groups, kv_major=False)
+    q_spec, kv_spec, cq_spec, ck_spec, rows_spec = _specs(block_q, block_k, head_dim, groups, _by_query_block)
     d_q = _call(functools.partial(_dq_kernel, **common), (batch, heads, nq, nk),
                 [q_spec, kv_spec, kv_spec, cq_spec, ck_spec, q_spec, rows_spec, rows_spec], q_spec,
                 jax.ShapeDtypeStruct(q.shape, q.dtype), [pltpu.VMEM((block_q, head_dim), jnp.float32)],
                 interpret, active, q, k, v, codes_q, codes_k, d_out, lse, delta)
-    # dk, dv per QUERY head (each kv block is written by one program), summed over the group after.
-    q_spec, kv_spec, cq_spec, ck_spec, rows_spec = _specs(block_q, block_k, head_dim, groups, kv_major=True)
-    per_head_kv = pl.BlockSpec((None, None, block_k, head_dim), lambda b, h, j, i, *_: (b, h, j, 0))
-    d_k, d_v = _call(functools.partial(_dkv_kernel, **common), (batch, heads, nk, nq),
-                     [q_spec, kv_spec, kv_spec, cq_spec, ck_spec, q_spec, rows_spec, rows_spec],
-                     [per_head_kv, per_head_kv],
-                     [jax.ShapeDtypeStruct(q.shape, k.dtype), jax.ShapeDtypeStruct(q.shape, v.dtype)],
+    # dk, dv: per KV head, reducing over the group's query heads and the query blocks.
+    q_spec, kv_spec, cq_spec, ck_spec, rows_spec = _specs(
+        block_q, block_k, head_dim, groups, lambda b, kv, j, g, i, _active: (b, kv * groups + g, i, j))
+    d_k, d_v = _call(functools.partial(_dkv_kernel, groups=groups, **common), (batch, kv_heads, nk, groups, nq),
+                     [q_spec, kv_spec, kv_spec, cq_spec, ck_spec, q_spec, rows_spec, rows_spec], [kv_spec, kv_spec],
+                     [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
                      [pltpu.VMEM((block_k, head_dim), jnp.float32), pltpu.VMEM((block_k, head_dim), jnp.float32)],
                      interpret, active, q, k, v, codes_q, codes_k, d_out, lse, delta)
-    fold = lambda x: x.reshape(batch, kv_heads, groups, seq_len, head_dim).sum(2)
-    return d_q, fold(d_k), fold(d_v), None, None
+    return d_q, d_k, d_v, None, None
 
 
 _attention.defvjp(_forward, _backward)
