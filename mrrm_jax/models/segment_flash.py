@@ -13,7 +13,16 @@ vision token on both sides). Text between two images of one example is handled e
 nothing is inferred from positions.
 
 Layouts: q [B, H, T, D], k/v [B, KV, T, D] (GQA: query head h reads KV head h // (H / KV)).
-Running max and sum are kept lane-replicated ([block, 128]) as TPU kernels like splash do.
+The dk/dv kernel runs per KV head and reduces over the query blocks of all the group's query heads
+in float32 VMEM, so dk/dv are written once, [B, KV, T, D], cast to the input dtype at the end.
+
+The softmax statistics kept for the backward (logsumexp, and delta = rowsum(dO * O)) are stored as
+rows, [B, H, 1, T] float32, blocks [1, block_q]: XLA tiles that (1, 128) on TPU, so no padding. The
+backward computes its blocks transposed (keys on rows, [block_k, block_q]) so that these rows
+broadcast as they are loaded; the forward writes its row by transposing the column once per query
+block. Only the forward's running max and sum stay lane-replicated ([block_q, 128] VMEM scratch, as
+in splash): a [block_q, 1] column would take the same padded VMEM tiles. On TPU, block_q and block_k
+must be multiples of 128 (or the whole sequence), since the codes and statistics are [1, block] rows.
 On CPU the kernels run in Pallas' interpret mode (tests).
 """
 
@@ -32,10 +41,8 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp() of masked
 LANES = 128
 
 
-def _allowed(code_q, code_k, q_start, k_start, block_q, block_k):
-    """[block_q, block_k] bool from codes (block_q, 1) and (1, block_k) and the blocks' first indices."""
-    q_index = q_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
-    k_index = k_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
+def _allowed(code_q, code_k, q_index, k_index):
+    """Bool block mask from codes and token indices that broadcast to the block (either orientation)."""
     same_segment = jax.lax.shift_right_logical(code_q, 1) == jax.lax.shift_right_logical(code_k, 1)
     both_vision = ((code_q & 1) & (code_k & 1)) == 1
     return same_segment & ((k_index <= q_index) | both_vision)
@@ -59,8 +66,9 @@ def _forward_kernel(active_ref, q_ref, k_ref, v_ref, cq_ref, ck_ref, o_ref, lse_
     def _compute():
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-        allowed = _allowed(cq_ref[...], ck_ref[...], i * block_q, j * block_k, block_q, block_k)
-        s = jnp.where(allowed, s, MASK_VALUE)
+        q_index = i * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+        k_index = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
+        s = jnp.where(_allowed(cq_ref[...], ck_ref[...], q_index, k_index), s, MASK_VALUE)
         m_prev = m_scr[...]
         m_new = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))  # [block_q, LANES], lanes equal
         alpha = jnp.exp(m_prev - m_new)
@@ -73,17 +81,21 @@ def _forward_kernel(active_ref, q_ref, k_ref, v_ref, cq_ref, ck_ref, o_ref, lse_
     @pl.when(j == nk - 1)
     def _finish():
         o_ref[...] = (acc_scr[...] / l_scr[:, :1]).astype(o_ref.dtype)
-        lse_ref[...] = (m_scr[...] + jnp.log(l_scr[...])).astype(lse_ref.dtype)
+        # Once per query block: the lane-replicated column, transposed, gives the stored row [1, block_q].
+        lse_ref[...] = (m_scr[...] + jnp.log(l_scr[...])).T[:1].astype(lse_ref.dtype)
 
 
 def _recompute(q_ref, k_ref, v_ref, cq_ref, ck_ref, do_ref, lse_ref, delta_ref, i, j, scale, block_q, block_k):
-    """Backward quantities of one block: the probabilities p and the score gradients ds."""
+    """Backward quantities of one block, keys on rows [block_k, block_q]: the probabilities p and the
+    score gradients ds. Transposed so that the per-query statistics broadcast as the rows they are stored as."""
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-    allowed = _allowed(cq_ref[...], ck_ref[...], i * block_q, j * block_k, block_q, block_k)
-    p = jnp.where(allowed, jnp.exp(s - lse_ref[...][:, :1]), 0.0)
-    dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return p, p * (dp - delta_ref[...][:, :1])
+    s_kq = jax.lax.dot_general(k, q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+    k_index = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k, block_q), 0)
+    q_index = i * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_k, block_q), 1)
+    allowed = _allowed(cq_ref[...], ck_ref[...], q_index, k_index)
+    p_kq = jnp.where(allowed, jnp.exp(s_kq - lse_ref[...]), 0.0)
+    dp_kq = jax.lax.dot_general(v, do, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return p_kq, p_kq * (dp_kq - delta_ref[...])
 
 
 def _dq_kernel(active_ref, q_ref, k_ref, v_ref, cq_ref, ck_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scr,
@@ -96,10 +108,10 @@ def _dq_kernel(active_ref, q_ref, k_ref, v_ref, cq_ref, ck_ref, do_ref, lse_ref,
 
     @pl.when(_block_index(active_ref, b, i, j, nq, nk) != 0)
     def _compute():
-        _, ds = _recompute(q_ref, k_ref, v_ref, cq_ref, ck_ref, do_ref, lse_ref, delta_ref, i, j, scale,
-                           block_q, block_k)
+        _, ds_kq = _recompute(q_ref, k_ref, v_ref, cq_ref, ck_ref, do_ref, lse_ref, delta_ref, i, j, scale,
+                              block_q, block_k)
         k = k_ref[...]
-        dq_scr[...] += jax.lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
+        dq_scr[...] += jax.lax.dot_general(ds_kq.astype(k.dtype), k, (((0,), (0,)), ((), ())),
                                            preferred_element_type=jnp.float32) * scale
 
     @pl.when(j == nk - 1)
@@ -108,98 +120,105 @@ def _dq_kernel(active_ref, q_ref, k_ref, v_ref, cq_ref, ck_ref, do_ref, lse_ref,
 
 
 def _dkv_kernel(active_ref, q_ref, k_ref, v_ref, cq_ref, ck_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                dk_scr, dv_scr, *, scale, block_q, block_k, nq, nk):
-    # Grid (B, H, nk, nq): the reduction runs over query blocks for one key block.
-    b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+                dk_scr, dv_scr, *, scale, block_q, block_k, nq, nk, groups):
+    # Grid (B, KV, nk, groups, nq): one key block's gradients sum over the query blocks of every query
+    # head of its group, in float32, and are cast once.
+    b, j, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
 
-    @pl.when(i == 0)
+    @pl.when((g == 0) & (i == 0))
     def _init():
         dk_scr[...] = jnp.zeros_like(dk_scr)
         dv_scr[...] = jnp.zeros_like(dv_scr)
 
     @pl.when(_block_index(active_ref, b, i, j, nq, nk) != 0)
     def _compute():
-        p, ds = _recompute(q_ref, k_ref, v_ref, cq_ref, ck_ref, do_ref, lse_ref, delta_ref, i, j, scale,
-                           block_q, block_k)
+        p_kq, ds_kq = _recompute(q_ref, k_ref, v_ref, cq_ref, ck_ref, do_ref, lse_ref, delta_ref, i, j, scale,
+                                 block_q, block_k)
         q, do = q_ref[...], do_ref[...]
-        dv_scr[...] += jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
+        dv_scr[...] += jax.lax.dot_general(p_kq.astype(do.dtype), do, (((1,), (0,)), ((), ())),
                                            preferred_element_type=jnp.float32)
-        dk_scr[...] += jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
+        dk_scr[...] += jax.lax.dot_general(ds_kq.astype(q.dtype), q, (((1,), (0,)), ((), ())),
                                            preferred_element_type=jnp.float32) * scale
 
-    @pl.when(i == nq - 1)
+    @pl.when((g == groups - 1) & (i == nq - 1))
     def _finish():
         dk_ref[...] = dk_scr[...].astype(dk_ref.dtype)
         dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
-def _specs(block_q, block_k, head_dim, groups, kv_major: bool):
-    """BlockSpecs for q, k, v, code_q, code_k and per-query-row arrays, on grid (b, h, i, j) or (b, h, j, i)."""
-    def order(fn):
-        return (lambda b, h, j, i, *_: fn(b, h, i, j)) if kv_major else (lambda b, h, i, j, *_: fn(b, h, i, j))
-    q = pl.BlockSpec((None, None, block_q, head_dim), order(lambda b, h, i, j: (b, h, i, 0)))
-    # lax.div truncates (h >= 0); Python's `//` lowers through `sign`, which Mosaic cannot lower off-TPU.
-    kv = pl.BlockSpec((None, None, block_k, head_dim), order(lambda b, h, i, j: (b, jax.lax.div(h, groups), j, 0)))
-    code_q = pl.BlockSpec((None, block_q, 1), order(lambda b, h, i, j: (b, i, 0)))
-    code_k = pl.BlockSpec((None, 1, block_k), order(lambda b, h, i, j: (b, 0, j)))
-    rows = pl.BlockSpec((None, None, block_q, LANES), order(lambda b, h, i, j: (b, h, i, 0)))
-    return q, kv, code_q, code_k, rows
+def _specs(block_q, block_k, head_dim, groups, bhij):
+    """BlockSpecs on a grid whose indices `bhij` maps to (batch, query head, query block, key block)."""
+    at = lambda block, fn: pl.BlockSpec(block, lambda *ids: fn(*bhij(*ids)))
+    return dict(
+        q=at((None, None, block_q, head_dim), lambda b, h, i, j: (b, h, i, 0)),
+        # lax.div truncates (h >= 0); Python's `//` lowers through `sign`, which Mosaic cannot lower off-TPU.
+        kv=at((None, None, block_k, head_dim), lambda b, h, i, j: (b, jax.lax.div(h, groups), j, 0)),
+        stats=at((None, None, 1, block_q), lambda b, h, i, j: (b, h, 0, i)),  # lse, delta: [B, H, 1, T]
+        # codes: [B, T, 1] (a column per block) and [B, 1, T] (a row per block)
+        q_column=at((None, block_q, 1), lambda b, h, i, j: (b, i, 0)),
+        k_row=at((None, 1, block_k), lambda b, h, i, j: (b, 0, j)),
+        q_row=at((None, 1, block_q), lambda b, h, i, j: (b, 0, i)),
+        k_column=at((None, block_k, 1), lambda b, h, i, j: (b, j, 0)))
 
 
 def _call(kernel, grid_shape, in_specs, out_specs, out_shape, scratch, interpret, *args):
+    """The first three grid axes are independent; the rest are reductions into the scratch."""
     grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid_shape, in_specs=in_specs,
                                              out_specs=out_specs, scratch_shapes=scratch)
-    params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+    semantics = ("parallel",) * 3 + ("arbitrary",) * (len(grid_shape) - 3)
+    params = pltpu.CompilerParams(dimension_semantics=semantics)
     return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, compiler_params=params,
                           interpret=interpret)(*args)
 
 
+def _by_query_block(b, h, i, j, _active):
+    return b, h, i, j
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _attention(q, k, v, codes_q, codes_k, block_q, block_k, interpret):
-    return _forward(q, k, v, codes_q, codes_k, block_q, block_k, interpret)[0]
+def _attention(q, k, v, codes_column, codes_row, block_q, block_k, interpret):
+    return _forward(q, k, v, codes_column, codes_row, block_q, block_k, interpret)[0]
 
 
-def _forward(q, k, v, codes_q, codes_k, block_q, block_k, interpret):
+def _forward(q, k, v, codes_column, codes_row, block_q, block_k, interpret):
     batch, heads, seq_len, head_dim = q.shape
     groups = heads // k.shape[1]
     nq, nk = seq_len // block_q, seq_len // block_k
-    active = active_blocks(codes_q[..., 0], block_q, block_k)
-    q_spec, kv_spec, cq_spec, ck_spec, rows_spec = _specs(block_q, block_k, head_dim, groups, kv_major=False)
+    active = active_blocks(codes_column[..., 0], block_q, block_k)
+    specs = _specs(block_q, block_k, head_dim, groups, _by_query_block)
     kernel = functools.partial(_forward_kernel, scale=head_dim ** -0.5, block_q=block_q, block_k=block_k, nq=nq, nk=nk)
     out, lse = _call(
-        kernel, (batch, heads, nq, nk), [q_spec, kv_spec, kv_spec, cq_spec, ck_spec], [q_spec, rows_spec],
-        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, seq_len, LANES), jnp.float32)],
+        kernel, (batch, heads, nq, nk),
+        [specs["q"], specs["kv"], specs["kv"], specs["q_column"], specs["k_row"]], [specs["q"], specs["stats"]],
+        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, 1, seq_len), jnp.float32)],
         [pltpu.VMEM((block_q, LANES), jnp.float32), pltpu.VMEM((block_q, LANES), jnp.float32),
          pltpu.VMEM((block_q, head_dim), jnp.float32)],
-        interpret, active, q, k, v, codes_q, codes_k)
-    return out, (q, k, v, codes_q, codes_k, out, lse, active)
+        interpret, active, q, k, v, codes_column, codes_row)
+    return out, (q, k, v, codes_column, codes_row, out, lse, active)
 
 
 def _backward(block_q, block_k, interpret, residuals, d_out):
-    q, k, v, codes_q, codes_k, out, lse, active = residuals
+    q, k, v, codes_column, codes_row, out, lse, active = residuals
     batch, heads, seq_len, head_dim = q.shape
     kv_heads = k.shape[1]
     groups = heads // kv_heads
     nq, nk = seq_len // block_q, seq_len // block_k
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    delta = jnp.broadcast_to(delta, (batch, heads, seq_len, LANES))
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)[:, :, None, :]  # [B, H, 1, T]
     common = dict(scale=head_dim ** -0.5, block_q=block_q, block_k=block_k, nq=nq, nk=nk)
-    q_spec, kv_spec, cq_spec, ck_spec, rows_spec = _specs(block_q, block_k, head_dim, groups, kv_major=False)
-    d_q = _call(functools.partial(_dq_kernel, **common), (batch, heads, nq, nk),
-                [q_spec, kv_spec, kv_spec, cq_spec, ck_spec, q_spec, rows_spec, rows_spec], q_spec,
+    args = (active, q, k, v, codes_row, codes_column, d_out, lse, delta)
+    specs = _specs(block_q, block_k, head_dim, groups, _by_query_block)
+    names = ["q", "kv", "kv", "q_row", "k_column", "q", "stats", "stats"]
+    d_q = _call(functools.partial(_dq_kernel, **common), (batch, heads, nq, nk), [specs[n] for n in names], specs["q"],
                 jax.ShapeDtypeStruct(q.shape, q.dtype), [pltpu.VMEM((block_q, head_dim), jnp.float32)],
-                interpret, active, q, k, v, codes_q, codes_k, d_out, lse, delta)
-    # dk, dv per QUERY head (each kv block is written by one program), summed over the group after.
-    q_spec, kv_spec, cq_spec, ck_spec, rows_spec = _specs(block_q, block_k, head_dim, groups, kv_major=True)
-    per_head_kv = pl.BlockSpec((None, None, block_k, head_dim), lambda b, h, j, i, *_: (b, h, j, 0))
-    d_k, d_v = _call(functools.partial(_dkv_kernel, **common), (batch, heads, nk, nq),
-                     [q_spec, kv_spec, kv_spec, cq_spec, ck_spec, q_spec, rows_spec, rows_spec],
-                     [per_head_kv, per_head_kv],
-                     [jax.ShapeDtypeStruct(q.shape, k.dtype), jax.ShapeDtypeStruct(q.shape, v.dtype)],
+                interpret, *args)
+    # dk, dv: per KV head, reducing over the group's query heads and the query blocks.
+    specs = _specs(block_q, block_k, head_dim, groups, lambda b, kv, j, g, i, _active: (b, kv * groups + g, i, j))
+    d_k, d_v = _call(functools.partial(_dkv_kernel, groups=groups, **common), (batch, kv_heads, nk, groups, nq),
+                     [specs[n] for n in names], [specs["kv"], specs["kv"]],
+                     [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
                      [pltpu.VMEM((block_k, head_dim), jnp.float32), pltpu.VMEM((block_k, head_dim), jnp.float32)],
-                     interpret, active, q, k, v, codes_q, codes_k, d_out, lse, delta)
-    fold = lambda x: x.reshape(batch, kv_heads, groups, seq_len, head_dim).sum(2)
-    return d_q, fold(d_k), fold(d_v), None, None
+                     interpret, *args)
+    return d_q, d_k, d_v, None, None
 
 
 _attention.defvjp(_forward, _backward)
