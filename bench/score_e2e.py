@@ -1,7 +1,7 @@
 """End-to-end scoring throughput: `python -m mrrm_jax.score` vs a PyTorch scorer, whole processes.
 
     python -m bench.score_e2e [--records=96] [--modes=multi,single] [--repeats=3] [--threads=N]
-        [--lm_layers=4] [--hidden=256] [--timeout=1800]
+        [--lm_layers=4] [--hidden=256] [--timeout=1800] [--ours_flags='--attention=blockwise']
 
 Run from the repository root. In a temp dir:
 
@@ -16,8 +16,8 @@ Run from the repository root. In a temp dir:
    responses of 1-9 sentences; media paths relative to the JSONL.
 3. Each scorer as its own process, whole process timed (imports, loading, compiling, decoding,
    preprocessing, scoring), peak RSS from wait4 (bench/measure.py):
-     ours   python -m mrrm_jax.score --checkpoint=IMPORTED --input=... --output=... --mode=MODE
-            (batches of 8 sequences; its last stderr line says how many programs it compiled)
+     ours   python -m mrrm_jax.score --checkpoint=IMPORTED --input=... --output=... --mode=MODE [--ours_flags]
+            (packed rows, its default shapes; its last stderr line says how many programs it compiled)
      torch  python -m bench.torch_scorer --base=... --adapter=... (transformers + PEFT + value head, HF
             processor, one forward per record; see its docstring)
    `--mode=single`: every response in its own sequence. Runs are interleaved (ours and torch in turn,
@@ -156,10 +156,10 @@ def write_records(root: pathlib.Path, count: int, seed: int = 0) -> pathlib.Path
 # -- 3. the runs -------------------------------------------------------------------------------
 
 def command(side: str, mode: str, dirs: dict, input_path: pathlib.Path, output: pathlib.Path,
-             threads: int) -> list[str]:
+             threads: int, ours_flags: list[str]) -> list[str]:
     if side == "ours":
         return [sys.executable, "-m", "mrrm_jax.score", f"--checkpoint={dirs['imported']}", f"--input={input_path}",
-                f"--output={output}", f"--mode={mode}"]
+                f"--output={output}", f"--mode={mode}", *ours_flags]
     return [sys.executable, "-m", "bench.torch_scorer", f"--base={dirs['base']}", f"--adapter={dirs['adapter']}",
             f"--input={input_path}", f"--output={output}", f"--mode={mode}", f"--threads={threads}"]
 
@@ -172,9 +172,9 @@ def read_scores(path: pathlib.Path, count: int) -> list[list[float]]:
     return [o["scores"] for o in sorted(out, key=lambda o: o["index"])]
 
 
-def run_once(side, mode, dirs, input_path, count, threads, timeout, tmp: pathlib.Path, env) -> dict:
+def run_once(side, mode, dirs, input_path, count, threads, timeout, tmp: pathlib.Path, env, ours_flags) -> dict:
     output, log = tmp / f"{side}_{mode}.jsonl", tmp / f"{side}_{mode}.log"
-    measured = run_measured(command(side, mode, dirs, input_path, output, threads), log, timeout=timeout,
+    measured = run_measured(command(side, mode, dirs, input_path, output, threads, ours_flags), log, timeout=timeout,
                             cpus=threads if threads < len(os.sched_getaffinity(0)) else 0, env=env)
     summary = SUMMARY.findall(log.read_text())
     if not summary:
@@ -238,6 +238,7 @@ def main():
     parser.add_argument("--lm_layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds, per subprocess")
+    parser.add_argument("--ours_flags", default="", help="extra flags for mrrm_jax.score, e.g. '--attention=blockwise'")
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     if not modes or set(modes) - {"multi", "single"}:
@@ -262,7 +263,8 @@ def main():
         for repeat in range(args.repeats):
             for mode in modes:
                 for side in ("ours", "torch")[:: 1 if repeat % 2 == 0 else -1]:
-                    run = run_once(side, mode, dirs, input_path, args.records, args.threads, args.timeout, tmp, env)
+                    run = run_once(side, mode, dirs, input_path, args.records, args.threads, args.timeout, tmp, env,
+                                   args.ours_flags.split())
                     runs[side, mode].append(run)
                     print(f"  {side} {mode}: {run['measured'].wall_s:.1f} s, "
                           f"{run['measured'].peak_rss_bytes / MiB:.0f} MB", flush=True)

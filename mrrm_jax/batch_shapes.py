@@ -73,10 +73,7 @@ class BatchShapes:
 
     def too_large(self, example: dict) -> list[str]:
         """What of `example` exceeds a full row ([] when it fits)."""
-        counts, b = _counts(example), self.budget
-        limits = [("tokens", "tokens", b.row_tokens), ("crops", "crops", b.row_crops),
-                  ("pooled", "pooled image tokens", b.row_pooled), ("responses", "responses", b.max_responses)]
-        return [f"{counts[key]} {name} (limit {limit})" for key, name, limit in limits if counts[key] > limit]
+        return packing.exceeds(example, self.budget)
 
     def layout(self, examples: list[dict]) -> Layout | None:
         """The cheapest shape that holds `examples` in at most `max_rows` rows; None when none does."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 from absl import flags
 
 _ROWS = flags.DEFINE_integer("batch_size", 4, "Packed rows per forward pass (over all local devices).")
@@ -10,12 +12,19 @@ _ROW_TOKENS = flags.DEFINE_integer("row_tokens", 4096, "Tokens of one packed row
 _ROW_CROPS = flags.DEFINE_integer("row_crops", 32, "ViT crops (image crops or video frames) of one packed row.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute and parameter dtype.")
 _ATTENTION = flags.DEFINE_enum("attention", None, ["xla", "blockwise", "pallas", "cudnn"],
-                               "Attention backend (default: the saved model's).")
+                               "Attention backend (default: the saved model's; on CPU, "
+                               "blockwise needs about half the memory of the dense xla).")
+_CACHE = flags.DEFINE_string("compilation_cache", "~/.cache/mrrm_jax/xla", "Where compiled programs are kept for "
+                             "the next run (JAX's persistent compilation cache); '' = compile anew every run.")
 
 
 def load_reward_model(checkpoint: str):
     """The `RewardModel` in `checkpoint`, shaped by these flags."""
+    import jax
+
     from mrrm_jax.reward_model import RewardModel  # after flag parsing: jax starts with the model
 
+    if _CACHE.value:  # a scoring run's programs are the same from run to run: compile them once
+        jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(_CACHE.value).expanduser()))
     return RewardModel.load(checkpoint, dtype=_DTYPE.value, attention=_ATTENTION.value, rows=_ROWS.value,
                             row_tokens=_ROW_TOKENS.value, row_crops=_ROW_CROPS.value)

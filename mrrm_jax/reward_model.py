@@ -190,7 +190,7 @@ def score_file(model: RewardModel, input_path: pathlib.Path, output_path: pathli
     examples_of = lambda prepared: prepared[1] if isinstance(prepared[1], list) else []
     todo = (index for index, line in enumerate(lines) if line.strip())
     with open(output_path, "w") as out:
-        prepared = prefetch(prepare, todo, workers or min(4, os.cpu_count() or 1), ahead=32)
+        prepared = prefetch(prepare, todo, workers or min(4, os.cpu_count() or 1), ahead=8)
         for run in model.batched(prepared, examples_of):
             results = iter(model.score_examples([e for item in run for e in examples_of(item)]))
             for entry, examples in run:

@@ -31,7 +31,7 @@ def main(argv) -> None:
         jax.distributed.initialize()
     try:
         results = trainer.train(cfg, _WORKDIR.value)
-    except trainer.ConfigError as error:
+    except (trainer.ConfigError, trainer.RunError) as error:
         sys.exit(f"error: {error}")
     for name, result in results.items():
         shown = "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())

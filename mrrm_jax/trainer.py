@@ -48,6 +48,10 @@ class ConfigError(ValueError):
     """A problem with the configuration, data paths or the workdir; reported without a traceback."""
 
 
+class RunError(RuntimeError):
+    """The run cannot go on (an evaluation with nothing to score, NaN scores); reported without a traceback."""
+
+
 # -- the model ------------------------------------------------------------------------------------
 
 def model_config(cfg: ml_collections.ConfigDict) -> Molmo2Config:
@@ -204,10 +208,11 @@ def dataset(cfg, config, split: str, path: pathlib.Path, processor: pathlib.Path
     # A JSONL's media are under its directory unless `media_root` says otherwise; TFDS holds its own.
     media_root = cfg.data.media_root or (path.parent if isinstance(path, pathlib.Path) else None)
     train = split == "train"
+    packed = packing_config(cfg, config, rows_per_batch)
     prepare = pipeline.PrepareExample(processor, config, budget, cfg.seed + (0 if train else 1), media_root,
-                                      media_transform)
+                                      media_transform, packed.row)
     epochs = (None if cfg.data.num_epochs < 0 else cfg.data.num_epochs) if train else 1
-    return pipeline.batches(_record_items(path), prepare, packing_config(cfg, config, rows_per_batch),
+    return pipeline.batches(_record_items(path), prepare, packed,
                             cfg.seed, epochs, cfg.data.num_workers if train else 0,
                             jax.process_index(), jax.process_count(), shuffle=train, num_threads=cfg.data.num_threads)
 
@@ -231,7 +236,8 @@ def evaluate(scores_fn, state, base, batches, mesh, empty: dict) -> dict:
     """Best-of-N accuracy (top score == label) per media kind and overall, over one pass of `batches`.
 
     Every process runs the same number of batches (`empty` ones once its shard is done) and sees the
-    gathered results, so all processes return the same numbers.
+    gathered results, so all processes return the same numbers. No example to score, or a NaN score, is
+    a `RunError`: an accuracy of 0.0 or of NaN-ordered scores would read as a result.
     """
     hits = np.zeros(len(pipeline.MEDIA_KINDS), np.int64)
     totals = np.zeros(len(pipeline.MEDIA_KINDS), np.int64)
@@ -244,13 +250,17 @@ def evaluate(scores_fn, state, base, batches, mesh, empty: dict) -> dict:
         scores = multihost_utils.process_allgather(scores_fn(state, base, to_global(local, mesh)), tiled=True)
         labels = multihost_utils.process_allgather(local["labels"], tiled=True).reshape(-1)
         kinds = multihost_utils.process_allgather(local["media_kind"], tiled=True).reshape(-1)
+        if np.isnan(scores).any():  # -inf marks empty response slots; NaN is never a score
+            raise RunError(f"evaluation at step {int(state['step'])}: the model gave NaN scores")
         correct = (scores.reshape(len(labels), -1).argmax(-1) == labels) & (labels >= 0)
         for kind in range(len(pipeline.MEDIA_KINDS)):
             hits[kind] += correct[kinds == kind].sum()
             totals[kind] += ((kinds == kind) & (labels >= 0)).sum()
+    if not totals.sum():
+        raise RunError("evaluation scored no example: every eval record was skipped (the counts say why)")
     out = {f"accuracy_{k}": float(hits[i] / totals[i]) for i, k in enumerate(pipeline.MEDIA_KINDS) if totals[i]}
     out.update({f"examples_{k}": int(totals[i]) for i, k in enumerate(pipeline.MEDIA_KINDS) if totals[i]})
-    out["accuracy"] = float(hits.sum() / max(totals.sum(), 1))
+    out["accuracy"] = float(hits.sum() / totals.sum())
     return out
 
 

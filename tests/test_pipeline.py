@@ -30,7 +30,7 @@ def corpus(tmp_path_factory):
 def _batches(corpus, processor_dir, tiny_models, num_epochs=2, window=6, **kwargs):
     config = Molmo2Config.from_hf_dict(oracle.tiny_hf_config().to_dict())
     prepare = pipeline.PrepareExample(processor_dir, config, examples.Budget(1024, 512, max_frames=4), seed=3,
-                                      media_root=corpus.parent)
+                                      media_root=corpus.parent, row=ROW)
     packing_config = pipeline.PackingConfig(ROW, (config.vision.num_patches, config.vision.patch_dim),
                                             rows_per_batch=2, window=window)
     return pipeline.batches(records.read_jsonl(corpus), prepare, packing_config, seed=3, num_epochs=num_epochs,
@@ -57,6 +57,18 @@ def test_batches_are_fixed_shape_and_count_every_example(corpus, processor_dir, 
     # Each epoch shuffles records and response orders anew.
     first, second = batches[: len(batches) // 2], batches[len(batches) // 2:]
     assert not _equal(first[0], second[0])
+
+
+def test_a_record_the_budget_accepts_but_no_row_holds_is_a_counted_skip(corpus, processor_dir, tiny_models):
+    """5 responses where a row holds 4: the length budget lets it through, the packer could not place it
+    (a crash, and the same crash on every resume, before); now a `too_large_for_row` skip."""
+    path = corpus.parent / "with_five_responses.jsonl"  # beside the corpus: the same media root
+    wide = {"id": "five", "prompt": "Pick one.", "responses": list("abcde"), "rankings": [1, 2, 3, 4, 5]}
+    path.write_text(corpus.read_text() + json.dumps(wide) + "\n")
+    batches = list(_batches(path, processor_dir, tiny_models))
+    counts = dict(zip(pipeline.COUNT_KEYS, np.sum([b["counts"] for b in batches], 0)))
+    assert counts["too_large_for_row"] == 2  # once per epoch
+    assert sum((b["labels"] >= 0).sum() for b in batches) == 28
 
 
 def test_restored_iterator_continues_with_identical_batches(corpus, processor_dir, tiny_models):

@@ -98,4 +98,3 @@ def test_packed_batches_and_a_vit_in_passes_score_each_example_as_alone(model, t
         alone = reward.forward_scores(model.backbone, model.head, model.params, trainable, example)[0]
         np.testing.assert_allclose(scores, alone, atol=1e-5)
     assert len(small.shapes.split(examples)) >= 3  # several batches, the long example alone
-    print(lengths, crops, [len(layout.rows) for _, layout in small.shapes.split(examples)])

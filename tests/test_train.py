@@ -135,3 +135,21 @@ def test_demo_learns_from_the_media(tmp_path):
     best = [int(np.argmin(json.loads(line)["rankings"])) for line in eval_file.read_text().splitlines()]
     picked = [int(np.argmax(json.loads(line)["scores"])) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert np.mean(np.equal(best, picked)) >= 0.8
+
+
+def test_an_evaluation_with_nothing_to_score_or_with_nan_scores_is_an_error():
+    """An eval where every record was skipped used to report accuracy 0.0; NaN scores would be ranked."""
+    from mrrm_jax import sharding
+    from mrrm_jax.data import pipeline
+
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+    batch = {"tokens": np.zeros((1, 8), np.int32), "labels": np.array([[1, -1]], np.int32),
+             "media_kind": np.zeros((1, 2), np.int32), "counts": np.zeros(len(pipeline.COUNT_KEYS), np.int64)}
+    empty = {**batch, "labels": np.full((1, 2), -1, np.int32)}
+    scores = lambda value: (lambda state, base, global_batch: np.full((1, 2, 3), value, np.float32))
+    state = {"step": np.int32(5)}
+    assert trainer.evaluate(scores(0.5), state, None, [batch], mesh, empty)["examples_text"] == 1
+    with pytest.raises(trainer.RunError, match="scored no example"):
+        trainer.evaluate(scores(0.5), state, None, [empty, empty], mesh, empty)
+    with pytest.raises(trainer.RunError, match="step 5: the model gave NaN scores"):
+        trainer.evaluate(scores(np.nan), state, None, [batch], mesh, empty)

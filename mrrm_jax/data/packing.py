@@ -56,15 +56,23 @@ def _num(example: dict, field: str) -> int:
     return example[field].shape[1] if field in example else 0
 
 
+def exceeds(example: dict, budget: RowBudget) -> list[str]:
+    """What of `example` an empty row of `budget` cannot hold, with the numbers ([] when it fits)."""
+    counts = {"tokens": example["tokens"].shape[1], "crops": _num(example, "crops"),
+              "pooled image tokens": _num(example, "pooling"), "responses": example["read_positions"].shape[1],
+              "pooled patches per token": example["pooling"].shape[2] if "pooling" in example else 0}
+    limits = {"tokens": budget.row_tokens, "crops": budget.row_crops, "pooled image tokens": budget.row_pooled,
+              "responses": budget.max_responses, "pooled patches per token": budget.pool_slots}
+    return [f"{counts[name]} {name} (limit {limits[name]})" for name in counts if counts[name] > limits[name]]
+
+
 def first_fit(examples: list[dict], budget: RowBudget) -> list[list[int]]:
     """Example indices per row, first-fit in the given order. An example larger than a row is an error."""
     rows, used = [], []
     for index, example in enumerate(examples):
-        empty = {"tokens": 0, "crops": 0, "pooled": 0, "examples": 0}
-        too_wide = "pooling" in example and example["pooling"].shape[2] > budget.pool_slots
-        if not budget.fits(empty, example) or example["read_positions"].shape[1] > budget.max_responses or too_wide:
-            raise ValueError(f"example {index} does not fit an empty row ({example['tokens'].shape[1]} tokens, "
-                             f"{_num(example, 'crops')} crops, {example['read_positions'].shape[1]} responses)")
+        over = exceeds(example, budget)
+        if over:
+            raise ValueError(f"example {index} does not fit an empty row: {', '.join(over)}")
         for row, counts in zip(rows, used):
             if budget.fits(counts, example):
                 break

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # Every reason an example is skipped or changed, in the order of the `counts` vector of a batch.
 COUNT_KEYS = (
     "bad_json", "bad_responses", "bad_rankings", "missing_file", "path_outside_root", "bad_image", "bad_video",
-    "no_frames", "vision_too_long", "too_long", "unexpected_error",  # skips
+    "no_frames", "vision_too_long", "too_long", "too_large_for_row", "unexpected_error",  # skips
     "crops_reduced", "frames_reduced", "response_dropped", "best_response_dropped",  # changes
 )
 MEDIA_KINDS = ("text", "image", "video")
@@ -71,10 +71,11 @@ class PrepareExample:
     """
 
     def __init__(self, processor_dir, model_config, budget: examples.Budget, seed: int, media_root,
-                 media_transform: str = "none"):
+                 media_transform: str = "none", row: packing.RowBudget | None = None):
         if media_transform not in MEDIA_TRANSFORMS:
             raise ValueError(f"media_transform={media_transform!r}: expected one of {MEDIA_TRANSFORMS}")
         self.processor_dir, self.model_config, self.budget = str(processor_dir), model_config, budget
+        self.row = row  # the packed row every example must fit: one that does not is a skip, not a crash
         self.seed, self.media_transform = seed, media_transform
         self.media_root = None if media_root is None else pathlib.Path(media_root)
         self._local = threading.local()
@@ -107,13 +108,18 @@ class PrepareExample:
                                  self.media_transform)
             example = examples.training_example(record, loaded, processor, self.model_config, self.budget,
                                                 np.random.default_rng([self.seed, index]), counts, record_id)
+            over = packing.exceeds(example, self.row) if self.row else []
+            if over:
+                raise Skip("too_large_for_row", f"{record_id}: {', '.join(over)} do not fit one packed row")
             kind = "video" if "video" in loaded else "image" if "images" in loaded else "text"
             example["media_kind"] = np.array([MEDIA_KINDS.index(kind)], np.int32)
         except Skip as error:
             counts[error.reason] += 1
+            example = None
             log.warning("skipped %s", error)
         except Exception as error:  # a long run never dies on one record; counted and logged with its id
             counts["unexpected_error"] += 1
+            example = None
             log.exception("skipped %s: unexpected %s: %s", record_id, type(error).__name__, error)
         return {"example": example, "counts": count_vector(counts)}
 
