@@ -25,7 +25,7 @@ import numpy as np
 from mrrm_jax.data import packing
 
 # Packed-row fields the forward pass does not read.
-_TRAINING_ONLY = ("labels", "media_kind")
+_TRAINING_ONLY = ("labels", "media_kind", "order")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -117,6 +117,9 @@ def cross_entropy(scores_bn, labels_b):
     return -jnp.take_along_axis(log_probs_bn, labels_b[:, None], axis=-1)[:, 0]
 
 
+OBJECTIVES = ("cross_entropy", "plackett_luce")
+
+
 def plackett_luce(scores_bn, order_bn):
     """Listwise loss over the full ranking [B] (our extension, off by default).
 
@@ -183,7 +186,7 @@ def example_losses(backbone, head: ValueHead, base_params, trainable: dict, batc
     elif objective == "plackett_luce":
         per_example_b = plackett_luce(scores_bn, batch["order"].reshape(-1, all_scores.shape[-1]))
     else:
-        raise ValueError(f"objective={objective!r}: expected 'cross_entropy' or 'plackett_luce'")
+        raise ValueError(f"objective={objective!r}: expected one of {OBJECTIVES}")
     return jnp.where(real_b, per_example_b, 0.0), real_b, all_scores
 
 

@@ -313,6 +313,8 @@ def _validate(cfg) -> None:
         raise ConfigError(f"train.rows_per_step={t.rows_per_step} is not a multiple of train.grad_accum={t.grad_accum}")
     if t.rows_per_step % jax.process_count():
         raise ConfigError(f"train.rows_per_step={t.rows_per_step} does not split over {jax.process_count()} processes")
+    if t.objective not in reward.OBJECTIVES:
+        raise ConfigError(f"train.objective={t.objective!r}: expected one of {reward.OBJECTIVES}")
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give a JSONL file or 'synthetic'")
     if cfg.model.preset and not cfg.model.base_dir:

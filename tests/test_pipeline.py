@@ -51,6 +51,11 @@ def test_batches_are_fixed_shape_and_count_every_example(corpus, processor_dir, 
     assert sum((b["labels"] >= 0).sum() for b in batches) == 28
     assert counts["missing_file"] == 2 and counts["bad_rankings"] == 2
     assert sum(counts.values()) == 4
+    # Each example's best-to-worst order rides with it (distinct ranks here: it starts at the label).
+    for b in batches:
+        real = b["labels"] >= 0
+        np.testing.assert_array_equal(b["order"][real][:, 0], b["labels"][real])
+        np.testing.assert_array_equal((b["order"][real] >= 0).sum(-1), (b["read_positions"][real] >= 0).sum(-1))
     kinds = np.concatenate([b["media_kind"][b["labels"] >= 0] for b in batches])
     assert (kinds == pipeline.MEDIA_KINDS.index("image")).sum() == 16
     assert (kinds == pipeline.MEDIA_KINDS.index("video")).sum() == 12

@@ -153,3 +153,16 @@ def test_an_evaluation_with_nothing_to_score_or_with_nan_scores_is_an_error():
         trainer.evaluate(scores(0.5), state, None, [empty, empty], mesh, empty)
     with pytest.raises(trainer.RunError, match="step 5: the model gave NaN scores"):
         trainer.evaluate(scores(np.nan), state, None, [batch], mesh, empty)
+
+
+def test_plackett_luce_trains_on_the_full_rankings_carried_through_packing(tmp_path):
+    """The listwise objective reads each example's best-to-worst order from the packed rows."""
+    results = trainer.train(small_config(**{"train.objective": "plackett_luce", "train.num_steps": 3,
+                                            "checkpoint.every_steps": 3, "eval.controls": ()}), tmp_path)
+    assert all(math.isfinite(loss) and loss > 0 for loss in losses(tmp_path).values())
+    assert results["eval"]["examples_image"] == 6
+
+
+def test_an_objective_that_does_not_exist_is_a_config_error(tmp_path):
+    with pytest.raises(trainer.ConfigError, match="train.objective='listwise': expected one of"):
+        trainer.train(small_config(**{"train.objective": "listwise"}), tmp_path / "run")

@@ -108,4 +108,6 @@ def training_example(record: dict, media: dict, processor, config: Molmo2Config,
     batch["response_starts"] = formatted.response_starts[None]
     batch["labels"] = np.array([reward.label_from_rankings(rankings, rng)], np.int32)
     batch["rankings"] = rankings[None].astype(np.int32)
+    # Drawn after the label, so adding it changed no earlier draw: best to worst, for `plackett_luce`.
+    batch["order"] = reward.order_from_rankings(rankings, rng)[None].astype(np.int32)
     return batch

@@ -11,6 +11,7 @@ a = response text, | = `<|resp_sep|>`, . = padding); the first has a 2-patch ima
     positions       0 1 2 3 4 5 6   0 1 2 3  4    0  0     restart per example
     read_positions  [[4, 6], [9, 11]]    per example: the token before each `|`, then its last token
     labels          [label_1, label_2]   -1 in empty example slots (media_kind likewise)
+    order           per example: its response indices best to worst (`plackett_luce`), -1 padded
     crops           [crops of example 1, zero padding]
     pooling         [pooled rows of example 1 (indices into this row's crops), -1 rows]
 
@@ -98,6 +99,7 @@ def row_layout(budget: RowBudget, patch_dim: tuple[int, int]) -> dict[str, tuple
             "crops": ((budget.row_crops, *patch_dim), np.float32, 0),
             "pooling": ((budget.row_pooled, budget.pool_slots), np.int32, -1),
             "read_positions": (slots, np.int32, -1), "response_starts": (slots, np.int32, -1),
+            "order": (slots, np.int32, -1),
             "labels": ((budget.row_examples,), np.int32, -1), "media_kind": ((budget.row_examples,), np.int32, -1)}
 
 
@@ -120,6 +122,8 @@ def pack_row(examples: list[dict], budget: RowBudget, patch_dim: tuple[int, int]
         for field in ("read_positions", "response_starts"):
             indices = example[field][0] if field in example else np.full(example["read_positions"].shape[1], -1)
             row[field][0, slot, : len(indices)] = np.where(indices >= 0, indices + token, -1)
+        if "order" in example:  # response indices within the example: no shift
+            row["order"][0, slot, : example["order"].shape[1]] = example["order"][0]
         for field in ("labels", "media_kind"):
             row[field][0, slot] = example.get(field, np.array([-1]))[0]
         token += length
