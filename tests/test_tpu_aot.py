@@ -55,6 +55,7 @@ def test_the_train_step_compiles_for_a_tpu_slice():
     assert report.chips == 4 and report.fits and report.flops > 0
 
 
+@pytest.mark.slow
 def test_step_flops_extrapolated_over_depth_match_the_unrolled_step():
     """aot.step_flops (three shallow compiles, linear in depth) == XLA's count of the whole step
     compiled unrolled, on the demo model made deeper (4 ViT and 5 LM layers), with 2 micro-steps."""
