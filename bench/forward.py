@@ -151,7 +151,7 @@ def main():
         cfg = cfg.replace(attention=args.attention)
     print(f"attention implementation (pytorch): {torch_model.config._attn_implementation}; ours: {cfg.attention}")
 
-    batch_np = batch_from_processor(inputs, cfg)
+    batch_np = batch_from_processor(inputs, cfg.image_patch_id)
     batch = jax.device_put({k: np.asarray(v) for k, v in batch_np.items()})
     tokens_per_forward = int(batch_np["tokens"].size)
     image_tokens = int(inputs["mm_token_type_ids"].sum())

@@ -182,7 +182,7 @@ def train_examples(sizes: Sizes, groups: list[Group], seed: int = 0) -> list[Exa
 
 def ours_example(example: Example, config: Molmo2Config) -> dict:
     """One example as a one-row batch of ours (the layout `RewardModel.example` makes)."""
-    batch = batch_from_processor(hf_inputs([example]), config)
+    batch = batch_from_processor(hf_inputs([example]), config.image_patch_id)
     batch.update(read_positions=example.read_positions[None], response_starts=example.response_starts[None],
                  labels=np.asarray([example.label], np.int32))
     return batch

@@ -125,7 +125,7 @@ def make_inputs(tokenizer, prompt_tokens: int, response_tokens: int, num: int, s
 def example(processor, cfg: Molmo2Config, prompt, responses, image) -> dict:
     """What `RewardModel.example` builds: a one-row batch with read positions."""
     formatted = formatting.format_example(processor, prompt, responses, [image])
-    batch = batch_from_processor(formatted.processor_outputs, cfg)
+    batch = batch_from_processor(formatted.processor_outputs, cfg.image_patch_id)
     batch["read_positions"] = formatted.read_positions[None].astype(np.int32)
     if getattr(formatted, "response_starts", None) is not None:
         batch["response_starts"] = formatted.response_starts[None].astype(np.int32)

@@ -109,7 +109,7 @@ def main(argv) -> None:
         processor = write_molmo2_processor_dir(root / "processor", video_processor_kwargs={"num_frames": 16})
         path = write_records(root, _IMAGES.value, _VIDEOS.value, rng)
         items = records.read_jsonl(path)
-        prepare = pipeline.PrepareExample(processor, Molmo2Config.molmo2_4b(), examples.Budget(max_frames=16),
+        prepare = pipeline.PrepareExample(processor, examples.Budget(max_frames=16),
                                           seed=0, media_root=root)
         image_rate = examples_per_second(prepare, items[: _IMAGES.value])
         video_rate = examples_per_second(prepare, items[_IMAGES.value:])

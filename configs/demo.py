@@ -34,7 +34,7 @@ def get_config():
     config.data.eval = "synthetic"
     config.data.synthetic = dict(train_images=1500, train_videos=1500, eval_images=200, eval_videos=200)
     config.budget.max_tokens = 512
-    config.budget.max_vision_tokens = 256
+    config.budget.max_vision_tokens = 160  # = packing.row_pooled: any example the budget accepts fits a row
     config.budget.max_frames = 4
     config.packing = dict(row_tokens=512, row_crops=40, row_pooled=160, row_examples=12, max_responses=4, pool_slots=9,
                           window=64)

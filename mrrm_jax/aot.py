@@ -12,10 +12,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mrrm_jax import reward, sharding, step, trainer
-from mrrm_jax.data import packing
-from mrrm_jax.models.molmo2 import Molmo2
+from mrrm_jax import sharding, step
 from mrrm_jax.models.molmo2.config import Molmo2Config
+from mrrm_jax.run_spec import RunSpec, check_mesh
 
 # HBM per device that XLA lets a program use, GiB, as its out-of-memory errors name it.
 HBM_GIB = {"TPU v4": 30.75, "TPU v5 lite": 15.75, "TPU v5": 95.74}
@@ -24,26 +23,19 @@ HBM_GIB = {"TPU v4": 30.75, "TPU v5 lite": 15.75, "TPU v5": 95.74}
 CHIP_CONFIG = {"v4": "megacore"}
 
 
-def abstract_step(cfg, mesh, config: Molmo2Config):
-    """(jitted train step, abstract arguments) for `cfg` on `mesh`, the model built from `config`."""
+def abstract_step(spec: RunSpec, mesh):
+    """(jitted train step, abstract arguments) for `spec` on `mesh`."""
     shard = lambda tree: jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                       tree, sharding.tree_shardings(tree, mesh))
-    base = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(config.param_dtype)),
-                        trainer.abstract_base(config))
-    tx = trainer.optimizer(cfg)
-    state = shard(jax.eval_shape(lambda b: trainer.init_state(cfg, config, b, tx), base))
-    model = step.Model(Molmo2(config), reward.ValueHead(trainer.head_config(cfg)), trainer.lora_spec(cfg),
-                          cfg.train.objective)
-    micro = cfg.train.grad_accum
-    rows = cfg.train.rows_per_step // micro
-    layout = packing.row_layout(trainer.packing_config(cfg, config, rows).row,
-                                (config.vision.num_patches, config.vision.patch_dim))
-    batch = {k: jax.ShapeDtypeStruct((micro, rows, *shape), dtype,
-                                     sharding=sharding.batch_sharding(mesh, 2 + len(shape), leading=1))
-             for k, (shape, dtype, _) in layout.items() if k != "media_kind"}  # media_kind stays on the host
+    base = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(spec.model.param_dtype)),
+                        step.abstract_base(spec.model))
+    tx = step.optimizer(spec)
+    state = shard(jax.eval_shape(lambda b: step.init_state(spec, b, tx), base))
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape), leading=1))
+             for k, (shape, dtype) in step.batch_shapes(spec).items()}
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
                                sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    step_fn = jax.jit(functools.partial(step.train_step, model, tx), donate_argnums=(0,))
+    step_fn = jax.jit(functools.partial(step.train_step, step.model(spec), tx), donate_argnums=(0,))
     return step_fn, (state, shard(base), batch, rng)
 
 
@@ -75,9 +67,10 @@ def topology_devices(topology: str):
     return topologies.get_topology_desc(topology, "tpu", **({"chip_config_name": chip_config} if chip_config else {})).devices
 
 
-def _compile(cfg, devices, config: Molmo2Config):
-    mesh = sharding.make_mesh(cfg.mesh.to_dict(), devices)
-    step_fn, args = abstract_step(cfg, mesh, config)
+def _compile(spec: RunSpec, devices):
+    mesh = sharding.make_mesh(spec.mesh, devices)
+    check_mesh(spec, mesh)
+    step_fn, args = abstract_step(spec, mesh)
     with jax.set_mesh(mesh):  # as in training: activations pinned to the batch axes (constrain_rows)
         return step_fn.lower(*args).compile()
 
@@ -87,11 +80,11 @@ def _flops(compiled) -> float:
     return (cost[0] if isinstance(cost, list) else cost).get("flops", float("nan"))
 
 
-def compile_for(cfg, topology: str) -> Report:
+def compile_for(spec: RunSpec, topology: str) -> Report:
     """Per-device memory of the real step; `flops` as XLA counts them: each loop body (a layer stack's
     scan, the micro-step loop) once."""
     devices = topology_devices(topology)
-    compiled = _compile(cfg, devices, trainer.model_config(cfg))
+    compiled = _compile(spec, devices)
     memory = compiled.memory_analysis()
     gib = lambda n: n / 2**30
     kind = devices[0].device_kind
@@ -109,7 +102,7 @@ def _shallow(config: Molmo2Config, vision_layers: int, text_layers: int) -> Molm
                           scan_unroll=max(vision_layers, text_layers))
 
 
-def step_flops(cfg, topology: str) -> float:
+def step_flops(spec: RunSpec, topology: str) -> float:
     """FLOPs per device of one whole optimizer step: every layer and every micro-step counted.
 
     XLA counts a loop body once, and compiling the full depth unrolled takes too long; but the layers
@@ -120,10 +113,10 @@ def step_flops(cfg, topology: str) -> float:
     needs no input gradient, and a lone ViT layer would serve every feature layer. Measured on the demo
     model, the extra layers' counts vary by ~0.3% (XLA's fusion choices), hence the test's tolerance.
     """
-    devices, config = topology_devices(topology), trainer.model_config(cfg)
-    count = lambda v, t: _flops(_compile(cfg, devices, _shallow(config, v, t)))
+    devices, config = topology_devices(topology), spec.model
+    count = lambda v, t: _flops(_compile(dataclasses.replace(spec, model=_shallow(config, v, t)), devices))
     base = count(2, 2)
     per_vision_layer, per_text_layer = count(3, 2) - base, count(2, 3) - base
     one_micro_step = (base + (config.vision.num_layers - 2) * per_vision_layer
                       + (config.text.num_layers - 2) * per_text_layer)
-    return cfg.train.grad_accum * one_micro_step
+    return spec.train.grad_accum * one_micro_step

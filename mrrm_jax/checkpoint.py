@@ -25,21 +25,10 @@ import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 
 from mrrm_jax.models.molmo2.config import Molmo2Config
+from mrrm_jax.tree_paths import escape, flatten, nest, unescape
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
-
-
-def nest(flat: dict[str, np.ndarray]) -> dict:
-    """{"a/b/c": leaf} -> {"a": {"b": {"c": leaf}}}."""
-    tree: dict = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
 
 
 def save_base(out_dir: str | pathlib.Path, cfg: Molmo2Config, groups: Iterable[dict[str, np.ndarray]]) -> pathlib.Path:
@@ -98,13 +87,12 @@ def load_base(base_dir: str | pathlib.Path, shardings=None, dtype=None) -> tuple
     """
     base_dir = pathlib.Path(base_dir).absolute()
     cfg = load_config(base_dir)
-    stored = {_name(path): leaf for path, leaf in
-              jax.tree_util.tree_flatten_with_path(ocp.metadata(base_dir / PARAMS_DIR).metadata)[0]}
+    stored = flatten(ocp.metadata(base_dir / PARAMS_DIR).metadata)
     stacked_names = sorted({re.sub(r"/layers/\d+/", "/layers/", n) for n in stored})
     if shardings is None:
         shardings_by_name = {n: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for n in stacked_names}
     else:
-        shardings_by_name = {_name(p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+        shardings_by_name = flatten(shardings)
 
     def leaf_dtype(meta):
         return jnp.dtype(dtype) if dtype is not None and jnp.issubdtype(meta.dtype, jnp.floating) else meta.dtype
@@ -138,15 +126,6 @@ def _stack_into(sharding):
     return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)
 
 
-def _name(path) -> str:
-    return "/".join(str(p.key) for p in path)
-
-
-def flatten(tree: dict) -> dict:
-    """The inverse of `nest`."""
-    return {_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 # -- reward-model directories -------------------------------------------------------------------
 #
 #   base/                 a converted base checkpoint (see above)
@@ -161,10 +140,9 @@ def save_trainable(out_dir: str | pathlib.Path, trainable: dict, head_config, lo
     """Writes `trainable/` and `reward_config.json` into a reward-model directory."""
     out_dir = pathlib.Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Orbax keys must be plain names: kernel paths ("a/b/kernel") are flattened with "|".
     tree = {"head": trainable["head"]}
     if trainable.get("lora"):
-        tree["lora"] = {path.replace("/", "|"): ab for path, ab in trainable["lora"].items()}
+        tree["lora"] = escape(trainable["lora"])
     ocp.save(out_dir / TRAINABLE_DIR, jax.tree.map(np.asarray, tree))
     spec = None if lora_spec is None else dataclasses.asdict(lora_spec)
     (out_dir / REWARD_CONFIG_FILE).write_text(json.dumps({"head": dataclasses.asdict(head_config), "lora": spec}, indent=1))
@@ -183,5 +161,5 @@ def load_trainable(reward_dir: str | pathlib.Path):
     head = HeadConfig(**raw["head"])
     spec = None if raw["lora"] is None else LoraSpec(**{**raw["lora"], "targets": tuple(raw["lora"]["targets"])})
     tree = ocp.load(reward_dir / TRAINABLE_DIR)
-    trainable = {"head": tree["head"], "lora": {k.replace("|", "/"): v for k, v in tree.get("lora", {}).items()}}
+    trainable = {"head": tree["head"], "lora": unescape(tree.get("lora", {}))}
     return jax.tree.map(jnp.asarray, trainable), head, spec

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mrrm_jax.models.molmo2.config import Molmo2Config
 
-
-def batch_from_processor(inputs: dict, cfg: Molmo2Config) -> dict:
+def batch_from_processor(inputs: dict, image_patch_id: int) -> dict:
     """`Molmo2Processor` outputs (numpy or torch; one or more rows) -> our batch layout (see model.py).
 
     The processor concatenates every crop of the batch and pools with global patch indices; we
@@ -33,7 +31,7 @@ def batch_from_processor(inputs: dict, cfg: Molmo2Config) -> dict:
     pooling = pooling[(pooling >= 0).any(-1)]
     patches = pixels.shape[1]
     # Media go to rows in order, as many as each row has patch-token runs' worth of tokens.
-    patch_tokens_per_row = (tokens == cfg.image_patch_id).sum(1)
+    patch_tokens_per_row = (tokens == image_patch_id).sum(1)
     row_crops, row_pooling = [[] for _ in tokens], [[] for _ in tokens]
     crop_start, token_start, row = 0, 0, 0
     for n_tokens, n_crops in zip(tokens_per_media, crops_per_media):

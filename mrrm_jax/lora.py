@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrrm_jax import tree_paths
+
 # Molmo2's LM attention q/k/v and output projections and its MLP input (gate, up) and output
 # projections: the paper's targets (att_proj, attn_out, ff_proj, ff_out in the original naming).
 DEFAULT_TARGETS = (r"language_model/layers/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel",)
@@ -57,14 +59,10 @@ class LoraKernel:
         return self.w.shape
 
 
-def _path(key_path) -> str:
-    return "/".join(str(k.key) for k in key_path)
-
-
 def _map_targets(fn, params: dict, spec: LoraSpec) -> dict:
     """Apply `fn(path, kernel)` to every targeted kernel; other leaves pass through."""
     def visit(key_path, leaf):
-        path = _path(key_path)
+        path = tree_paths.name(key_path)
         return fn(path, leaf) if spec.targets_path(path) else leaf
     return jax.tree_util.tree_map_with_path(visit, params)
 
@@ -72,8 +70,7 @@ def _map_targets(fn, params: dict, spec: LoraSpec) -> dict:
 def init(params: dict, spec: LoraSpec, rng: jax.Array, dtype=jnp.float32) -> dict:
     """Trainable factors {path: {"a", "b"}}: A as PEFT (kaiming-uniform, a=sqrt(5)), B = 0."""
     factors = {}
-    targets = [(p, leaf) for p, leaf in ((_path(k), l) for k, l in jax.tree_util.tree_flatten_with_path(params)[0])
-               if spec.targets_path(p)]
+    targets = [(p, leaf) for p, leaf in tree_paths.flatten(params).items() if spec.targets_path(p)]
     if not targets:
         raise ValueError(f"LoRA targets {spec.targets} match no parameter")
     for key, (path, kernel) in zip(jax.random.split(rng, len(targets)), targets):
@@ -86,7 +83,7 @@ def init(params: dict, spec: LoraSpec, rng: jax.Array, dtype=jnp.float32) -> dic
 
 def apply(params: dict, factors: dict, spec: LoraSpec, dropout: bool = True) -> dict:
     """The effective-weights view: targeted kernels become `LoraKernel`s (nothing is materialised)."""
-    missing = [p for p in factors if p not in {_path(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]}]
+    missing = sorted(set(factors) - set(tree_paths.flatten(params)))
     if missing:
         raise ValueError(f"LoRA factors for parameters that do not exist: {missing}")
     rate = spec.dropout if dropout else 0.0

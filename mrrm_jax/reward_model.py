@@ -105,7 +105,7 @@ class RewardModel:
         calls with the same media (other response orders), which are then preprocessed once."""
         formatted = formatting.format_example(self.processor, prompt, responses, images, video, video_metadata,
                                               media_cache=media_cache)
-        batch = batch_from_processor(formatted.processor_outputs, self.config)
+        batch = batch_from_processor(formatted.processor_outputs, self.config.image_patch_id)
         batch["read_positions"] = formatted.read_positions[None].astype(np.int32)
         batch["response_starts"] = formatted.response_starts[None].astype(np.int32)
         return batch

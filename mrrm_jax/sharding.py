@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mrrm_jax import tree_paths
+
 MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_RULES = {"embed": "fsdp", "mlp": "tensor", "vocab": "tensor", "batch": ("data", "fsdp"), None: None}
 
@@ -93,10 +95,6 @@ def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     return P(*lead, *(_mesh_axis(mesh, a, s) for a, s in zip(axes, shape[-2:])))
 
 
-def _path(key_path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path)
-
-
 def tree_shardings(tree, mesh: Mesh):
     """NamedShardings for a pytree of arrays / ShapeDtypeStructs by their paths: parameters, LoRA
     factors and optimizer states alike (an Adam moment is laid out like its parameter).
@@ -105,7 +103,7 @@ def tree_shardings(tree, mesh: Mesh):
     factors are keyed by their kernel's path with "/" or "|" joins.
     """
     def spec(key_path, leaf):
-        path = _path(key_path).replace("|", "/")
+        path = tree_paths.name(key_path).replace("|", "/")
         path = re.sub(r"^.*?(?=(language_model|vision_tower|multi_modal_projector|lm_head)/)", "", path)
         return NamedSharding(mesh, param_spec(path, leaf.shape, mesh))
     return jax.tree_util.tree_map_with_path(spec, tree)

@@ -1,21 +1,26 @@
-"""The train step and the evaluation scores as pure functions of (model, state, base, batch).
+"""The train step as pure functions of a run spec: state, step, evaluation scores, abstract shapes.
 
-Kept apart from trainer.py (data pipeline, checkpoints, the loop) so that code without the data stack
-(the AOT compiler, benchmarks) can run the very step the trainer runs. State = {"step", "trainable":
-{"head", "lora", "base"?}, "opt"}; LoRA factors in `trainable` are keyed by their kernel path with
-"|" for "/" (Orbax keys are plain names).
+Kept apart from the trainer (data, checkpoints, the loop) so that code without the data stack (the
+AOT compiler, benchmarks) runs the very step the trainer runs. State = {"step", "trainable":
+{"head", "lora", "base"}, "opt"}; the frozen base is a separate, never-donated argument (no
+gradients, no optimizer state). LoRA factors in `trainable` are keyed by their escaped kernel path
+(`tree_paths.escape`). One optimizer step = `grad_accum` micro-steps over packed rows; the loss is
+the mean over the step's real examples, however many the packing put into its rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from mrrm_jax import lora, reward
-from mrrm_jax.models.molmo2 import Molmo2
+from mrrm_jax import lora, reward, tree_paths
+from mrrm_jax.data import packing
+from mrrm_jax.models.molmo2 import Molmo2, Molmo2Config
+from mrrm_jax.run_spec import ConfigError, OptimizerSpec, RunSpec
 
 
 def make_optimizer(learning_rate: float, num_steps: int, warmup_steps: int = 0, weight_decay: float = 0.0,
@@ -27,14 +32,60 @@ def make_optimizer(learning_rate: float, num_steps: int, warmup_steps: int = 0, 
     return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
 
 
+def optimizer(spec: RunSpec) -> optax.GradientTransformation:
+    o: OptimizerSpec = spec.optimizer
+    return make_optimizer(o.learning_rate, spec.train.num_steps, o.warmup_steps, o.weight_decay, o.clip_norm)
+
+
 def trainable_tree(head: dict, factors: dict, base: dict | None = None) -> dict:
-    """What the step trains: {"head", "lora" (LoRA factors, "|" for "/" in their keys), "base" (a
-    sub-tree of the backbone trained in full; {} for none)}."""
-    return {"head": head, "lora": {k.replace("/", "|"): v for k, v in factors.items()}, "base": base or {}}
+    """What the step trains: {"head", "lora" (LoRA factors, escaped keys), "base" (a sub-tree of the
+    backbone trained in full; {} for none)}."""
+    return {"head": head, "lora": tree_paths.escape(factors), "base": base or {}}
 
 
 def initial_state(trainable: dict, tx: optax.GradientTransformation) -> dict:
     return {"step": jnp.int32(0), "trainable": trainable, "opt": tx.init(trainable)}
+
+
+def dummy_batch(config: Molmo2Config, tokens: int = 8) -> dict:
+    return {"tokens": jnp.zeros((1, tokens), jnp.int32), "positions": jnp.zeros((1, tokens), jnp.int32),
+            "segment_ids": jnp.ones((1, tokens), jnp.int32),
+            "crops": jnp.zeros((1, 1, config.vision.num_patches, config.vision.patch_dim)),
+            "pooling": jnp.zeros((1, 1, 4), jnp.int32)}
+
+
+def abstract_base(config: Molmo2Config) -> dict:
+    """The backbone's parameter shapes (float32)."""
+    return jax.eval_shape(lambda: Molmo2(config).init(jax.random.key(0), dummy_batch(config))["params"])
+
+
+def init_trainable(spec: RunSpec, base: dict) -> dict:
+    """The head and LoRA factors drawn from the run's seed; the `train.full_train` leaves of `base` in float32."""
+    key_lora, key_head = jax.random.split(jax.random.key(spec.seed + 1))
+    head = reward.ValueHead(spec.head).init(key_head, jnp.zeros((1, spec.model.text.hidden_size)))["params"]
+    factors = {} if spec.lora is None else lora.init(base, spec.lora, key_lora)
+    trained = {p: v.astype(jnp.float32) for p, v in tree_paths.flatten(base).items()
+               if any(re.fullmatch(r, p) for r in spec.train.full_train)}
+    if spec.train.full_train and not trained:
+        raise ConfigError(f"train.full_train {spec.train.full_train} matches no base parameter")
+    return trainable_tree(head, factors, tree_paths.nest(trained))
+
+
+def init_state(spec: RunSpec, base: dict, tx: optax.GradientTransformation) -> dict:
+    return initial_state(init_trainable(spec, base), tx)
+
+
+def model(spec: RunSpec) -> Model:
+    return Model(Molmo2(spec.model), reward.ValueHead(spec.head), spec.lora, spec.train.objective)
+
+
+def batch_shapes(spec: RunSpec) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
+    """{name: (shape, dtype)} of one optimizer step's batch, [micro-steps, rows, ...], all processes
+    together; host-side keys (counts, media kinds) left out."""
+    config = spec.model
+    layout = packing.row_layout(spec.row, (config.vision.num_patches, config.vision.patch_dim))
+    lead = (spec.train.grad_accum, spec.micro_rows)
+    return {k: ((*lead, *shape), dtype) for k, (shape, dtype, _) in layout.items() if k != "media_kind"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +98,7 @@ class Model:
     objective: str
 
     def losses(self, base, trainable, batch, rng=None):
-        trainable = {**trainable, "lora": {k.replace("|", "/"): v for k, v in trainable["lora"].items()}}
+        trainable = {**trainable, "lora": tree_paths.unescape(trainable["lora"])}
         return reward.example_losses(self.backbone, self.head, base, trainable, batch, self.spec, rng,
                                      self.objective)
 

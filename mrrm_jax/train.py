@@ -2,20 +2,23 @@
 
     python -m mrrm_jax.train --config=configs/demo.py [--config.train.num_steps=100 ...] [--workdir=DIR]
 
-The logic lives in `mrrm_jax.trainer`; this is the command line around it.
+The logic lives in `mrrm_jax.trainer`; this is the command line around it: the config parsed into
+a run spec, and SIGTERM (a preemption) turned into a clean stop with a checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 
 import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from mrrm_jax import trainer
+from mrrm_jax import run_spec, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file (configs/*.py)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/mrrm_jax_run", "run directory: checkpoints, metrics, demo data")
@@ -29,9 +32,12 @@ def main(argv) -> None:
     cfg = _CONFIG.value
     if cfg.distributed:
         jax.distributed.initialize()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        results = trainer.train(cfg, _WORKDIR.value)
-    except (trainer.ConfigError, trainer.RunError) as error:
+        spec = run_spec.parse(cfg, jax.process_count())
+        results = trainer.train(spec, _WORKDIR.value, stop)
+    except (run_spec.ConfigError, trainer.RunError) as error:
         sys.exit(f"error: {error}")
     for name, result in results.items():
         shown = "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())

@@ -1,10 +1,8 @@
-"""Training: model and state on the mesh, the jitted step (step.py), evaluation, checkpoints, the loop.
+"""Training: restore, step, log, save, evaluate and export, as a run spec says.
 
-State = {"step", "trainable": {"head", "lora", "base"?}, "opt"}; the frozen base is a separate,
-never-donated argument (no gradients, no optimizer state). LoRA factors are keyed by their
-kernel path with "|" for "/" (Orbax keys are plain names). One optimizer step = `grad_accum`
-micro-steps over packed rows; the loss is the mean over the step's real examples, however many
-the packing put into its rows.
+The step itself is `step.py`; the data, `data/training_data.py`; the checkpoints, Orbax's manager.
+A run stops early, with a checkpoint, when the caller sets `stop` (the CLI does on SIGTERM): every
+process agrees on when, so multi-host runs stop together.
 """
 
 from __future__ import annotations
@@ -13,39 +11,25 @@ import functools
 import json
 import logging
 import pathlib
-import re
 import shutil
-import signal
 import threading
 import time
 
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from mrrm_jax import checkpoint, lora, reward, sharding
-from mrrm_jax.data import examples, packing, pipeline, records, synthetic, tfds_records
-from mrrm_jax.data import processor as processor_lib
-from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
+from mrrm_jax import checkpoint, reward, sharding, step, tree_paths
+from mrrm_jax.data import pipeline, training_data
 from mrrm_jax.metrics import MetricsWriter
-from mrrm_jax.models.molmo2 import Molmo2, Molmo2Config
-from mrrm_jax.models.molmo2.config import AdapterConfig, TextConfig, VisionConfig
-from mrrm_jax.step import Model, eval_scores, initial_state, make_optimizer, train_step, trainable_tree
+from mrrm_jax.models.molmo2 import Molmo2
+from mrrm_jax.run_spec import ConfigError, RunSpec, check_mesh
 
 log = logging.getLogger(__name__)
-
-# Keys that may differ between a run and the checkpoint it resumes (the rest must match).
-RESUMABLE_CHANGES = ("train.num_steps", "log_every", "checkpoint.every_steps", "checkpoint.keep",
-                     "eval.every_steps", "eval.controls", "data.num_workers", "data.num_threads")
-
-
-class ConfigError(ValueError):
-    """A problem with the configuration, data paths or the workdir; reported without a traceback."""
+REWARD_MODEL_DIR = "reward_model"
 
 
 class RunError(RuntimeError):
@@ -54,43 +38,18 @@ class RunError(RuntimeError):
 
 # -- the model ------------------------------------------------------------------------------------
 
-def model_config(cfg: ml_collections.ConfigDict) -> Molmo2Config:
-    m = cfg.model
-    runtime = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention,
-                   scan_unroll=m.scan_unroll, with_lm_head=False)
-    if m.base_dir:
-        return checkpoint.load_config(m.base_dir).replace(**runtime)
-    if m.preset:
-        return getattr(Molmo2Config, m.preset)(**runtime)
-    dims = m.dims.to_dict()
-    return Molmo2Config(vision=VisionConfig(**dims["vision"]), adapter=AdapterConfig(**dims["adapter"]),
-                        text=TextConfig(**dims["text"]), **runtime)
-
-
-def dummy_batch(config: Molmo2Config, tokens: int = 8) -> dict:
-    return {"tokens": jnp.zeros((1, tokens), jnp.int32), "positions": jnp.zeros((1, tokens), jnp.int32),
-            "segment_ids": jnp.ones((1, tokens), jnp.int32),
-            "crops": jnp.zeros((1, 1, config.vision.num_patches, config.vision.patch_dim)),
-            "pooling": jnp.zeros((1, 1, 4), jnp.int32)}
-
-
-def abstract_base(config: Molmo2Config) -> dict:
-    return jax.eval_shape(lambda: Molmo2(config).init(jax.random.key(0), dummy_batch(config))["params"])
-
-
-def load_base(cfg, config: Molmo2Config, mesh) -> dict:
-    """The frozen base on the mesh: converted weights from `model.base_dir`, or a seeded random init."""
-    shapes = abstract_base(config)
-    shardings = sharding.tree_shardings(shapes, mesh)
-    if cfg.model.base_dir:
-        with_head = config.replace(with_lm_head=True)
-        stored_shardings = sharding.tree_shardings(abstract_base(with_head), mesh)
-        _, base = checkpoint.load_base(cfg.model.base_dir, shardings=stored_shardings, dtype=config.param_dtype)
+def load_base(spec: RunSpec, mesh) -> dict:
+    """The frozen base on the mesh: converted weights from `spec.base_dir`, or a seeded random init."""
+    config = spec.model
+    shardings = sharding.tree_shardings(step.abstract_base(config), mesh)
+    if spec.base_dir:
+        stored = sharding.tree_shardings(step.abstract_base(config.replace(with_lm_head=True)), mesh)
+        _, base = checkpoint.load_base(spec.base_dir, shardings=stored, dtype=config.param_dtype)
         base.pop("lm_head", None)  # the reward path never uses it (design decision 8)
         return base
-    init = jax.jit(lambda key: fan_in_init(Molmo2(config).init(key, dummy_batch(config))["params"], key),
+    init = jax.jit(lambda key: fan_in_init(Molmo2(config).init(key, step.dummy_batch(config))["params"], key),
                    out_shardings=shardings)
-    return init(jax.random.key(cfg.seed))
+    return init(jax.random.key(spec.seed))
 
 
 def fan_in_init(params: dict, key) -> dict:
@@ -100,121 +59,10 @@ def fan_in_init(params: dict, key) -> dict:
     1/sqrt(2560)) but shrinks a 64-wide signal ~6x per layer: a random tiny ViT + adapter then hands
     the LM image features of ~1e-7, and nothing can be learned from the media.
     """
-    flat = checkpoint.flatten(params)
+    flat = tree_paths.flatten(params)
     keys = dict(zip(flat, jax.random.split(key, len(flat))))
     redraw = lambda p, v: jax.random.normal(keys[p], v.shape, v.dtype) / np.sqrt(v.shape[-2])
-    return checkpoint.nest({p: redraw(p, v) if p.endswith("kernel") else v for p, v in flat.items()})
-
-
-def lora_spec(cfg) -> lora.LoraSpec | None:
-    if not cfg.lora.rank:
-        return None
-    return lora.LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout)
-
-
-def init_trainable(cfg, config: Molmo2Config, base: dict) -> dict:
-    """{"head", "lora" ("|"-joined kernel paths), "base" (the `train.full_train` leaves, float32)}."""
-    key_lora, key_head = jax.random.split(jax.random.key(cfg.seed + 1))
-    head = reward.ValueHead(head_config(cfg)).init(key_head, jnp.zeros((1, config.text.hidden_size)))["params"]
-    spec = lora_spec(cfg)
-    factors = {} if spec is None else lora.init(base, spec, key_lora)
-    trained = {p: v for p, v in checkpoint.flatten(base).items() if any(re.fullmatch(r, p) for r in cfg.train.full_train)}
-    if cfg.train.full_train and not trained:
-        raise ConfigError(f"train.full_train {tuple(cfg.train.full_train)} matches no base parameter")
-    return trainable_tree(head, factors, checkpoint.nest({p: v.astype(jnp.float32) for p, v in trained.items()}))
-
-
-def init_state(cfg, config: Molmo2Config, base: dict, tx) -> dict:
-    return initial_state(init_trainable(cfg, config, base), tx)
-
-
-def head_config(cfg) -> reward.HeadConfig:
-    return reward.HeadConfig(**cfg.head.to_dict())
-
-
-def optimizer(cfg) -> optax.GradientTransformation:
-    t = cfg.train
-    return make_optimizer(t.learning_rate, t.num_steps, t.warmup_steps, t.weight_decay, t.clip_norm)
-
-
-# -- data ------------------------------------------------------------------------------------------
-
-def processor_dir(cfg, workdir: pathlib.Path) -> pathlib.Path:
-    """The run's processor directory, checked once here: a setting our preprocessing does not implement
-    must stop the run at the start, not in a data worker."""
-    if cfg.processor.dir:
-        out = pathlib.Path(cfg.processor.dir)
-    elif cfg.model.base_dir:
-        out = pathlib.Path(cfg.model.base_dir)
-        if not (out / "tokenizer_config.json").exists():
-            raise ConfigError(f"model.base_dir={cfg.model.base_dir!r} has no tokenizer/processor files: set "
-                              "processor.dir to the Hugging Face checkpoint directory it was converted from")
-    else:
-        out = workdir / "processor"
-        if not (out / "processor_config.json").exists():
-            k = cfg.processor.kwargs
-            size = {"height": k.crop, "width": k.crop}
-            write_molmo2_processor_dir(
-                out, image_processor_kwargs=dict(size=size, max_crops=k.max_crops, overlap_margins=[1, 1]),
-                video_processor_kwargs=dict(size=size, num_frames=k.num_frames, max_fps=k.max_fps))
-    try:
-        processor_lib.load(out)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"processor {out}: {error}") from error
-    return out
-
-
-def data_file(cfg, split: str, workdir: pathlib.Path) -> pathlib.Path | str | None:
-    """The JSONL of a split, or a "tfds:DATA_DIR:SPLIT" spec; "synthetic" writes the demo corpus into
-    the workdir first."""
-    name = cfg.data[split]
-    if not name:
-        return None
-    if name == "synthetic":
-        s = cfg.data.synthetic
-        seed = cfg.seed * 2 + (split == "eval")  # different corpora for training and evaluation
-        return synthetic.write_corpus(workdir / "data" / split, s[f"{split}_images"], s[f"{split}_videos"], seed)
-    if name.startswith("tfds:"):
-        _record_items(name)  # fails early on a bad spec or directory
-        return name
-    path = pathlib.Path(name)
-    if not path.exists():
-        raise ConfigError(f"data.{split}={name!r} does not exist")
-    return path
-
-
-def _record_items(spec: pathlib.Path | str):
-    """The grain source of a data file: JSONL records, or a prepared TFDS split (media inside)."""
-    if isinstance(spec, pathlib.Path):
-        return records.read_jsonl(spec)
-    try:
-        _, data_dir, split = spec.split(":")
-        builder = tfds_records.MultiResponseRecords(data_dir=data_dir)
-        return tfds_records.RecordSource(builder.as_data_source(split))
-    except (ValueError, AssertionError, KeyError) as error:
-        raise ConfigError(f"data {spec!r}: expected tfds:DATA_DIR:SPLIT of a prepared dataset ({error})") from error
-
-
-def packing_config(cfg, config: Molmo2Config, rows_per_batch: int) -> pipeline.PackingConfig:
-    p = cfg.packing
-    row = packing.RowBudget(p.row_tokens, p.row_crops, p.row_pooled, p.row_examples, p.max_responses, p.pool_slots)
-    return pipeline.PackingConfig(row, (config.vision.num_patches, config.vision.patch_dim), rows_per_batch, p.window)
-
-
-def dataset(cfg, config, split: str, path: pathlib.Path, processor: pathlib.Path, rows_per_batch: int,
-            media_transform: str = "none") -> grain.IterDataset:
-    b = cfg.budget
-    budget = examples.Budget(b.max_tokens, b.max_vision_tokens, max_frames=b.max_frames, min_frames=b.min_frames)
-    # A JSONL's media are under its directory unless `media_root` says otherwise; TFDS holds its own.
-    media_root = cfg.data.media_root or (path.parent if isinstance(path, pathlib.Path) else None)
-    train = split == "train"
-    packed = packing_config(cfg, config, rows_per_batch)
-    prepare = pipeline.PrepareExample(processor, config, budget, cfg.seed + (0 if train else 1), media_root,
-                                      media_transform, packed.row)
-    epochs = (None if cfg.data.num_epochs < 0 else cfg.data.num_epochs) if train else 1
-    return pipeline.batches(_record_items(path), prepare, packed,
-                            cfg.seed, epochs, cfg.data.num_workers if train else 0,
-                            jax.process_index(), jax.process_count(), shuffle=train, num_threads=cfg.data.num_threads)
+    return tree_paths.nest({p: redraw(p, v) if p.endswith("kernel") else v for p, v in flat.items()})
 
 
 def to_global(local: dict, mesh, micro_steps: int | None = None) -> dict:
@@ -230,21 +78,32 @@ def to_global(local: dict, mesh, micro_steps: int | None = None) -> dict:
     return out
 
 
+def _any_process(*flags: bool) -> tuple[bool, ...]:
+    """Each flag, true if it is true on any process."""
+    if jax.process_count() == 1:
+        return flags
+    return tuple(bool(v) for v in multihost_utils.process_allgather(np.array(flags)).reshape(-1, len(flags)).any(0))
+
+
 # -- evaluation -------------------------------------------------------------------------------------
 
-def evaluate(scores_fn, state, base, batches, mesh, empty: dict) -> dict:
+def evaluate(scores_fn, state, base, batches, mesh, empty: dict, stop: threading.Event | None = None) -> dict | None:
     """Best-of-N accuracy (top score == label) per media kind and overall, over one pass of `batches`.
 
     Every process runs the same number of batches (`empty` ones once its shard is done) and sees the
     gathered results, so all processes return the same numbers. No example to score, or a NaN score, is
-    a `RunError`: an accuracy of 0.0 or of NaN-ordered scores would read as a result.
+    a `RunError`: an accuracy of 0.0 or of NaN-ordered scores would read as a result. None: `stop`
+    was set on some process before the pass ended.
     """
     hits = np.zeros(len(pipeline.MEDIA_KINDS), np.int64)
     totals = np.zeros(len(pipeline.MEDIA_KINDS), np.int64)
     iterator = iter(batches)
     while True:
         local = next(iterator, None)
-        if not multihost_utils.process_allgather(np.array(local is not None)).any():
+        more, stopping = _any_process(local is not None, stop is not None and stop.is_set())
+        if stopping:
+            return None
+        if not more:
             break
         local = empty if local is None else local
         scores = multihost_utils.process_allgather(scores_fn(state, base, to_global(local, mesh)), tiled=True)
@@ -264,35 +123,50 @@ def evaluate(scores_fn, state, base, batches, mesh, empty: dict) -> dict:
     return out
 
 
-# -- checkpoints -----------------------------------------------------------------------------------
+# -- export ----------------------------------------------------------------------------------------
 
-def _comparable(cfg) -> dict:
-    flat = {}
+def export_reward_model(spec: RunSpec, out: pathlib.Path, base: dict, trainable: dict, processor: pathlib.Path) -> None:
+    """The trained model as a reward-model directory (checkpoint.py) that `mrrm_jax.score` loads.
 
-    def visit(prefix, node):
-        for k, v in node.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict):
-                visit(key + ".", v)
-            elif key not in RESUMABLE_CHANGES:
-                flat[key] = list(v) if isinstance(v, tuple) else v
-    visit("", json.loads(cfg.to_json()))
-    return flat
+    Its `base/` links the converted base the run read; a run that trained base weights (or started
+    from a random init) writes its own, with those weights in place.
+    """
+    trainable = multihost_utils.process_allgather(trainable, tiled=True)
+    own_base = bool(trainable["base"]) or not spec.base_dir
+    if own_base:
+        base = multihost_utils.process_allgather(base, tiled=True)
+    if jax.process_index():
+        return
+    if out.exists():
+        shutil.rmtree(out)  # a finished run asked again: written anew from the same state
+    out.mkdir(parents=True)
+    if own_base:
+        # The trained leaves are float32; the base is stored in the model's parameter dtype.
+        params = jax.tree.map(lambda w: np.asarray(jnp.asarray(w, spec.model.param_dtype)),
+                              reward.overlay(base, trainable["base"]))
+        checkpoint.save_params(out / checkpoint.BASE_DIR, spec.model, params)
+    else:
+        (out / checkpoint.BASE_DIR).symlink_to(pathlib.Path(spec.base_dir).absolute())
+    checkpoint.save_trainable(out, {"head": trainable["head"], "lora": tree_paths.unescape(trainable["lora"])},
+                              spec.head, spec.lora)
+    shutil.copytree(processor, out / checkpoint.PROCESSOR_DIR)
+    log.info("reward model written to %s", out)
 
 
-def check_resumable(manager: ocp.CheckpointManager, cfg, workdir) -> int | None:
-    """The step to resume from, after checking the checkpoint was written by this config."""
-    step = manager.latest_step()
-    if step is None:
-        return None
-    saved = manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]["config"]
-    now = _comparable(cfg)
-    diffs = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if diffs:
-        shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in diffs[:8])
-        raise ConfigError(f"workdir {workdir} holds checkpoints of another config ({shown}). Nothing was "
-                          "changed; use a new --workdir or the config that wrote them.")
-    return step
+# -- the run ---------------------------------------------------------------------------------------
+
+def train(spec: RunSpec, workdir: str | pathlib.Path, stop: threading.Event | None = None) -> dict:
+    """Train (or resume) in `workdir`; returns the final evaluation ({} without eval data, or when
+    stopped early). A finished run leaves its reward model in `workdir/reward_model`."""
+    try:
+        mesh = sharding.make_mesh(spec.mesh)
+    except ValueError as error:  # a shape the devices do not fit, or too few CPU threads for them
+        raise ConfigError(f"config.mesh: {error}") from error
+    check_mesh(spec, mesh)
+    # Under the mesh the model pins its activations to the batch axes (sharding.constrain_rows), which
+    # is what makes the 4B step fit a TPU (aot.py compiles it the same way).
+    with jax.set_mesh(mesh):
+        return _Run(spec, pathlib.Path(workdir).absolute(), mesh).run(stop or threading.Event())
 
 
 class _IteratorState:
@@ -305,172 +179,169 @@ class _IteratorState:
         return self._state
 
 
-# -- the loop --------------------------------------------------------------------------------------
+class _Run:
+    """One training run in a workdir: everything `train` sets up, then `run`."""
 
-def _validate(cfg) -> None:
-    t = cfg.train
-    if t.rows_per_step % t.grad_accum:
-        raise ConfigError(f"train.rows_per_step={t.rows_per_step} is not a multiple of train.grad_accum={t.grad_accum}")
-    if t.rows_per_step % jax.process_count():
-        raise ConfigError(f"train.rows_per_step={t.rows_per_step} does not split over {jax.process_count()} processes")
-    if t.objective not in reward.OBJECTIVES:
-        raise ConfigError(f"train.objective={t.objective!r}: expected one of {reward.OBJECTIVES}")
-    if not cfg.data.train:
-        raise ConfigError("data.train is empty: give a JSONL file or 'synthetic'")
-    if cfg.model.preset and not cfg.model.base_dir:
-        raise ConfigError(f"model.preset={cfg.model.preset!r} needs model.base_dir (a converted checkpoint); "
-                          "a preset alone only serves tools/aot_compile.py")
+    def __init__(self, spec: RunSpec, workdir: pathlib.Path, mesh):
+        self.spec, self.workdir, self.mesh = spec, workdir, mesh
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.manager = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
+            max_to_keep=spec.checkpoint_keep, enable_async_checkpointing=True))
+        self.resume_step = self._check_resumable()
+        self.train_file = training_data.data_file(spec.data, "train", workdir, spec.seed)
+        self.eval_file = training_data.data_file(spec.data, "eval", workdir, spec.seed)
+        self.processor = training_data.processor_dir(spec.processor, spec.base_dir, workdir)
+        self.local_rows = spec.train.rows_per_step // jax.process_count()
 
+        self.base = load_base(spec, mesh)
+        tx = step.optimizer(spec)
+        make_state = functools.partial(step.init_state, spec, tx=tx)
+        self.state_shardings = sharding.tree_shardings(jax.eval_shape(make_state, self.base), mesh)
+        self.state = jax.jit(make_state, out_shardings=self.state_shardings)(self.base)
+        model = step.model(spec)
+        self.step_fn = jax.jit(functools.partial(step.train_step, model, tx), donate_argnums=(0,),
+                               out_shardings=(self.state_shardings, None))
+        self.scores_fn = jax.jit(functools.partial(step.eval_scores, model))
+        self.train_iter = iter(self._batches(self.train_file, train=True, rows=self.local_rows))
+        self.counts = np.zeros(len(pipeline.COUNT_KEYS), np.int64)
+        self.writer = MetricsWriter(workdir, spec.train.num_steps)
 
-REWARD_MODEL_DIR = "reward_model"
+    def _packing(self, rows: int) -> pipeline.PackingConfig:
+        vision = self.spec.model.vision
+        return pipeline.PackingConfig(self.spec.row, (vision.num_patches, vision.patch_dim), rows, self.spec.window)
 
+    def _batches(self, source, train: bool, rows: int, media_transform: str = "none"):
+        spec = self.spec
+        return training_data.batches(source, train, spec.data, spec.budget, self.processor, self._packing(rows),
+                                     spec.seed, media_transform)
 
-def export_reward_model(cfg, out: pathlib.Path, config: Molmo2Config, base: dict, trainable: dict,
-                        processor: pathlib.Path) -> None:
-    """The trained model as a reward-model directory (checkpoint.py) that `mrrm_jax.score` loads.
+    # checkpoints
 
-    Its `base/` links the converted base the run read; a run that trained base weights (or started
-    from a random init) writes its own, with those weights in place.
-    """
-    trainable = multihost_utils.process_allgather(trainable, tiled=True)
-    own_base = bool(trainable["base"]) or not cfg.model.base_dir
-    if own_base:
-        base = multihost_utils.process_allgather(base, tiled=True)
-    if jax.process_index():
-        return
-    if out.exists():
-        shutil.rmtree(out)  # a finished run asked again: written anew from the same state
-    out.mkdir(parents=True)
-    if own_base:
-        # The trained leaves are float32; the base is stored in the model's parameter dtype.
-        params = jax.tree.map(lambda w: np.asarray(jnp.asarray(w, config.param_dtype)),
-                              reward.overlay(base, trainable["base"]))
-        checkpoint.save_params(out / checkpoint.BASE_DIR, config, params)
-    else:
-        (out / checkpoint.BASE_DIR).symlink_to(pathlib.Path(cfg.model.base_dir).absolute())
-    lora_factors = {path.replace("|", "/"): ab for path, ab in trainable["lora"].items()}
-    checkpoint.save_trainable(out, {"head": trainable["head"], "lora": lora_factors}, head_config(cfg), lora_spec(cfg))
-    shutil.copytree(processor, out / checkpoint.PROCESSOR_DIR)
-    log.info("reward model written to %s", out)
+    def _check_resumable(self) -> int | None:
+        """The step to resume from, after checking the checkpoint was written by this config."""
+        step_ = self.manager.latest_step()
+        if step_ is None:
+            return None
+        saved = self.manager.restore(step_, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]["config"]
+        now = self.spec.fingerprint
+        diffs = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if diffs:
+            shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in diffs[:8])
+            raise ConfigError(f"workdir {self.workdir} holds checkpoints of another config ({shown}). Nothing "
+                              "was changed; use a new --workdir or the config that wrote them.")
+        return step_
 
-
-def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-    """Train (or resume) in `workdir`; returns the final evaluation ({} without eval data). A finished
-    run leaves its reward model in `workdir/reward_model` (for `mrrm_jax.score`)."""
-    _validate(cfg)
-    try:
-        mesh = sharding.make_mesh(cfg.mesh.to_dict())
-    except ValueError as error:  # a shape the devices do not fit, or too few CPU threads for them
-        raise ConfigError(f"config.mesh: {error}") from error
-    # Under the mesh the model pins its activations to the batch axes (sharding.constrain_rows), which
-    # is what makes the 4B step fit a TPU (aot.py compiles it the same way).
-    with jax.set_mesh(mesh):
-        return _train(cfg, pathlib.Path(workdir).absolute(), mesh)
-
-
-def _train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh) -> dict:
-    workdir.mkdir(parents=True, exist_ok=True)
-    manager = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.checkpoint.keep, enable_async_checkpointing=True))
-    resume_step = check_resumable(manager, cfg, workdir)
-    train_path, eval_path = data_file(cfg, "train", workdir), data_file(cfg, "eval", workdir)
-    processor = processor_dir(cfg, workdir)
-
-    rows, micro_steps = cfg.train.rows_per_step, cfg.train.grad_accum
-    if rows % (mesh.shape["data"] * mesh.shape["fsdp"] * micro_steps):
-        raise ConfigError(f"train.rows_per_step={rows} must be a multiple of data x fsdp x grad_accum = "
-                          f"{mesh.shape['data'] * mesh.shape['fsdp'] * micro_steps}")
-    config = model_config(cfg)
-    base = load_base(cfg, config, mesh)
-    model = Model(Molmo2(config), reward.ValueHead(head_config(cfg)), lora_spec(cfg), cfg.train.objective)
-    tx = optimizer(cfg)
-    make_state = functools.partial(init_state, cfg, config, tx=tx)
-    state_shardings = sharding.tree_shardings(jax.eval_shape(make_state, base), mesh)
-    state = jax.jit(make_state, out_shardings=state_shardings)(base)
-
-    local_rows = rows // jax.process_count()
-    train_iter = iter(dataset(cfg, config, "train", train_path, processor, local_rows))
-    counts = np.zeros(len(pipeline.COUNT_KEYS), np.int64)
-    if resume_step is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        restored = manager.restore(resume_step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(train_iter),
+    def _restore(self) -> None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+        restored = self.manager.restore(self.resume_step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(self.train_iter),
             run=ocp.args.JsonRestore()))
-        state = restored["state"]
-        counts = np.array([restored["run"]["counts"].get(k, 0) for k in pipeline.COUNT_KEYS], np.int64)
-        log.info("resumed from step %d", resume_step)
+        self.state = restored["state"]
+        self.counts = np.array([restored["run"]["counts"].get(k, 0) for k in pipeline.COUNT_KEYS], np.int64)
+        log.info("resumed from step %d", self.resume_step)
 
-    step_fn = jax.jit(functools.partial(train_step, model, tx), donate_argnums=(0,),
-                      out_shardings=(state_shardings, None))
-    scores_fn = jax.jit(functools.partial(eval_scores, model))
-    rng = jax.random.key(cfg.seed + 2)
-    writer = MetricsWriter(workdir, cfg.train.num_steps)
-
-    def save(step: int, force: bool = False) -> None:
-        run = {"config": _comparable(cfg), "counts": dict(zip(pipeline.COUNT_KEYS, counts.tolist()))}
-        manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_IteratorState(train_iter.get_state())),
+    def _save(self, step_: int, force: bool = False) -> None:
+        run = {"config": self.spec.fingerprint, "counts": dict(zip(pipeline.COUNT_KEYS, self.counts.tolist()))}
+        self.manager.save(step_, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(self.state),
+            data=grain.checkpoint.CheckpointSave(_IteratorState(self.train_iter.get_state())),
             run=ocp.args.JsonSave(run)), force=force)
 
-    eval_rows = local_rows // micro_steps
-    empty = pipeline.empty_batch(packing_config(cfg, config, eval_rows))
+    # evaluation
 
-    def run_eval(step: int) -> dict:
-        if eval_path is None:
+    def _evaluate(self, step_: int, stop: threading.Event) -> dict | None:
+        """The eval split and its media controls; None when stopped before the end."""
+        if self.eval_file is None:
             return {}
+        rows = self.local_rows // self.spec.train.grad_accum
+        empty = pipeline.empty_batch(self._packing(rows))
         results = {}
-        for transform in ("none", *cfg.eval.controls):
-            batches = dataset(cfg, config, "eval", eval_path, processor, eval_rows, transform)
-            result = evaluate(scores_fn, state, base, batches, mesh, empty)
+        for transform in ("none", *self.spec.eval_controls):
+            batches = self._batches(self.eval_file, train=False, rows=rows, media_transform=transform)
+            result = evaluate(self.scores_fn, self.state, self.base, batches, self.mesh, empty, stop)
+            if result is None:
+                return None
             prefix = "eval" if transform == "none" else f"eval_{transform}"
-            writer.write(step, result, prefix)
-            writer.progress(step, result, prefix)
+            self.writer.write(step_, result, prefix)
+            self.writer.progress(step_, result, prefix)
             results[prefix] = result
         return results
 
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())  # preemption: save, then exit
-    step = int(state["step"])
-    window = {"time": time.time(), "steps": 0, "examples": 0, "tokens": 0}
-    try:
-        while step < cfg.train.num_steps and not stop.is_set():
-            local = next(train_iter, None)
-            if local is None:
-                log.info("data exhausted after %d epochs", cfg.data.num_epochs)
-                break
-            counts += local["counts"]
-            state, metrics = step_fn(state, base, to_global(local, mesh, micro_steps), rng)
-            step += 1
-            window["steps"] += 1
-            window["examples"] += int((local["labels"] >= 0).sum())
-            window["tokens"] += int((local["segment_ids"] > 0).sum())
-            if step % cfg.log_every == 0 or step == cfg.train.num_steps:
-                metrics = jax.device_get(metrics)
-                elapsed = time.time() - window["time"]
-                # Throughput is per process (this host's rows); loss and accuracy are the step's, global.
-                scalars = {"loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]),
-                           "grad_norm": float(metrics["grad_norm"]), "examples_per_step": int(metrics["examples"]),
-                           "tokens_per_s": window["tokens"] / elapsed, "examples_per_s": window["examples"] / elapsed,
-                           "packing_efficiency": window["tokens"] / (window["steps"] * local["tokens"].size),
-                           "skipped": int(counts[: pipeline.COUNT_KEYS.index("crops_reduced")].sum())}
-                writer.write(step, scalars)
-                writer.progress(step, scalars)
-                window = {"time": time.time(), "steps": 0, "examples": 0, "tokens": 0}
-            if step % cfg.checkpoint.every_steps == 0:
-                save(step)
-            if step % cfg.eval.every_steps == 0 and step < cfg.train.num_steps:
-                run_eval(step)
-        if manager.latest_step() != step:
-            save(step, force=True)
-        manager.wait_until_finished()
-        if stop.is_set():
-            log.warning("SIGTERM: saved step %d and stopped", step)
-            return {}
-        results = run_eval(step)
-        writer.write(step, dict(zip(pipeline.COUNT_KEYS, counts.tolist())), "counts")
-        export_reward_model(cfg, workdir / REWARD_MODEL_DIR, config, base, state["trainable"], processor)
-        return results
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        writer.close()
-        manager.close()
+    # the loop
+
+    def run(self, stop: threading.Event) -> dict:
+        spec = self.spec
+        try:
+            if self.resume_step is not None:
+                self._restore()
+            step_ = int(self.state["step"])
+            rng = jax.random.key(spec.seed + 2)
+            throughput = _Throughput()
+            stopped = False
+            while step_ < spec.train.num_steps:
+                local = next(self.train_iter, None)
+                exhausted, stopped = _any_process(local is None, stop.is_set())
+                if stopped:
+                    break
+                if exhausted:
+                    log.info("data exhausted after %d epochs", spec.data.num_epochs)
+                    break
+                self.counts += local["counts"]
+                self.state, metrics = self.step_fn(self.state, self.base, to_global(local, self.mesh, spec.train.grad_accum), rng)
+                step_ += 1
+                throughput.add(local)
+                if step_ % spec.log_every == 0 or step_ == spec.train.num_steps:
+                    scalars = {**_step_scalars(jax.device_get(metrics)), **throughput.take(),
+                               "skipped": int(self.counts[: pipeline.COUNT_KEYS.index("crops_reduced")].sum())}
+                    self.writer.write(step_, scalars)
+                    self.writer.progress(step_, scalars)
+                if step_ % spec.checkpoint_every == 0:
+                    self._save(step_)
+                if step_ % spec.eval_every == 0 and step_ < spec.train.num_steps and self._evaluate(step_, stop) is None:
+                    stopped = True
+                    break
+            if self.manager.latest_step() != step_:
+                self._save(step_, force=True)
+            self.manager.wait_until_finished()
+            if stopped:
+                log.warning("stopped: saved step %d", step_)
+                return {}
+            results = self._evaluate(step_, stop)
+            if results is None:
+                log.warning("stopped during the final evaluation: step %d is saved", step_)
+                return {}
+            self.writer.write(step_, dict(zip(pipeline.COUNT_KEYS, self.counts.tolist())), "counts")
+            export_reward_model(spec, self.workdir / REWARD_MODEL_DIR, self.base, self.state["trainable"], self.processor)
+            return results
+        finally:
+            self.writer.close()
+            self.manager.close()
+
+
+def _step_scalars(metrics: dict) -> dict:
+    """The step's loss and accuracy, global across processes."""
+    return {"loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]),
+            "grad_norm": float(metrics["grad_norm"]), "examples_per_step": int(metrics["examples"])}
+
+
+class _Throughput:
+    """This process's examples and tokens per second, and its rows' share of real tokens, since the last `take`."""
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self) -> None:
+        self.start, self.steps, self.examples, self.tokens, self.slots = time.time(), 0, 0, 0, 0
+
+    def add(self, local: dict) -> None:
+        self.steps += 1
+        self.examples += int((local["labels"] >= 0).sum())
+        self.tokens += int((local["segment_ids"] > 0).sum())
+        self.slots += local["tokens"].size
+
+    def take(self) -> dict:
+        elapsed = time.time() - self.start
+        out = {"tokens_per_s": self.tokens / elapsed, "examples_per_s": self.examples / elapsed,
+               "packing_efficiency": self.tokens / self.slots}
+        self._reset()
+        return out

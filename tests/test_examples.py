@@ -19,8 +19,8 @@ RECORD = {"prompt": "Which colour is the square?",
 
 
 @pytest.fixture(scope="module")
-def setup(processor_dir, tiny_models):
-    return load_processor(processor_dir), checkpoint.load_config(tiny_models.converted_native)
+def setup(processor_dir):
+    return load_processor(processor_dir)
 
 
 def _image():
@@ -28,15 +28,15 @@ def _image():
 
 
 def _build(setup, record=RECORD, media=None, budget=examples.Budget(), seed=0):
-    processor, config = setup
+    processor = setup
     counts = collections.Counter()
-    example = examples.training_example(record, media or {}, processor, config, budget,
+    example = examples.training_example(record, media or {}, processor, budget,
                                         np.random.default_rng(seed), counts, "record 3")
     return example, counts
 
 
 def _response_texts(setup, example):
-    tokenizer = setup[0].tokenizer
+    tokenizer = setup.tokenizer
     tokens = example["tokens"][0]
     return [tokenizer.decode(tokens[s: r + 1]).strip() for s, r in zip(example["response_starts"][0],
                                                                         example["read_positions"][0])]
@@ -72,10 +72,10 @@ def test_responses_that_do_not_fit_are_dropped_and_counted(setup):
     ranks = example["rankings"][0]
     assert ranks[example["labels"][0]] == ranks.min()  # label re-derived from the survivors
     # The media, preprocessed once and reused across the drop, as a fresh formatting of the survivors.
-    processor, config = setup
+    processor = setup
     fresh = batch_from_processor(formatting.format_example(
         processor, RECORD["prompt"], _response_texts(setup, example), **_image(),
-        max_crops=examples.Budget().crop_fallback[0]).processor_outputs, config)
+        max_crops=examples.Budget().crop_fallback[0]).processor_outputs, processor.image_patch_id)
     assert set(fresh) <= set(example)
     for key, value in fresh.items():
         np.testing.assert_array_equal(example[key], value, err_msg=key)

@@ -102,7 +102,7 @@ def test_ids_and_media_equal_the_processor_on_the_whole_text(processor, hf_proce
 
 def test_processor_outputs_feed_batch_from_processor(processor):
     example = format_example(processor, "Compare.", ["A.", "B."], **MEDIA["two_images"])
-    batch = batch_from_processor(example.processor_outputs, Molmo2Config())
+    batch = batch_from_processor(example.processor_outputs, Molmo2Config().image_patch_id)
     np.testing.assert_array_equal(batch["tokens"][0], example.input_ids)
     assert batch["crops"].shape[1] == example.processor_outputs["image_num_crops"].sum()
 

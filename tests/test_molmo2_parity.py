@@ -29,7 +29,7 @@ def _ours(converted_dir, batch):
 
 def _compare(tiny, inputs, report=None):
     cfg = checkpoint.load_config(tiny.converted_native)
-    batch = batch_from_processor(inputs, cfg)
+    batch = batch_from_processor(inputs, cfg.image_patch_id)
     # Left-padded rows: both sides get the same positions (the reference's default is arange).
     hf_hidden, hf_logits = oracle.hf_forward(tiny.torch_model, {**inputs, "position_ids": torch.tensor(batch["positions"])})
     hidden, logits = _ours(tiny.converted_native, batch)
@@ -120,7 +120,7 @@ def test_olmo_qk_norm_and_norm_after(tmp_path):
 def test_bfloat16_forward_stays_close_to_float32(tiny_models, processor):
     inputs = _chat(processor, [{"type": "image"}, {"type": "text", "text": "Describe."}], images=[_image(8, 200, 160)])
     cfg, params = checkpoint.load_base(tiny_models.converted_native)
-    batch = batch_from_processor(inputs, cfg)
+    batch = batch_from_processor(inputs, cfg.image_patch_id)
     h32 = Molmo2(cfg).apply({"params": params}, batch)
     p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     h16 = Molmo2(cfg.replace(dtype="bfloat16", param_dtype="bfloat16")).apply({"params": p16}, batch)

@@ -58,9 +58,8 @@ def corpus(tmp_path_factory):
 
 def test_bad_inputs_are_counted_skips_and_the_rest_is_used(corpus, processor_dir, tiny_models, caplog):
     processor = load_processor(processor_dir)
-    config = checkpoint.load_config(tiny_models.converted_native)
     counter = records.SkipCounter()
-    built = records.build_examples(corpus / "train.jsonl", processor, config, examples.Budget(),
+    built = records.build_examples(corpus / "train.jsonl", processor, examples.Budget(),
                                    np.random.default_rng(0), counter, media_root=corpus / "media")
     assert len(built) == 4
     assert counter["bad_image"] == 2 and counter["missing_file"] == 1 and counter["path_outside_root"] == 1
@@ -95,8 +94,7 @@ def test_the_tfds_build_of_a_corpus_gives_the_same_examples_and_skips(corpus, pr
     from_jsonl = records.read_jsonl(corpus / "train.jsonl")
     assert len(source) == len(from_jsonl) == 13
 
-    config = checkpoint.load_config(tiny_models.converted_native)
-    prepare = pipeline.PrepareExample(processor_dir, config, examples.Budget(), seed=0, media_root=corpus / "media")
+    prepare = pipeline.PrepareExample(processor_dir, examples.Budget(), seed=0, media_root=corpus / "media")
     used = 0
     for index, jsonl_item in enumerate(from_jsonl):
         tfds_item = source[index]

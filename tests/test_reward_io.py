@@ -198,7 +198,7 @@ def batches(examples, loaded):
     """Our batches, padded to one static shape for text and one for media (padding tokens in segment 0,
     zero crops, -1 pooling slots, -1 read positions), so that two compiled programs serve every case."""
     cfg = loaded["native"].backbone.config
-    raw = {key: {**batch_from_processor(ex.processor_outputs, cfg), "read_positions": ex.read_positions[None]}
+    raw = {key: {**batch_from_processor(ex.processor_outputs, cfg.image_patch_id), "read_positions": ex.read_positions[None]}
            for key, ex in examples.items()}
     tokens = max(b["tokens"].shape[1] for b in raw.values())
     crops, pooled, slots = (max(b[k].shape[i] for b in raw.values() if "crops" in b)

@@ -35,9 +35,9 @@ def sharded_config(mesh, shared: pathlib.Path):
 
 def run(workdir: pathlib.Path, mesh) -> dict[int, list[float]]:
     """{step: [loss, gradient norm]}."""
-    from mrrm_jax import trainer
+    from mrrm_jax import run_spec, trainer
 
-    trainer.train(sharded_config(mesh, workdir.parent), workdir)
+    trainer.train(run_spec.parse(sharded_config(mesh, workdir.parent)), workdir)
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return {m["step"]: [m["loss"], m["grad_norm"]] for m in lines if m["kind"] == "train"}
 
@@ -68,9 +68,10 @@ def pallas_on_rows_errors() -> list[float]:
 @pytest.mark.slow
 def test_losses_match_across_meshes(tmp_path):
     from configs import demo
-    from mrrm_jax import trainer
+    from mrrm_jax import run_spec
+    from mrrm_jax.data import training_data
 
-    trainer.processor_dir(demo.get_config(), tmp_path)  # writes tmp_path/processor once
+    training_data.processor_dir(run_spec.parse(demo.get_config()).processor, "", tmp_path)  # writes tmp_path/processor once
     reference = run(tmp_path / "one_device", (1, 1, 1))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
            "PJRT_NPROC": "32"}  # enough XLA:CPU threads for 8 devices' collectives (sharding.make_mesh)

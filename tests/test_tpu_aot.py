@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import jax
@@ -46,12 +47,12 @@ def test_segment_flash_attention_compiles_at_molmo2_4b_shapes():
 def test_the_train_step_compiles_for_a_tpu_slice():
     """tools/aot_compile.py's path on the demo model: sharded (fsdp x tensor), Pallas attention, bf16."""
     from configs import demo
-    from mrrm_jax import aot
+    from mrrm_jax import aot, run_spec
 
     cfg = demo.get_config()
     cfg.mesh = dict(data=1, fsdp=2, tensor=2)
     cfg.model.attention, cfg.model.dtype, cfg.model.param_dtype = "pallas", "bfloat16", "bfloat16"
-    report = aot.compile_for(cfg, "v5p:2x2x1")
+    report = aot.compile_for(run_spec.parse(cfg), "v5p:2x2x1")
     assert report.chips == 4 and report.fits and report.flops > 0
 
 
@@ -60,7 +61,7 @@ def test_step_flops_extrapolated_over_depth_match_the_unrolled_step():
     """aot.step_flops (three shallow compiles, linear in depth) == XLA's count of the whole step
     compiled unrolled, on the demo model made deeper (4 ViT and 5 LM layers), with 2 micro-steps."""
     from configs import demo
-    from mrrm_jax import aot, trainer
+    from mrrm_jax import aot, run_spec
 
     cfg = demo.get_config()
     cfg.mesh = dict(data=1, fsdp=2, tensor=2)
@@ -68,7 +69,7 @@ def test_step_flops_extrapolated_over_depth_match_the_unrolled_step():
     cfg.model.dims.vision.num_layers, cfg.model.dims.text.num_layers = 4, 5
     cfg.model.dims.adapter.feature_layers = (3, 1)
     cfg.train.grad_accum = 2
-    config = trainer.model_config(cfg)
-    unrolled = aot._compile(cfg, aot.topology_devices("v5p:2x2x1"), config.replace(scan_unroll=5))
+    spec = run_spec.parse(cfg)
+    unrolled = aot._compile(dataclasses.replace(spec, model=spec.model.replace(scan_unroll=5)), aot.topology_devices("v5p:2x2x1"))
     # XLA counts the micro-step loop's body once: one micro-step of every layer, plus the update.
-    np.testing.assert_allclose(aot.step_flops(cfg, "v5p:2x2x1"), 2 * aot._flops(unrolled), rtol=5e-3)
+    np.testing.assert_allclose(aot.step_flops(spec, "v5p:2x2x1"), 2 * aot._flops(unrolled), rtol=5e-3)

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from mrrm_jax import reward_model, trainer
+from mrrm_jax import reward_model, run_spec, trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,6 +36,10 @@ def small_config(**overrides):
     return cfg
 
 
+def train(cfg, workdir, stop=None) -> dict:
+    return trainer.train(run_spec.parse(cfg), workdir, stop)
+
+
 def losses(workdir: pathlib.Path) -> dict[int, float]:
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return {m["step"]: m["loss"] for m in lines if m["kind"] == "train"}
@@ -45,7 +48,7 @@ def losses(workdir: pathlib.Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight")
-    results = trainer.train(small_config(), workdir)
+    results = train(small_config(), workdir)
     return workdir, results
 
 
@@ -67,21 +70,22 @@ def test_the_finished_run_leaves_a_reward_model_that_scores(straight):
     assert len(first["scores"]) == len(record["responses"]) and all(map(math.isfinite, first["scores"]))
 
 
-def test_resume_after_sigterm_continues_exactly(straight, tmp_path):
+def test_a_stopped_run_resumes_exactly(straight, tmp_path):
     reference = losses(straight[0])
+    stop = threading.Event()
 
-    def interrupt():  # SIGTERM once step 4 is logged, as a preemption would
+    def interrupt():  # stop once step 4 is logged, as the CLI does on SIGTERM
         while not (tmp_path / "metrics.jsonl").exists() or 4 not in losses(tmp_path):
             time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
+        stop.set()
 
     killer = threading.Thread(target=interrupt, daemon=True)
     killer.start()
-    assert trainer.train(small_config(), tmp_path) == {}  # stopped early: saved, no final evaluation
+    assert train(small_config(), tmp_path, stop) == {}  # stopped early: saved, no final evaluation
     killer.join()
     stopped_at = max(losses(tmp_path))
     assert 4 <= stopped_at < 8
-    trainer.train(small_config(), tmp_path)
+    train(small_config(), tmp_path)
     resumed = losses(tmp_path)
     assert sorted(resumed) == list(range(1, 9))
     for step in range(stopped_at + 1, 9):
@@ -91,20 +95,20 @@ def test_resume_after_sigterm_continues_exactly(straight, tmp_path):
 def test_a_checkpoint_of_another_config_is_refused(straight):
     workdir = straight[0]
     before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
-    with pytest.raises(trainer.ConfigError, match=r"another config \(train.learning_rate: checkpoint 0.001, now 0.5"):
-        trainer.train(small_config(**{"train.learning_rate": 0.5}), workdir)
+    with pytest.raises(run_spec.ConfigError, match=r"another config \(train.learning_rate: checkpoint 0.001, now 0.5"):
+        train(small_config(**{"train.learning_rate": 0.5}), workdir)
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
-    with pytest.raises(trainer.ConfigError, match="data.train='/no/such.jsonl' does not exist"):
-        trainer.train(small_config(**{"data.train": "/no/such.jsonl"}), tmp_path / "run")
+    with pytest.raises(run_spec.ConfigError, match="data.train='/no/such.jsonl' does not exist"):
+        train(small_config(**{"data.train": "/no/such.jsonl"}), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
 
 
 def test_a_mesh_the_devices_do_not_fit_is_a_clear_error(tmp_path):
-    with pytest.raises(trainer.ConfigError, match=r"config.mesh: mesh .* needs 2 devices, there are 1"):
-        trainer.train(small_config(**{"mesh.data": 2}), tmp_path / "run")
+    with pytest.raises(run_spec.ConfigError, match=r"config.mesh: mesh .* needs 2 devices, there are 1"):
+        train(small_config(**{"mesh.data": 2}), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
@@ -123,7 +127,7 @@ def test_demo_learns_from_the_media(tmp_path):
     cfg = demo.get_config()
     cfg.data.synthetic = dict(train_images=300, train_videos=300, eval_images=60, eval_videos=60)
     cfg.train.num_steps, cfg.checkpoint.every_steps, cfg.eval.every_steps = 175, 1000, 1000
-    results = trainer.train(cfg, tmp_path)
+    results = train(cfg, tmp_path)
     print(results)
     assert results["eval"]["accuracy_image"] >= 0.8 and results["eval"]["accuracy_video"] >= 0.8
     for control in ("eval_black", "eval_frozen"):
@@ -157,12 +161,12 @@ def test_an_evaluation_with_nothing_to_score_or_with_nan_scores_is_an_error():
 
 def test_plackett_luce_trains_on_the_full_rankings_carried_through_packing(tmp_path):
     """The listwise objective reads each example's best-to-worst order from the packed rows."""
-    results = trainer.train(small_config(**{"train.objective": "plackett_luce", "train.num_steps": 3,
+    results = train(small_config(**{"train.objective": "plackett_luce", "train.num_steps": 3,
                                             "checkpoint.every_steps": 3, "eval.controls": ()}), tmp_path)
     assert all(math.isfinite(loss) and loss > 0 for loss in losses(tmp_path).values())
     assert results["eval"]["examples_image"] == 6
 
 
 def test_an_objective_that_does_not_exist_is_a_config_error(tmp_path):
-    with pytest.raises(trainer.ConfigError, match="train.objective='listwise': expected one of"):
-        trainer.train(small_config(**{"train.objective": "listwise"}), tmp_path / "run")
+    with pytest.raises(run_spec.ConfigError, match="train.objective='listwise': expected one of"):
+        train(small_config(**{"train.objective": "listwise"}), tmp_path / "run")

@@ -18,7 +18,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from mrrm_jax import aot
+from mrrm_jax import aot, run_spec
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file (configs/*.py)", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "e.g. v5p:2x2x1, v4:2x2x1, v5e:4x4")
@@ -27,15 +27,17 @@ _FLOPS = flags.DEFINE_bool("flops", False, "also count the whole step's FLOPs (e
 
 def main(argv) -> None:
     del argv
-    cfg = _CONFIG.value
     try:
-        r = aot.compile_for(cfg, _TOPOLOGY.value)
+        spec = run_spec.parse(_CONFIG.value, training=False)
+        r = aot.compile_for(spec, _TOPOLOGY.value)
+    except run_spec.ConfigError as error:
+        sys.exit(f"error: {error}")
     except jax.errors.JaxRuntimeError as error:  # XLA refuses a program that cannot fit
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise
         sys.exit(f"does not fit: {str(error).splitlines()[0]}")
-    print(f"{r.topology} ({r.chips} x {r.kind}), mesh {dict(cfg.mesh)}, rows/step {cfg.train.rows_per_step} x "
-          f"{cfg.packing.row_tokens} tokens, grad_accum {cfg.train.grad_accum}, remat {cfg.model.remat}")
+    print(f"{r.topology} ({r.chips} x {r.kind}), mesh {spec.mesh}, rows/step {spec.train.rows_per_step} x "
+          f"{spec.row.row_tokens} tokens, grad_accum {spec.train.grad_accum}, remat {spec.model.remat}")
     print(f"per chip: arguments {r.argument_gib:.2f} GiB, outputs {r.output_gib:.2f} GiB (aliased {r.alias_gib:.2f}), "
           f"temporaries {r.temp_gib:.2f} GiB, total {r.total_gib:.2f} GiB of {r.hbm_gib} GiB HBM")
     print(f"FLOPs per chip, each loop body counted once: {r.flops:.3e}")
@@ -44,7 +46,7 @@ def main(argv) -> None:
     if not r.fits:
         sys.exit(f"does not fit: {r.total_gib:.2f} GiB > {r.hbm_gib} GiB")
     if _FLOPS.value:
-        print(f"FLOPs per chip per step: {aot.step_flops(cfg, _TOPOLOGY.value):.3e}")
+        print(f"FLOPs per chip per step: {aot.step_flops(spec, _TOPOLOGY.value):.3e}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import numpy as np
 from mrrm_jax import reward
 from mrrm_jax.data import formatting, preprocess
 from mrrm_jax.hf_interop import batch_from_processor
-from mrrm_jax.models.molmo2.config import Molmo2Config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +61,7 @@ def frames_to_keep(budget: Budget, processor) -> Callable[[dict], np.ndarray]:
     return keep
 
 
-def training_example(record: dict, media: dict, processor, config: Molmo2Config, budget: Budget,
+def training_example(record: dict, media: dict, processor, budget: Budget,
                      rng: np.random.Generator, counts: collections.Counter, record_id: str = "record") -> dict:
     """One-row model batch with `read_positions`, `response_starts` and `labels`; raises `Skip`.
 
@@ -103,7 +102,7 @@ def training_example(record: dict, media: dict, processor, config: Molmo2Config,
         formatted = formatting.format_example(processor, record.get("prompt", ""), responses, **media,
                                               media_cache=media_cache, **options)
 
-    batch = batch_from_processor(formatted.processor_outputs, config)
+    batch = batch_from_processor(formatted.processor_outputs, processor.image_patch_id)
     batch["read_positions"] = formatted.read_positions[None]
     batch["response_starts"] = formatted.response_starts[None]
     batch["labels"] = np.array([reward.label_from_rankings(rankings, rng)], np.int32)

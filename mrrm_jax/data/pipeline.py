@@ -70,11 +70,11 @@ class PrepareExample:
     `default_rng([seed, index])`: the index runs on across epochs, so each epoch shuffles anew.
     """
 
-    def __init__(self, processor_dir, model_config, budget: examples.Budget, seed: int, media_root,
+    def __init__(self, processor_dir, budget: examples.Budget, seed: int, media_root,
                  media_transform: str = "none", row: packing.RowBudget | None = None):
         if media_transform not in MEDIA_TRANSFORMS:
             raise ValueError(f"media_transform={media_transform!r}: expected one of {MEDIA_TRANSFORMS}")
-        self.processor_dir, self.model_config, self.budget = str(processor_dir), model_config, budget
+        self.processor_dir, self.budget = str(processor_dir), budget
         self.row = row  # the packed row every example must fit: one that does not is a skip, not a crash
         self.seed, self.media_transform = seed, media_transform
         self.media_root = None if media_root is None else pathlib.Path(media_root)
@@ -106,7 +106,7 @@ class PrepareExample:
             processor = self.processor
             loaded = blank_media(records.load_media(record, record_id, files, self._local.keep_frames),
                                  self.media_transform)
-            example = examples.training_example(record, loaded, processor, self.model_config, self.budget,
+            example = examples.training_example(record, loaded, processor, self.budget,
                                                 np.random.default_rng([self.seed, index]), counts, record_id)
             over = packing.exceeds(example, self.row) if self.row else []
             if over:

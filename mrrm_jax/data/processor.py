@@ -71,6 +71,11 @@ class Molmo2Processor:
         return getattr(self.tokenizer, "video_token", None) or "<|video|>"
 
     @functools.cached_property
+    def image_patch_id(self) -> int:
+        """The `<im_patch>` token's id: where the model adds each pooled image feature."""
+        return self.tokenizer.convert_tokens_to_ids("<im_patch>")
+
+    @functools.cached_property
     def plain_tokenizer(self) -> tokenizers.Tokenizer:
         """A copy of the tokenizer that reads special-token text as plain text. transformers'
         `split_special_tokens=True` instead flips that flag on the shared backend for the call, which

@@ -119,7 +119,7 @@ class SkipCounter(collections.Counter):
         log.warning("skipped %s", error)
 
 
-def build_examples(path, processor, config, budget: examples.Budget, rng, counter: SkipCounter,
+def build_examples(path, processor, budget: examples.Budget, rng, counter: SkipCounter,
                    media_root: str | pathlib.Path | None = None) -> list[dict]:
     """Every usable record of a JSONL file as a training example; the rest counted in `counter`."""
     path = pathlib.Path(path)
@@ -131,7 +131,7 @@ def build_examples(path, processor, config, budget: examples.Budget, rng, counte
             if not isinstance(record, dict):
                 raise Skip("bad_json", f"{record_id}: not a JSON object")
             loaded = load_media(record, record_id, MediaDir(base), keep)
-            out.append(examples.training_example(record, loaded, processor, config, budget, rng, counter, record_id))
+            out.append(examples.training_example(record, loaded, processor, budget, rng, counter, record_id))
         except Skip as error:
             counter.skip(error)
     return out

@@ -165,7 +165,7 @@ def _cudnn(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt):
 # "xla": dense reference, anywhere. "blockwise": the same mask in skipped tiles, plain XLA (CPU, and a
 # GPU fallback); faster than "xla" from ~1k tokens, forward and backward. "pallas": block-sparse flash
 # kernel for TPU (interpret mode elsewhere, for tests). "cudnn": GPU.
-_BACKENDS = {"xla": _xla, "blockwise": _blockwise, "pallas": _pallas, "cudnn": _cudnn}
+BACKENDS = {"xla": _xla, "blockwise": _blockwise, "pallas": _pallas, "cudnn": _cudnn}
 
 
 def segment_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt, backend: str = "xla"):
@@ -173,6 +173,6 @@ def segment_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt, back
 
     q [B, T, heads, head_dim], k/v [B, T, kv_heads, head_dim] -> [B, T, heads, head_dim].
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"attention backend {backend!r} is not available; choose one of {sorted(_BACKENDS)}")
-    return _BACKENDS[backend](q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt)
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not available; choose one of {sorted(BACKENDS)}")
+    return BACKENDS[backend](q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt)
