@@ -12,15 +12,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
-import ml_collections
 
 from mrrm_jax import checkpoint, lora, reward
 from mrrm_jax.data import examples, packing
 from mrrm_jax.models.attention import BACKENDS
 from mrrm_jax.models.molmo2.config import AdapterConfig, Molmo2Config, TextConfig, VisionConfig
 from mrrm_jax.models.molmo2.language import REMAT_POLICIES
+
+if TYPE_CHECKING:  # configs are ConfigDicts; the spec itself needs no ml_collections (bench/gpu.py runs without it)
+    import ml_collections
 
 # Keys that may differ between a run and the checkpoint it resumes (the rest must match).
 RESUMABLE_CHANGES = ("train.num_steps", "log_every", "checkpoint.every_steps", "checkpoint.keep",

@@ -19,6 +19,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from mrrm_jax import run_spec, trainer
+from mrrm_jax.run_checkpoints import UnusableCheckpoints
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file (configs/*.py)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/mrrm_jax_run", "run directory: checkpoints, metrics, demo data")
@@ -37,7 +38,7 @@ def main(argv) -> None:
     try:
         spec = run_spec.parse(cfg, jax.process_count())
         results = trainer.train(spec, _WORKDIR.value, stop)
-    except (run_spec.ConfigError, trainer.RunError) as error:
+    except (run_spec.ConfigError, trainer.RunError, UnusableCheckpoints) as error:
         sys.exit(f"error: {error}")
     for name, result in results.items():
         shown = "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())

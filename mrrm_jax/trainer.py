@@ -1,6 +1,6 @@
 """Training: restore, step, log, save, evaluate and export, as a run spec says.
 
-The step itself is `step.py`; the data, `data/training_data.py`; the checkpoints, Orbax's manager.
+The step itself is `step.py`; the data, `data/training_data.py`; the checkpoints, `run_checkpoints.py`.
 A run stops early, with a checkpoint, when the caller sets `stop` (the CLI does on SIGTERM): every
 process agrees on when, so multi-host runs stop together.
 """
@@ -8,24 +8,22 @@ process agrees on when, so multi-host runs stop together.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import pathlib
 import shutil
 import threading
 import time
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from mrrm_jax import checkpoint, reward, sharding, step, tree_paths
 from mrrm_jax.data import pipeline, training_data
 from mrrm_jax.metrics import MetricsWriter
 from mrrm_jax.models.molmo2 import Molmo2
+from mrrm_jax.run_checkpoints import RunCheckpoints
 from mrrm_jax.run_spec import ConfigError, RunSpec, check_mesh
 
 log = logging.getLogger(__name__)
@@ -169,41 +167,37 @@ def train(spec: RunSpec, workdir: str | pathlib.Path, stop: threading.Event | No
         return _Run(spec, pathlib.Path(workdir).absolute(), mesh).run(stop or threading.Event())
 
 
-class _IteratorState:
-    """A frozen copy of a data iterator's state for grain's checkpoint handler (the save may be async)."""
-
-    def __init__(self, state: dict):
-        self._state = json.dumps(state).encode()
-
-    def get_state(self) -> bytes:
-        return self._state
-
-
 class _Run:
     """One training run in a workdir: everything `train` sets up, then `run`."""
 
     def __init__(self, spec: RunSpec, workdir: pathlib.Path, mesh):
         self.spec, self.workdir, self.mesh = spec, workdir, mesh
         workdir.mkdir(parents=True, exist_ok=True)
-        self.manager = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
-            max_to_keep=spec.checkpoint_keep, enable_async_checkpointing=True))
-        self.resume_step = self._check_resumable()
         self.train_file = training_data.data_file(spec.data, "train", workdir, spec.seed)
         self.eval_file = training_data.data_file(spec.data, "eval", workdir, spec.seed)
         self.processor = training_data.processor_dir(spec.processor, spec.base_dir, workdir)
         self.local_rows = spec.train.rows_per_step // jax.process_count()
-
-        self.base = load_base(spec, mesh)
-        tx = step.optimizer(spec)
-        make_state = functools.partial(step.init_state, spec, tx=tx)
-        self.state_shardings = sharding.tree_shardings(jax.eval_shape(make_state, self.base), mesh)
-        self.state = jax.jit(make_state, out_shardings=self.state_shardings)(self.base)
-        model = step.model(spec)
-        self.step_fn = jax.jit(functools.partial(step.train_step, model, tx), donate_argnums=(0,),
-                               out_shardings=(self.state_shardings, None))
-        self.scores_fn = jax.jit(functools.partial(step.eval_scores, model))
         self.train_iter = iter(self._batches(self.train_file, train=True, rows=self.local_rows))
         self.counts = np.zeros(len(pipeline.COUNT_KEYS), np.int64)
+
+        tx = step.optimizer(spec)
+        make_state = functools.partial(step.init_state, spec, tx=tx)
+        abstract_state = jax.eval_shape(make_state, step.abstract_base(spec.model))
+        state_shardings = sharding.tree_shardings(abstract_state, mesh)
+        # Restored before the base is loaded: another config's checkpoints are refused at once.
+        self.checkpoints = RunCheckpoints(workdir / "checkpoints", spec.checkpoint_keep)
+        try:
+            restored = self._restore(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                                  abstract_state, state_shardings))
+        except BaseException:
+            self.checkpoints.close()  # its background threads would outlive the error
+            raise
+        self.base = load_base(spec, mesh)
+        self.state = restored if restored is not None else jax.jit(make_state, out_shardings=state_shardings)(self.base)
+        model = step.model(spec)
+        self.step_fn = jax.jit(functools.partial(step.train_step, model, tx), donate_argnums=(0,),
+                               out_shardings=(state_shardings, None))
+        self.scores_fn = jax.jit(functools.partial(step.eval_scores, model))
         self.writer = MetricsWriter(workdir, spec.train.num_steps)
 
     def _packing(self, rows: int) -> pipeline.PackingConfig:
@@ -217,35 +211,27 @@ class _Run:
 
     # checkpoints
 
-    def _check_resumable(self) -> int | None:
-        """The step to resume from, after checking the checkpoint was written by this config."""
-        step_ = self.manager.latest_step()
-        if step_ is None:
+    def _restore(self, abstract_state) -> dict | None:
+        """The newest readable checkpoint's state (the data iterator and counts set to match), or None."""
+        restored = self.checkpoints.restore(abstract_state, self.train_iter, self._check_same_config)
+        if restored is None:
             return None
-        saved = self.manager.restore(step_, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]["config"]
-        now = self.spec.fingerprint
+        step_, state, run = restored
+        self.counts = np.array([run["counts"].get(k, 0) for k in pipeline.COUNT_KEYS], np.int64)
+        log.info("resumed from step %d", step_)
+        return state
+
+    def _check_same_config(self, run: dict) -> None:
+        saved, now = run["config"], self.spec.fingerprint
         diffs = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if diffs:
             shown = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in diffs[:8])
             raise ConfigError(f"workdir {self.workdir} holds checkpoints of another config ({shown}). Nothing "
                               "was changed; use a new --workdir or the config that wrote them.")
-        return step_
-
-    def _restore(self) -> None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
-        restored = self.manager.restore(self.resume_step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(self.train_iter),
-            run=ocp.args.JsonRestore()))
-        self.state = restored["state"]
-        self.counts = np.array([restored["run"]["counts"].get(k, 0) for k in pipeline.COUNT_KEYS], np.int64)
-        log.info("resumed from step %d", self.resume_step)
 
     def _save(self, step_: int, force: bool = False) -> None:
         run = {"config": self.spec.fingerprint, "counts": dict(zip(pipeline.COUNT_KEYS, self.counts.tolist()))}
-        self.manager.save(step_, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(self.state),
-            data=grain.checkpoint.CheckpointSave(_IteratorState(self.train_iter.get_state())),
-            run=ocp.args.JsonSave(run)), force=force)
+        self.checkpoints.save(step_, self.state, self.train_iter.get_state(), run, force)
 
     # evaluation
 
@@ -272,8 +258,6 @@ class _Run:
     def run(self, stop: threading.Event) -> dict:
         spec = self.spec
         try:
-            if self.resume_step is not None:
-                self._restore()
             step_ = int(self.state["step"])
             rng = jax.random.key(spec.seed + 2)
             throughput = _Throughput()
@@ -300,9 +284,9 @@ class _Run:
                 if step_ % spec.eval_every == 0 and step_ < spec.train.num_steps and self._evaluate(step_, stop) is None:
                     stopped = True
                     break
-            if self.manager.latest_step() != step_:
+            if self.checkpoints.latest_step() != step_:
                 self._save(step_, force=True)
-            self.manager.wait_until_finished()
+            self.checkpoints.wait()
             if stopped:
                 log.warning("stopped: saved step %d", step_)
                 return {}
@@ -315,7 +299,7 @@ class _Run:
             return results
         finally:
             self.writer.close()
-            self.manager.close()
+            self.checkpoints.close()
 
 
 def _step_scalars(metrics: dict) -> dict:
