@@ -77,7 +77,7 @@ def fake_example(rng) -> dict:
     if crops:
         example["crops"] = np.zeros((1, crops, 1, 1), np.float32)
         example["pooling"] = np.zeros((1, pooled, 9), np.int32)
-    return {"example": example, "counts": np.zeros(len(pipeline.COUNT_KEYS), np.int64)}
+    return {"example": example, "counts": np.zeros(len(pipeline.COUNT_KEYS), np.int64), "skip": None}
 
 
 def packing_efficiency(num_examples: int, row_tokens: int, window: int) -> tuple[float, float, float]:

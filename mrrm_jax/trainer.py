@@ -67,7 +67,7 @@ def to_global(local: dict, mesh, micro_steps: int | None = None) -> dict:
     """A host batch [rows_local, ...] -> global arrays; with `micro_steps`, [micro, rows, ...]."""
     out = {}
     for name, value in local.items():
-        if name in ("counts", "media_kind"):
+        if name in ("counts", "skips", "media_kind"):
             continue  # host-side bookkeeping
         if micro_steps is not None:
             value = value.reshape(micro_steps, -1, *value.shape[1:])

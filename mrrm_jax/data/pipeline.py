@@ -11,7 +11,9 @@ next row and at the start of the window before it, the arrival indices of the ex
 that one, and the index of the next row. Restoring re-reads that window (and the one before, when
 it carried examples) and re-packs identically.
 Skips and drops travel inside the batches as a count vector (`COUNT_KEYS`), also from the workers,
-so nothing is lost silently and the counts survive a restore exactly.
+and every skipped record by name (`Skipped`: its id, reason and message), so nothing is lost silently
+and both survive a restore exactly. A broken pipeline is loud instead: `PipelineError` when a window's
+records fail unexpectedly (not for an ordinary data reason) too often, or a whole pass gives no example.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import dataclasses
 import logging
 import pathlib
 import threading
+from typing import NamedTuple
 
 import grain
 import numpy as np
@@ -48,6 +51,25 @@ def count_vector(counts: dict) -> np.ndarray:
     return np.array([counts.get(k, 0) for k in COUNT_KEYS], np.int64)
 
 
+DETAIL_CHARS = 200  # a skip's message is cut to this: an exception's message can be a whole file
+
+
+class Skipped(NamedTuple):
+    """One skipped record, as it travels in a batch's "skips" (a list): JSON with `json.dumps(s._asdict())`."""
+    record_id: str
+    reason: str  # its key in COUNT_KEYS
+    detail: str  # the `Skip`'s message, or "ExceptionType: message" for an unexpected error
+
+
+def _detail(message: str) -> str:
+    """A skip's message on one line (an exception's can span many), at most `DETAIL_CHARS` long."""
+    return " ".join(message.split())[:DETAIL_CHARS]
+
+
+class PipelineError(Exception):
+    """The input pipeline is broken, not a record: most records fail unexpectedly, or none gives an example."""
+
+
 def blank_media(loaded: dict, transform: str) -> dict:
     """The controls: "black" zeroes images and frames; "frozen" repeats a video's first frame."""
     if transform == "none":
@@ -62,7 +84,8 @@ def blank_media(loaded: dict, transform: str) -> dict:
 
 
 class PrepareExample:
-    """(index, (record id, record)) -> {"example": one-row example or None, "counts": [len(COUNT_KEYS)]}.
+    """(index, (record id, record)) -> {"example": one-row example or None, "counts": [len(COUNT_KEYS)],
+    "skip": the `Skipped` when "example" is None, else None}.
 
     Runs inside the grain workers, on grain's reader threads; the processor's fast tokenizer is not
     thread-safe, so each thread opens its own processor, lazily; it is never pickled. Videos decode
@@ -99,7 +122,7 @@ class PrepareExample:
         record_id, record = item[:2]
         files = records.MediaBlobs(item[2]) if len(item) == 3 else records.MediaDir(self.media_root)
         counts = collections.Counter()
-        example = None
+        example = skip = None
         try:
             if not isinstance(record, dict):
                 raise Skip("bad_json", f"{record_id}: not a JSON object")
@@ -115,13 +138,13 @@ class PrepareExample:
             example["media_kind"] = np.array([MEDIA_KINDS.index(kind)], np.int32)
         except Skip as error:
             counts[error.reason] += 1
-            example = None
+            example, skip = None, Skipped(record_id, error.reason, _detail(str(error)))
             log.warning("skipped %s", error)
-        except Exception as error:  # a long run never dies on one record; counted and logged with its id
+        except Exception as error:  # one record never ends a run; many do (`PackingConfig.max_unexpected_error_rate`)
             counts["unexpected_error"] += 1
-            example = None
+            example, skip = None, Skipped(record_id, "unexpected_error", _detail(f"{type(error).__name__}: {error}"))
             log.exception("skipped %s: unexpected %s: %s", record_id, type(error).__name__, error)
-        return {"example": example, "counts": count_vector(counts)}
+        return {"example": example, "counts": count_vector(counts), "skip": skip}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +153,11 @@ class PackingConfig:
     patch_dim: tuple[int, int]  # (patches per crop, values per patch)
     rows_per_batch: int
     window: int = 64  # examples read and packed together (first-fit decreasing); larger packs tighter, holds more
+    # More than this share of a window's records failing with an unexpected error (an exception that is not
+    # a `Skip`: a bug, a broken processor, not bad data) is a `PipelineError`; 1.0 never raises. Records
+    # skipped for a data reason (too_long, missing_file, ...) are left out of the share: they say nothing
+    # of whether the pipeline works, and left in, a corpus of many of them would hide a broken one.
+    max_unexpected_error_rate: float = 0.5
 
 
 # A row whose fullest budget is below this share, packed from one window's examples alone, waits for the
@@ -137,16 +165,24 @@ class PackingConfig:
 # rows left under it; higher carries rows that are nearly full already, for no fewer rows in the end.
 CARRY_BELOW = 0.9
 
+# A window's share of unexpected errors raises only from this many on: a window that ends after a few
+# records (the last one of a finite run, or a window of a few examples) must not raise for one or two.
+MIN_UNEXPECTED_ERRORS = 5
+
 
 class PackedBatches(grain.IterDataset):
-    """Batches [rows_per_batch, ...] of packed rows; see the module docstring for the state."""
+    """Batches [rows_per_batch, ...] of packed rows; see the module docstring for the state.
 
-    def __init__(self, parent: grain.IterDataset, config: PackingConfig):
+    `records`: the records in one pass over the parent (an epoch of this process's shard), when known:
+    then a whole pass that gives no example is a `PipelineError`, not an endless read of skips.
+    """
+
+    def __init__(self, parent: grain.IterDataset, config: PackingConfig, records: int | None = None):
         super().__init__(parent)
-        self.config = config
+        self.config, self.records = config, records
 
     def __iter__(self):
-        return _PackedBatchIterator(self._parent.__iter__(), self.config)
+        return _PackedBatchIterator(self._parent.__iter__(), self.config, self.records)
 
 
 class _PackedBatchIterator(grain.DatasetIterator):
@@ -156,38 +192,71 @@ class _PackedBatchIterator(grain.DatasetIterator):
     State: where the previous window and this one start in the parent, which of the previous window's
     examples (by arrival index) were carried into this one, and the next row. Restoring re-reads the
     previous window for those examples only when there are any, then re-reads and re-packs this one.
+    The first row of a window carries the counts and skips of every record read for it, so a restore
+    emits each exactly once; both failure checks look at one window's records only, so a restore that
+    re-reads a window raises where the first read did.
     """
 
-    def __init__(self, parent: grain.DatasetIterator, config: PackingConfig):
+    def __init__(self, parent: grain.DatasetIterator, config: PackingConfig, records: int | None):
         super().__init__(parent)
-        self.config = config
+        self.config, self._records = config, records
         self._window_start = self._previous_start = parent.get_state()
         self._carried_in: list[int] = []  # arrival indices in the previous window
         self._carry_out: list[tuple[int, dict]] = []  # (arrival index in this window, example)
         self._rows: list[list[dict]] = []  # examples per row, packed as they are emitted
         self._counts = np.zeros(len(COUNT_KEYS), np.int64)
+        self._skips: list[Skipped] = []
         self._next_row = 0
         self._exhausted = False
 
-    def _read(self) -> tuple[list[dict], np.ndarray]:
-        """The next window's examples in arrival order, and the counts of every record read for them."""
-        window, counts = [], np.zeros(len(COUNT_KEYS), np.int64)
+    def _read(self) -> tuple[list[dict], np.ndarray, list[Skipped]]:
+        """The next window's examples in arrival order, and the counts and skips of every record read for
+        them. Raises `PipelineError` for too many unexpected errors or a whole pass without an example."""
+        window, counts, skips = [], np.zeros(len(COUNT_KEYS), np.int64), []
+        unexpected = barren = 0  # barren: records since the last example
         while len(window) < self.config.window:
             try:
                 item = next(self._parent)
             except StopIteration:
                 self._exhausted = True
+                self._check_errors(skips, unexpected, len(window))
                 break
             counts += item["counts"]
             if item["example"] is not None:
                 window.append(item["example"])
-        return window, counts
+                barren = 0
+                continue
+            skips.append(item["skip"])
+            barren += 1
+            if item["skip"].reason == "unexpected_error":
+                unexpected += 1
+                # Judged as soon as it is certain, since a window whose every record fails never ends: the
+                # share only grows with more failures, and the window gives `window` examples at most.
+                self._check_errors(skips, unexpected, self.config.window)
+            # A window ends on its last example, so no run of skips spans two windows. Any 2N - 1 records in
+            # a row hold one whole pass over the N records (each epoch in its own order), where N in a row
+            # need not: the only good record may come first in one epoch and last in the next.
+            if self._records and barren >= 2 * self._records - 1:
+                raise PipelineError(
+                    f"{barren} records in a row gave no example, a whole pass over this process's {self._records} "
+                    f"records and more: {_most_common(skips[-barren:], 'reason')}")
+        return window, counts, skips
+
+    def _check_errors(self, skips: list[Skipped], unexpected: int, examples: int) -> None:
+        """`PipelineError` if `unexpected` errors are over the limit in a window of `examples` examples."""
+        rate = self.config.max_unexpected_error_rate
+        if unexpected >= MIN_UNEXPECTED_ERRORS and unexpected > rate * (unexpected + examples):
+            failed = [skip for skip in skips if skip.reason == "unexpected_error"]
+            raise PipelineError(
+                f"{unexpected} records failed unexpectedly in a packing window where at most {examples} gave an "
+                f"example, more than max_unexpected_error_rate={rate:g} of its records (skips for data reasons "
+                f"aside): {_most_common(failed, 'detail')}")
 
     def _next_window(self) -> None:
         carried = self._carry_out
         self._previous_start, self._window_start = self._window_start, self._parent.get_state()
         self._carried_in = [index for index, _ in carried]
-        arrivals, self._counts = self._read()
+        arrivals, self._counts, self._skips = self._read()
         # Carried examples first, so the rows they open fill up with this window's; each part longest
         # first (stable): identical on every re-read.
         order = [(None, example) for _, example in _longest_first(carried)] + _longest_first(list(enumerate(arrivals)))
@@ -201,7 +270,7 @@ class _PackedBatchIterator(grain.DatasetIterator):
                 self._rows.append(examples)
             else:
                 self._carry_out += row
-        if not self._rows and self._counts.any():  # a window of skips only: an empty row carries its counts
+        if not self._rows and self._counts.any():  # a window of skips only: an empty row carries them
             self._rows = [[]]
         self._next_row = 0
 
@@ -210,7 +279,9 @@ class _PackedBatchIterator(grain.DatasetIterator):
         while len(rows) < self.config.rows_per_batch:
             if self._next_row < len(self._rows):
                 row = packing.pack_row(self._rows[self._next_row], self.config.row, self.config.patch_dim)
-                row["counts"] = self._counts if self._next_row == 0 else np.zeros_like(self._counts)
+                first = self._next_row == 0
+                row["counts"] = self._counts if first else np.zeros_like(self._counts)
+                row["skips"] = self._skips if first else []
                 rows.append(row)
                 self._next_row += 1
             elif self._exhausted:
@@ -231,7 +302,7 @@ class _PackedBatchIterator(grain.DatasetIterator):
         # .get: a state saved before carrying existed restores as one that carried nothing.
         if state.get("carried"):  # re-read the previous window: it ends where this one starts
             self._parent.set_state(state["previous_window_start"])
-            previous, _ = self._read()
+            previous, _, _ = self._read()
             self._carry_out = [(index, previous[index]) for index in state["carried"]]
         else:
             self._parent.set_state(state["window_start"])
@@ -244,13 +315,26 @@ def _longest_first(examples: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
     return sorted(examples, key=lambda item: -item[1]["tokens"].shape[1])
 
 
+def _most_common(skips: list[Skipped], field: str) -> str:
+    """The three commonest values of `field` among `skips`, each with its count and a few record ids."""
+    ids = collections.defaultdict(list)
+    for skip in skips:
+        ids[getattr(skip, field)].append(skip.record_id)
+    top = sorted(ids.items(), key=lambda item: -len(item[1]))[:3]
+    return "; ".join(f"{value} x{len(records)} (records {', '.join(records[:3])}{', ...' * (len(records) > 3)})"
+                     for value, records in top)
+
+
 def _empty_row(config: PackingConfig) -> dict:
-    return {**packing.pack_row([], config.row, config.patch_dim), "counts": np.zeros(len(COUNT_KEYS), np.int64)}
+    return {**packing.pack_row([], config.row, config.patch_dim), "counts": np.zeros(len(COUNT_KEYS), np.int64),
+            "skips": []}
 
 
 def _stack(rows: list[dict]) -> dict:
-    batch = {name: np.concatenate([row[name] for row in rows]) for name in rows[0] if name != "counts"}
+    host = ("counts", "skips")
+    batch = {name: np.concatenate([row[name] for row in rows]) for name in rows[0] if name not in host}
     batch["counts"] = np.sum([row["counts"] for row in rows], axis=0)
+    batch["skips"] = [skip for row in rows for skip in row["skips"]]
     return batch
 
 
@@ -281,4 +365,4 @@ def batches(items, prepare: PrepareExample, packing_config: PackingConfig, seed:
     dataset = dataset.map_with_index(prepare).to_iter_dataset(read)
     if num_workers:
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return PackedBatches(dataset, packing_config)
+    return PackedBatches(dataset, packing_config, records=len(range(shard_index, len(items), shard_count)))
