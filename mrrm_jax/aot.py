@@ -69,7 +69,7 @@ def topology_devices(topology: str):
 
 def _compile(spec: RunSpec, devices):
     mesh = sharding.make_mesh(spec.mesh, devices)
-    check_mesh(spec, mesh)
+    check_mesh(spec, mesh, 1)  # compiled for the slice as one program
     step_fn, args = abstract_step(spec, mesh)
     with jax.set_mesh(mesh):  # as in training: activations pinned to the batch axes (constrain_rows)
         return step_fn.lower(*args).compile()

@@ -1,7 +1,8 @@
-"""Training metrics: a console progress line, TensorBoard event files and `metrics.jsonl`.
+"""Training records: a console progress line, TensorBoard event files, `metrics.jsonl`, `skips.jsonl`.
 
-Only process 0 writes. `metrics.jsonl` (one JSON object per logged step) is what tests and scripts
-read; TensorBoard reads the event files under `workdir/tensorboard`.
+Only process 0 writes metrics. `metrics.jsonl` (one JSON object per logged step) is what tests and
+scripts read; TensorBoard reads the event files under `workdir/tensorboard`. Every process names
+the records its data shard skipped in its own skips file.
 """
 
 from __future__ import annotations
@@ -45,3 +46,27 @@ class MetricsWriter:
         if self.enabled:
             self._tensorboard.close()
             self._jsonl.close()
+
+
+class SkipLog:
+    """`skips.jsonl` (`skips.process<i>.jsonl` on several processes): one line per skipped training
+    record, {"step": the step that read it, "record_id", "reason", "detail"}."""
+
+    def __init__(self, workdir: str | pathlib.Path, from_step: int):
+        name = "skips.jsonl" if jax.process_count() == 1 else f"skips.process{jax.process_index()}.jsonl"
+        self.path = pathlib.Path(workdir) / name
+        if self.path.exists():
+            # A run resumed from `from_step` reads the records after it again: the lines an interrupted
+            # run wrote for them go, so each skip is named once.
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= from_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(self.path, "a")
+
+    def write(self, step: int, skips: list) -> None:
+        for skip in skips:
+            self._file.write(json.dumps({"step": step, **skip._asdict()}) + "\n")
+        if skips:
+            self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

@@ -102,15 +102,12 @@ class RunSpec:
         return self.train.rows_per_step // self.train.grad_accum
 
 
-def parse(cfg: ml_collections.ConfigDict, process_count: int = 1, training: bool = True) -> RunSpec:
-    """The spec of `cfg`, or a `ConfigError`. `training=False` (AOT compiles) allows a preset without
-    weights and no training data."""
+def parse(cfg: ml_collections.ConfigDict, training: bool = True) -> RunSpec:
+    """The spec of `cfg`, or a `ConfigError`; needs no device (the CLI parses before JAX starts).
+    `training=False` (AOT compiles) allows a preset without weights and no training data."""
     c = cfg
     _check(c.train.grad_accum >= 1 and c.train.rows_per_step % c.train.grad_accum == 0,
            f"train.rows_per_step={c.train.rows_per_step} is not a multiple of train.grad_accum={c.train.grad_accum}")
-    _check(c.train.rows_per_step % process_count == 0,
-           f"train.rows_per_step={c.train.rows_per_step} does not split over {process_count} processes: "
-           "make it a multiple of the process count")
     _check(c.train.objective in reward.OBJECTIVES, f"train.objective={c.train.objective!r}: expected one of {reward.OBJECTIVES}")
     if training and not c.data.train:
         _fail("data.train is empty: give a JSONL file, tfds:DATA_DIR:SPLIT or 'synthetic'")
@@ -133,7 +130,7 @@ def parse(cfg: ml_collections.ConfigDict, process_count: int = 1, training: bool
     budget = examples.Budget(**c.budget.to_dict())
     p = c.packing
     row = packing.RowBudget(p.row_tokens, p.row_crops, p.row_pooled, p.row_examples, p.max_responses, p.pool_slots)
-    _check_row_holds_budget(row, budget, processor)
+    _check_row_holds_budget(row, budget)
     try:
         head = reward.HeadConfig(**c.head.to_dict())
     except (TypeError, ValueError) as error:
@@ -153,8 +150,12 @@ def parse(cfg: ml_collections.ConfigDict, process_count: int = 1, training: bool
         fingerprint=_fingerprint(c))
 
 
-def check_mesh(spec: RunSpec, mesh) -> None:
-    """Every micro-step's rows split evenly over the mesh's batch axes (data x fsdp)."""
+def check_mesh(spec: RunSpec, mesh, process_count: int) -> None:
+    """Every process reads as many rows, and every micro-step's rows split evenly over the mesh's batch
+    axes (data x fsdp)."""
+    _check(spec.train.rows_per_step % process_count == 0,
+           f"train.rows_per_step={spec.train.rows_per_step} does not split over {process_count} processes: "
+           "make it a multiple of the process count")
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
     _check(spec.micro_rows % ways == 0,
            f"train.rows_per_step={spec.train.rows_per_step} must be a multiple of data x fsdp x grad_accum = "
@@ -188,20 +189,25 @@ def _model(m) -> Molmo2Config:
         _fail(f"model.dims: {error}")
 
 
-def _check_row_holds_budget(row: packing.RowBudget, budget: examples.Budget, processor: ProcessorSpec) -> None:
-    """An example the length budget accepts with one image or one video must fit an empty row; records
-    beyond that (many images, more responses than a row's slots) are counted skips, not config errors."""
+def check_row_crops(spec: RunSpec, max_crops: int) -> None:
+    """One image at the processor's `max_crops` (+ its low-resolution view) and one video at the
+    budget's first frame count fit an empty row (the processor is only known once its files are)."""
+    needed = max(max_crops + 1, spec.budget.max_frames)
+    _check(needed <= spec.row.row_crops,
+           f"packing.row_crops={spec.row.row_crops} holds neither an image of the processor's max_crops={max_crops} "
+           f"(+1) nor a video of budget.max_frames={spec.budget.max_frames}: raise row_crops to {needed} or lower those")
+
+
+def _check_row_holds_budget(row: packing.RowBudget, budget: examples.Budget) -> None:
+    """An example the length budget accepts must fit an empty row in tokens, pooled tokens and
+    responses (crops: `check_row_crops`); records beyond that (many images, more responses than a
+    row's slots) are counted skips, not config errors."""
     _check(budget.max_tokens <= row.row_tokens,
            f"budget.max_tokens={budget.max_tokens} exceeds packing.row_tokens={row.row_tokens}: examples the "
            "budget accepts would not fit a row; lower the budget or raise the row")
     _check(budget.max_vision_tokens <= row.row_pooled,
            f"budget.max_vision_tokens={budget.max_vision_tokens} exceeds packing.row_pooled={row.row_pooled}: "
            "lower the budget or raise the row")
-    image_crops = min(processor.max_crops, max(budget.crop_fallback)) + 1  # the crops and the low-resolution view
-    _check(max(image_crops, budget.max_frames) <= row.row_crops,
-           f"packing.row_crops={row.row_crops} holds neither an image of processor.kwargs.max_crops="
-           f"{processor.max_crops} (+1) nor a video of budget.max_frames={budget.max_frames}: raise row_crops to "
-           f"{max(image_crops, budget.max_frames)} or lower those")
     _check(row.max_responses >= 2, f"packing.max_responses={row.max_responses}: an example has 2 responses or more")
     _check(row.row_examples >= 1, f"packing.row_examples={row.row_examples} must be at least 1")
 

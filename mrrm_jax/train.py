@@ -19,6 +19,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from mrrm_jax import run_spec, trainer
+from mrrm_jax.data.pipeline import PipelineError
 from mrrm_jax.run_checkpoints import UnusableCheckpoints
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file (configs/*.py)", lock_config=True)
@@ -31,14 +32,14 @@ def main(argv) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and grain log every save at INFO
     logging.getLogger("mrrm_jax").setLevel(logging.INFO)
     cfg = _CONFIG.value
-    if cfg.distributed:
-        jax.distributed.initialize()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        spec = run_spec.parse(cfg, jax.process_count())
+        spec = run_spec.parse(cfg)  # before JAX starts: a config error is the only output
+        if cfg.distributed:
+            jax.distributed.initialize()
         results = trainer.train(spec, _WORKDIR.value, stop)
-    except (run_spec.ConfigError, trainer.RunError, UnusableCheckpoints) as error:
+    except (run_spec.ConfigError, trainer.RunError, UnusableCheckpoints, PipelineError) as error:
         sys.exit(f"error: {error}")
     for name, result in results.items():
         shown = "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())

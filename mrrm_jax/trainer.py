@@ -21,10 +21,10 @@ from jax.experimental import multihost_utils
 
 from mrrm_jax import checkpoint, reward, sharding, step, tree_paths
 from mrrm_jax.data import pipeline, training_data
-from mrrm_jax.metrics import MetricsWriter
+from mrrm_jax.metrics import MetricsWriter, SkipLog
 from mrrm_jax.models.molmo2 import Molmo2
 from mrrm_jax.run_checkpoints import RunCheckpoints
-from mrrm_jax.run_spec import ConfigError, RunSpec, check_mesh
+from mrrm_jax.run_spec import ConfigError, RunSpec, check_mesh, check_row_crops
 
 log = logging.getLogger(__name__)
 REWARD_MODEL_DIR = "reward_model"
@@ -95,6 +95,7 @@ def evaluate(scores_fn, state, base, batches, mesh, empty: dict, stop: threading
     """
     hits = np.zeros(len(pipeline.MEDIA_KINDS), np.int64)
     totals = np.zeros(len(pipeline.MEDIA_KINDS), np.int64)
+    skips = []  # this process's
     iterator = iter(batches)
     while True:
         local = next(iterator, None)
@@ -104,6 +105,7 @@ def evaluate(scores_fn, state, base, batches, mesh, empty: dict, stop: threading
         if not more:
             break
         local = empty if local is None else local
+        skips += local["skips"]
         scores = multihost_utils.process_allgather(scores_fn(state, base, to_global(local, mesh)), tiled=True)
         labels = multihost_utils.process_allgather(local["labels"], tiled=True).reshape(-1)
         kinds = multihost_utils.process_allgather(local["media_kind"], tiled=True).reshape(-1)
@@ -114,7 +116,8 @@ def evaluate(scores_fn, state, base, batches, mesh, empty: dict, stop: threading
             hits[kind] += correct[kinds == kind].sum()
             totals[kind] += ((kinds == kind) & (labels >= 0)).sum()
     if not totals.sum():
-        raise RunError("evaluation scored no example: every eval record was skipped (the counts say why)")
+        raise RunError(f"evaluation scored no example: every eval record was skipped "
+                       f"({pipeline.most_common(skips, 'reason') or 'the eval data is empty'})")
     out = {f"accuracy_{k}": float(hits[i] / totals[i]) for i, k in enumerate(pipeline.MEDIA_KINDS) if totals[i]}
     out.update({f"examples_{k}": int(totals[i]) for i, k in enumerate(pipeline.MEDIA_KINDS) if totals[i]})
     out["accuracy"] = float(hits.sum() / totals.sum())
@@ -160,7 +163,7 @@ def train(spec: RunSpec, workdir: str | pathlib.Path, stop: threading.Event | No
         mesh = sharding.make_mesh(spec.mesh)
     except ValueError as error:  # a shape the devices do not fit, or too few CPU threads for them
         raise ConfigError(f"config.mesh: {error}") from error
-    check_mesh(spec, mesh)
+    check_mesh(spec, mesh, jax.process_count())
     # Under the mesh the model pins its activations to the batch axes (sharding.constrain_rows), which
     # is what makes the 4B step fit a TPU (aot.py compiles it the same way).
     with jax.set_mesh(mesh):
@@ -175,7 +178,8 @@ class _Run:
         workdir.mkdir(parents=True, exist_ok=True)
         self.train_file = training_data.data_file(spec.data, "train", workdir, spec.seed)
         self.eval_file = training_data.data_file(spec.data, "eval", workdir, spec.seed)
-        self.processor = training_data.processor_dir(spec.processor, spec.base_dir, workdir)
+        self.processor, processor = training_data.open_processor(spec.processor, spec.base_dir, workdir)
+        check_row_crops(spec, processor.options.max_crops)
         self.local_rows = spec.train.rows_per_step // jax.process_count()
         self.train_iter = iter(self._batches(self.train_file, train=True, rows=self.local_rows))
         self.counts = np.zeros(len(pipeline.COUNT_KEYS), np.int64)
@@ -199,6 +203,7 @@ class _Run:
                                out_shardings=(state_shardings, None))
         self.scores_fn = jax.jit(functools.partial(step.eval_scores, model))
         self.writer = MetricsWriter(workdir, spec.train.num_steps)
+        self.skip_log = SkipLog(workdir, 0 if restored is None else int(restored["step"]))
 
     def _packing(self, rows: int) -> pipeline.PackingConfig:
         vision = self.spec.model.vision
@@ -263,7 +268,7 @@ class _Run:
             throughput = _Throughput()
             stopped = False
             while step_ < spec.train.num_steps:
-                local = next(self.train_iter, None)
+                local = next(self.train_iter, None)  # a broken pipeline raises pipeline.PipelineError
                 exhausted, stopped = _any_process(local is None, stop.is_set())
                 if stopped:
                     break
@@ -271,6 +276,7 @@ class _Run:
                     log.info("data exhausted after %d epochs", spec.data.num_epochs)
                     break
                 self.counts += local["counts"]
+                self.skip_log.write(step_ + 1, local["skips"])
                 self.state, metrics = self.step_fn(self.state, self.base, to_global(local, self.mesh, spec.train.grad_accum), rng)
                 step_ += 1
                 throughput.add(local)
@@ -299,6 +305,7 @@ class _Run:
             return results
         finally:
             self.writer.close()
+            self.skip_log.close()
             self.checkpoints.close()
 
 

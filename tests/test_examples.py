@@ -55,8 +55,11 @@ def test_shuffle_is_seeded_and_rankings_follow_the_responses(setup):
         assert texts[example["labels"][0]] == "It is blue, clearly."  # rank 1
 
 
-def test_images_fall_back_to_fewer_crops(setup):
+def test_images_take_the_processors_crops_then_fall_back_to_fewer(setup):
+    """First the processor's own max_crops (what scoring uses), then the budget's smaller fallbacks."""
     full, counts = _build(setup, media=_image())
+    alone = formatting.format_example(setup, RECORD["prompt"], ["a", "b"], **_image()).processor_outputs
+    assert full["crops"].shape[1] == len(alone["pixel_values"]) and not counts
     vision_full = int((full["pooling"][0] >= 0).any(-1).sum())
     budget = examples.Budget(max_vision_tokens=vision_full - 1)
     reduced, counts = _build(setup, media=_image(), budget=budget)
@@ -75,7 +78,7 @@ def test_responses_that_do_not_fit_are_dropped_and_counted(setup):
     processor = setup
     fresh = batch_from_processor(formatting.format_example(
         processor, RECORD["prompt"], _response_texts(setup, example), **_image(),
-        max_crops=examples.Budget().crop_fallback[0]).processor_outputs, processor.image_patch_id)
+        ).processor_outputs, processor.image_patch_id)
     assert set(fresh) <= set(example)
     for key, value in fresh.items():
         np.testing.assert_array_equal(example[key], value, err_msg=key)

@@ -19,7 +19,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 BROKEN = [
     ({"budget.max_tokens": 1024}, "budget.max_tokens=1024 exceeds packing.row_tokens=512"),
     ({"budget.max_vision_tokens": 400}, "budget.max_vision_tokens=400 exceeds packing.row_pooled=160"),
-    ({"budget.max_frames": 64}, "packing.row_crops=40 holds neither an image .* nor a video of budget.max_frames=64"),
     ({"packing.max_responses": 1}, "packing.max_responses=1: an example has 2 responses or more"),
     ({"train.objective": "listwise"}, r"train.objective='listwise': expected one of \('cross_entropy', 'plackett_luce'\)"),
     ({"model.attention": "flash"}, "model.attention='flash': expected one of"),
@@ -58,12 +57,23 @@ def test_the_demo_parses_into_its_parts():
 
 
 def test_rows_must_divide_over_processes_and_devices():
-    with pytest.raises(run_spec.ConfigError, match="train.rows_per_step=4 does not split over 3 processes"):
-        run_spec.parse(demo.get_config(), process_count=3)
     spec = run_spec.parse(demo.get_config())
-    run_spec.check_mesh(spec, types.SimpleNamespace(shape={"data": 2, "fsdp": 2, "tensor": 1}))
+    with pytest.raises(run_spec.ConfigError, match="train.rows_per_step=4 does not split over 3 processes"):
+        run_spec.check_mesh(spec, types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "tensor": 1}), process_count=3)
+    run_spec.check_mesh(spec, types.SimpleNamespace(shape={"data": 2, "fsdp": 2, "tensor": 1}), process_count=2)
     with pytest.raises(run_spec.ConfigError, match="must be a multiple of data x fsdp x grad_accum = 8"):
-        run_spec.check_mesh(spec, types.SimpleNamespace(shape={"data": 4, "fsdp": 2, "tensor": 1}))
+        run_spec.check_mesh(spec, types.SimpleNamespace(shape={"data": 4, "fsdp": 2, "tensor": 1}), process_count=1)
+
+
+def test_a_row_without_room_for_one_image_or_one_video_is_a_config_error():
+    """Checked once the processor is loaded: its max_crops is in its files, not in the config."""
+    spec = run_spec.parse(demo.get_config())
+    run_spec.check_row_crops(spec, max_crops=8)
+    with pytest.raises(run_spec.ConfigError, match="packing.row_crops=40 holds neither an image of the processor's "
+                                                   "max_crops=40 .* raise row_crops to 41"):
+        run_spec.check_row_crops(spec, max_crops=40)
+    with pytest.raises(run_spec.ConfigError, match="budget.max_frames=64"):
+        run_spec.check_row_crops(run_spec.parse(_config({"budget.max_frames": 64})), max_crops=1)
 
 
 def test_the_cli_reports_each_config_error_in_one_line(tmp_path):

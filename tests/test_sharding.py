@@ -71,7 +71,7 @@ def test_losses_match_across_meshes(tmp_path):
     from mrrm_jax import run_spec
     from mrrm_jax.data import training_data
 
-    training_data.processor_dir(run_spec.parse(demo.get_config()).processor, "", tmp_path)  # writes tmp_path/processor once
+    training_data.open_processor(run_spec.parse(demo.get_config()).processor, "", tmp_path)  # writes tmp_path/processor once
     reference = run(tmp_path / "one_device", (1, 1, 1))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
            "PJRT_NPROC": "32"}  # enough XLA:CPU threads for 8 devices' collectives (sharding.make_mesh)

@@ -148,7 +148,8 @@ def test_an_evaluation_with_nothing_to_score_or_with_nan_scores_is_an_error():
 
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
     batch = {"tokens": np.zeros((1, 8), np.int32), "labels": np.array([[1, -1]], np.int32),
-             "media_kind": np.zeros((1, 2), np.int32), "counts": np.zeros(len(pipeline.COUNT_KEYS), np.int64)}
+             "media_kind": np.zeros((1, 2), np.int32), "counts": np.zeros(len(pipeline.COUNT_KEYS), np.int64),
+             "skips": []}
     empty = {**batch, "labels": np.full((1, 2), -1, np.int32)}
     scores = lambda value: (lambda state, base, global_batch: np.full((1, 2, 3), value, np.float32))
     state = {"step": np.int32(5)}

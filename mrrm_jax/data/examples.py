@@ -26,7 +26,7 @@ from mrrm_jax.hf_interop import batch_from_processor
 class Budget:
     max_tokens: int = 24576  # the paper's maximum sequence length
     max_vision_tokens: int = 16384  # image/frame block tokens
-    crop_fallback: tuple[int, ...] = (8, 4, 2, 1)  # max_crops tried in turn for images
+    crop_fallback: tuple[int, ...] = (8, 4, 2, 1)  # smaller max_crops tried in turn for images over budget
     max_frames: int = 64  # first video frame count tried; halved while over budget
     min_frames: int = 2
 
@@ -39,14 +39,18 @@ class Skip(Exception):
         self.reason = reason
 
 
-def _media_attempts(budget: Budget, images, video) -> list[dict]:
+def _media_attempts(budget: Budget, images, video, max_crops: int = 0) -> list[dict]:
+    """The media settings tried in turn until the vision tokens fit: the processor's own `max_crops`
+    first (as scoring uses it), then the budget's smaller fallbacks; for a video, halved frame counts."""
     if video is not None:
         frames, options = budget.max_frames, []
         while frames >= budget.min_frames:
             options.append({"num_frames": frames})
             frames //= 2
         return options
-    return [{"max_crops": crops} for crops in budget.crop_fallback] if images else [{}]
+    if not images:
+        return [{}]
+    return [{"max_crops": crops} for crops in (max_crops, *(c for c in budget.crop_fallback if c < max_crops))]
 
 
 def frames_to_keep(budget: Budget, processor) -> Callable[[dict], np.ndarray]:
@@ -78,7 +82,7 @@ def training_example(record: dict, media: dict, processor, budget: Budget,
 
     order = rng.permutation(len(responses))
     responses, rankings = [responses[i] for i in order], rankings[order]
-    attempts = _media_attempts(budget, media.get("images"), media.get("video"))
+    attempts = _media_attempts(budget, media.get("images"), media.get("video"), processor.options.max_crops)
     media_cache = {}  # the media preprocessed once per attempt, reused while responses are dropped
     for attempt, options in enumerate(attempts):
         formatted = formatting.format_example(processor, record.get("prompt", ""), responses, **media,

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # Every reason an example is skipped or changed, in the order of the `counts` vector of a batch.
 COUNT_KEYS = (
     "bad_json", "bad_responses", "bad_rankings", "missing_file", "path_outside_root", "bad_image", "bad_video",
-    "no_frames", "vision_too_long", "too_long", "too_large_for_row", "unexpected_error",  # skips
+    "no_frames", "image_and_video", "vision_too_long", "too_long", "too_large_for_row", "unexpected_error",  # skips
     "crops_reduced", "frames_reduced", "response_dropped", "best_response_dropped",  # changes
 )
 MEDIA_KINDS = ("text", "image", "video")
@@ -239,7 +239,7 @@ class _PackedBatchIterator(grain.DatasetIterator):
             if self._records and barren >= 2 * self._records - 1:
                 raise PipelineError(
                     f"{barren} records in a row gave no example, a whole pass over this process's {self._records} "
-                    f"records and more: {_most_common(skips[-barren:], 'reason')}")
+                    f"records and more: {most_common(skips[-barren:], 'reason')}")
         return window, counts, skips
 
     def _check_errors(self, skips: list[Skipped], unexpected: int, examples: int) -> None:
@@ -250,7 +250,7 @@ class _PackedBatchIterator(grain.DatasetIterator):
             raise PipelineError(
                 f"{unexpected} records failed unexpectedly in a packing window where at most {examples} gave an "
                 f"example, more than max_unexpected_error_rate={rate:g} of its records (skips for data reasons "
-                f"aside): {_most_common(failed, 'detail')}")
+                f"aside): {most_common(failed, 'detail')}")
 
     def _next_window(self) -> None:
         carried = self._carry_out
@@ -315,7 +315,7 @@ def _longest_first(examples: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
     return sorted(examples, key=lambda item: -item[1]["tokens"].shape[1])
 
 
-def _most_common(skips: list[Skipped], field: str) -> str:
+def most_common(skips: list[Skipped], field: str) -> str:
     """The three commonest values of `field` among `skips`, each with its count and a few record ids."""
     ids = collections.defaultdict(list)
     for skip in skips:

@@ -13,13 +13,14 @@ import jax
 
 from mrrm_jax.data import examples, pipeline, records, synthetic, tfds_records
 from mrrm_jax.data import processor as processor_lib
+from mrrm_jax.data.processor import Molmo2Processor
 from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
 from mrrm_jax.run_spec import ConfigError, DataSpec, ProcessorSpec
 
 
-def processor_dir(spec: ProcessorSpec, base_dir: str, workdir: pathlib.Path) -> pathlib.Path:
-    """The run's processor directory, checked once here: a setting our preprocessing does not implement
-    must stop the run at the start, not in a data worker."""
+def open_processor(spec: ProcessorSpec, base_dir: str, workdir: pathlib.Path) -> tuple[pathlib.Path, Molmo2Processor]:
+    """The run's processor directory and its processor, loaded once here: a setting our preprocessing
+    does not implement must stop the run at the start, not in a data worker."""
     if spec.dir:
         out = pathlib.Path(spec.dir)
     elif base_dir:
@@ -35,10 +36,9 @@ def processor_dir(spec: ProcessorSpec, base_dir: str, workdir: pathlib.Path) -> 
                 out, image_processor_kwargs=dict(size=size, max_crops=spec.max_crops, overlap_margins=[1, 1]),
                 video_processor_kwargs=dict(size=size, num_frames=spec.num_frames, max_fps=spec.max_fps))
     try:
-        processor_lib.load(out)
+        return out, processor_lib.load(out)
     except (OSError, ValueError) as error:
         raise ConfigError(f"processor {out}: {error}") from error
-    return out
 
 
 def data_file(spec: DataSpec, split: str, workdir: pathlib.Path, seed: int) -> pathlib.Path | str | None:
