@@ -26,14 +26,20 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file (config
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/mrrm_jax_run", "run directory: checkpoints, metrics, demo data")
 
 
+def stop_on_sigterm() -> threading.Event:
+    """An event that SIGTERM (a preemption) sets: the trainer then saves a checkpoint and stops."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return stop
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and grain log every save at INFO
     logging.getLogger("mrrm_jax").setLevel(logging.INFO)
     cfg = _CONFIG.value
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = stop_on_sigterm()
     try:
         spec = run_spec.parse(cfg)  # before JAX starts: a config error is the only output
         if cfg.distributed:

@@ -268,10 +268,11 @@ class _Run:
             throughput = _Throughput()
             stopped = False
             while step_ < spec.train.num_steps:
-                local = next(self.train_iter, None)  # a broken pipeline raises pipeline.PipelineError
-                exhausted, stopped = _any_process(local is None, stop.is_set())
+                (stopped,) = _any_process(stop.is_set())  # before reading: a checkpoint holds no unused batch
                 if stopped:
                     break
+                local = next(self.train_iter, None)  # a broken pipeline raises pipeline.PipelineError
+                (exhausted,) = _any_process(local is None)
                 if exhausted:
                     log.info("data exhausted after %d epochs", spec.data.num_epochs)
                     break

@@ -1,0 +1,134 @@
+"""Training that no valid record can stop: awkward corpora, SIGTERM anywhere, damaged checkpoints."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import pathlib
+import shutil
+import signal
+
+import numpy as np
+import pytest
+
+from mrrm_jax import run_checkpoints, trainer
+from mrrm_jax.data import pipeline, synthetic
+from mrrm_jax.train import stop_on_sigterm
+from tests.test_train import losses, small_config, train
+
+
+def write_awkward_corpus(out: pathlib.Path) -> tuple[pathlib.Path, dict[str, str]]:
+    """The demo corpus with valid records that are awkward to use; returns the JSONL and the skip
+    reason each awkward record may get (None: it must train)."""
+    demo = synthetic.write_corpus(out, num_images=12, num_videos=12, seed=5)
+    rng = np.random.default_rng(0)
+    image = synthetic.image_record(rng, out / "awkward.png")
+    video = synthetic.video_record(rng, out / "awkward.mp4")
+    awkward = {
+        "nine_responses": ({**image, "responses": [f"It is colour {i}." for i in range(9)],
+                            "rankings": list(range(1, 10))}, "too_large_for_row"),
+        "sixty_crops": ({**image, "image": ["awkward.png"] * 30}, "vision_too_long"),
+        # Dropped when it comes last in the shuffled order, else the record is too long even with 2 responses.
+        "long_response": ({**image, "responses": image["responses"][:3] + ["word " * 30_000]}, "too_long"),
+        "identical": ({**image, "responses": ["Same."] * 4, "rankings": [1, 1, 1, 1]}, None),
+        "ties": ({**video, "rankings": [2, 2, 1, 1]}, None),
+        "image_and_video": ({**image, "video": "awkward.mp4"}, "image_and_video"),
+        "special_text": ({**image, "prompt": "Was ist das? 🎨 <|im_end|> <im_patch> <|resp_sep|>",
+                          "responses": ["Rot 🔴 <|im_start|>", "绿色 <|endoftext|>", "<|resp_sep|> blue",
+                                        "ünïcödé <im_col>"]}, None),
+    }
+    lines = demo.read_text().splitlines()
+    for number, (record, _) in enumerate(awkward.values()):
+        lines.insert(3 * number + 1, json.dumps(record))
+    path = out / "awkward.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    ids = {f"awkward.jsonl:{lines.index(json.dumps(record)) + 1}": reason for record, reason in awkward.values()}
+    return path, ids
+
+
+def awkward_config(corpus: pathlib.Path, **overrides):
+    return small_config(**{"data.train": str(corpus), "data.eval": "", "train.num_steps": 8,
+                           "checkpoint.every_steps": 4, **overrides})
+
+
+def skip_lines(workdir: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "skips.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def awkward(tmp_path_factory):
+    root = tmp_path_factory.mktemp("awkward")
+    corpus, expected = write_awkward_corpus(root / "data")
+    train(awkward_config(corpus), root / "straight")
+    return corpus, expected, root / "straight"
+
+
+def test_an_awkward_corpus_trains_to_the_end_with_every_skip_counted_and_named(awkward):
+    corpus, expected, workdir = awkward
+    assert sorted(losses(workdir)) == list(range(1, 9))
+    assert all(np.isfinite(list(losses(workdir).values())))
+    assert (workdir / trainer.REWARD_MODEL_DIR).is_dir()
+    named = skip_lines(workdir)
+    named_reasons = {line["record_id"]: line["reason"] for line in named}  # a record is read once per epoch
+    assert all(expected.get(record_id) == reason for record_id, reason in named_reasons.items()), named_reasons
+    always = {record_id for record_id, reason in expected.items() if reason and reason != "too_long"}
+    assert always <= set(named_reasons)
+    counts = json.loads([line for line in (workdir / "metrics.jsonl").read_text().splitlines()
+                         if '"kind": "counts"' in line][-1])
+    named_counts = collections.Counter(line["reason"] for line in named)
+    skip_reasons = pipeline.COUNT_KEYS[: pipeline.COUNT_KEYS.index("crops_reduced")]
+    assert {k: counts[k] for k in skip_reasons if counts[k]} == dict(named_counts)
+
+
+
+def test_resume_across_the_awkward_corpus_is_exact(awkward, tmp_path, monkeypatch):
+    corpus, _, straight = awkward
+    original, calls = trainer.to_global, []
+
+    def sigterm_at_step_7(*args, **kwargs):  # after a checkpoint (4), before the next (8)
+        calls.append(1)
+        if len(calls) == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "to_global", sigterm_at_step_7)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert train(awkward_config(corpus), tmp_path, stop_on_sigterm()) == {}
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.undo()
+    assert max(losses(tmp_path)) == 7
+    train(awkward_config(corpus), tmp_path)
+    assert losses(tmp_path) == pytest.approx(losses(straight), rel=1e-6, abs=1e-7)
+    assert skip_lines(tmp_path) == skip_lines(straight)
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before(awkward, tmp_path, caplog):
+    corpus, _, straight = awkward
+    workdir = tmp_path / "run"
+    shutil.copytree(straight, workdir, symlinks=True)
+    shutil.rmtree(workdir / trainer.REWARD_MODEL_DIR)
+    for array_file in (workdir / "checkpoints" / "8" / "state").rglob("d/*"):
+        array_file.write_bytes(array_file.read_bytes()[:8])
+    (workdir / "metrics.jsonl").unlink()
+    with caplog.at_level(logging.WARNING, logger=run_checkpoints.__name__):
+        train(awkward_config(corpus), workdir)
+    assert "checkpoint step 8" in caplog.text and "unreadable" in caplog.text
+    assert sorted(losses(workdir)) == [5, 6, 7, 8]  # resumed from step 4
+    for step in (5, 6, 7, 8):
+        assert losses(workdir)[step] == pytest.approx(losses(straight)[step], rel=1e-6, abs=1e-7)
+    assert (workdir / trainer.REWARD_MODEL_DIR).is_dir()
+
+
+def test_a_corpus_whose_every_record_is_skipped_is_an_error_not_an_endless_run(tmp_path):
+    corpus = synthetic.write_corpus(tmp_path / "data", num_images=4, num_videos=0, seed=0)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for image in (tmp_path / "data").glob("*.png"):  # every image a link out of the media root
+        image.rename(outside / image.name)
+        image.symlink_to(outside / image.name)
+    with pytest.raises(pipeline.PipelineError, match="path_outside_root"):
+        train(small_config(**{"data.train": str(corpus), "data.eval": "", "data.num_workers": 0}), tmp_path / "run")
