@@ -132,3 +132,58 @@ def test_a_corpus_whose_every_record_is_skipped_is_an_error_not_an_endless_run(t
         image.symlink_to(outside / image.name)
     with pytest.raises(pipeline.PipelineError, match="path_outside_root"):
         train(small_config(**{"data.train": str(corpus), "data.eval": "", "data.num_workers": 0}), tmp_path / "run")
+
+
+def _sigterm_on_call(number: int, function):
+    """`function`, sending this process SIGTERM when it is called the `number`-th time (after the call
+    has started its work, e.g. an async save)."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        result = function(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == number:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+    return wrapped
+
+
+@pytest.mark.slow
+def test_sigterm_at_five_seeded_points_resumes_with_identical_losses(tmp_path, monkeypatch):
+    """Points drawn with a seed: two training steps, inside a periodic and inside the final evaluation,
+    and during an (async) checkpoint save. Each run is resumed to the end and must equal a straight run."""
+    cfg = lambda: small_config(**{"eval.every_steps": 3, "eval.controls": ()})
+    kinds = []  # what each `to_global` call of a straight run moved: a training step or an eval batch
+    original_to_global = trainer.to_global
+    monkeypatch.setattr(trainer, "to_global", lambda local, mesh, micro_steps=None: (
+        kinds.append("eval" if micro_steps is None else "train"), original_to_global(local, mesh, micro_steps))[1])
+    saves = []
+    original_save = run_checkpoints.RunCheckpoints.save
+    monkeypatch.setattr(run_checkpoints.RunCheckpoints, "save",
+                        lambda self, *args, **kwargs: (saves.append(args[0]), original_save(self, *args, **kwargs))[1])
+    reference = train(cfg(), tmp_path / "straight")
+    monkeypatch.undo()
+    reference_losses = losses(tmp_path / "straight")
+
+    rng = np.random.default_rng(0)
+    train_calls = [i + 1 for i, kind in enumerate(kinds) if kind == "train"]
+    eval_calls = [i + 1 for i, kind in enumerate(kinds) if kind == "eval"]
+    last_train = train_calls[-1]
+    points = [("to_global", int(c)) for c in rng.choice(train_calls[1:-1], 2, replace=False)]
+    points.append(("to_global", int(rng.choice([c for c in eval_calls if c < last_train]))))  # a periodic eval
+    points.append(("to_global", int(rng.choice([c for c in eval_calls if c > last_train]))))  # the final eval
+    points.append(("save", int(rng.integers(1, len(saves) + 1))))
+    previous = signal.getsignal(signal.SIGTERM)
+    for number, (where, call) in enumerate(points):
+        workdir = tmp_path / f"point{number}"
+        with monkeypatch.context() as patch:
+            if where == "save":
+                patch.setattr(run_checkpoints.RunCheckpoints, "save", _sigterm_on_call(call, original_save))
+            else:
+                patch.setattr(trainer, "to_global", _sigterm_on_call(call, original_to_global))
+            try:
+                assert train(cfg(), workdir, stop_on_sigterm()) == {}, (where, call)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+        assert train(cfg(), workdir) == reference, (where, call)
+        assert losses(workdir) == pytest.approx(reference_losses, rel=1e-6, abs=1e-7), (where, call)
