@@ -368,13 +368,30 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
         return _train(cfg, pathlib.Path(workdir).absolute(), mesh)
 
 
+def _workdir_files(cfg, workdir: pathlib.Path) -> tuple:
+    """(train data, eval data, processor directory) from `data_file` and `processor_dir`, which write the
+    demo corpus and the processor into the workdir. With several processes, process 0 writes them before
+    the others look: the workdir may be shared (one filesystem), and processes writing the same files at
+    once read each other's half-written media or lose the corpus's temporary file to another's rename.
+    A workdir that is not shared gets its own copy from each process, as before."""
+    def barrier():
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("mrrm_jax: workdir files")
+    if jax.process_index():
+        barrier()
+    try:
+        return data_file(cfg, "train", workdir), data_file(cfg, "eval", workdir), processor_dir(cfg, workdir)
+    finally:
+        if not jax.process_index():
+            barrier()  # also when it raised: the others then raise the same error themselves
+
+
 def _train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     manager = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
         max_to_keep=cfg.checkpoint.keep, enable_async_checkpointing=True))
     resume_step = check_resumable(manager, cfg, workdir)
-    train_path, eval_path = data_file(cfg, "train", workdir), data_file(cfg, "eval", workdir)
-    processor = processor_dir(cfg, workdir)
+    train_path, eval_path, processor = _workdir_files(cfg, workdir)
 
     rows, micro_steps = cfg.train.rows_per_step, cfg.train.grad_accum
     if rows % (mesh.shape["data"] * mesh.shape["fsdp"] * micro_steps):
