@@ -336,22 +336,27 @@ def export_reward_model(cfg, out: pathlib.Path, config: Molmo2Config, base: dict
     own_base = bool(trainable["base"]) or not cfg.model.base_dir
     if own_base:
         base = multihost_utils.process_allgather(base, tiled=True)
-    if jax.process_index():
-        return
-    if out.exists():
-        shutil.rmtree(out)  # a finished run asked again: written anew from the same state
-    out.mkdir(parents=True)
+    # Every process takes part in the Orbax saves (collectives across all processes, process 0 writes;
+    # a save made by process 0 alone waits for the others forever); the other files are process 0's.
+    first = jax.process_index() == 0
+    if first:
+        if out.exists():
+            shutil.rmtree(out)  # a finished run asked again: written anew from the same state
+        out.mkdir(parents=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("mrrm_jax: reward model directory made")
     if own_base:
         # The trained leaves are float32; the base is stored in the model's parameter dtype.
         params = jax.tree.map(lambda w: np.asarray(jnp.asarray(w, config.param_dtype)),
                               reward.overlay(base, trainable["base"]))
         checkpoint.save_params(out / checkpoint.BASE_DIR, config, params)
-    else:
+    elif first:
         (out / checkpoint.BASE_DIR).symlink_to(pathlib.Path(cfg.model.base_dir).absolute())
     lora_factors = {path.replace("|", "/"): ab for path, ab in trainable["lora"].items()}
     checkpoint.save_trainable(out, {"head": trainable["head"], "lora": lora_factors}, head_config(cfg), lora_spec(cfg))
-    shutil.copytree(processor, out / checkpoint.PROCESSOR_DIR)
-    log.info("reward model written to %s", out)
+    if first:
+        shutil.copytree(processor, out / checkpoint.PROCESSOR_DIR)
+        log.info("reward model written to %s", out)
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
