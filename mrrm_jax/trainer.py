@@ -391,6 +391,11 @@ def _workdir_files(cfg, workdir: pathlib.Path) -> tuple:
             barrier()  # also when it raised: the others then raise the same error themselves
 
 
+def _total(counts: np.ndarray) -> np.ndarray:
+    """The skip counts of all processes together: each process counts the records of its own shard."""
+    return multihost_utils.process_allgather(counts).sum(0)
+
+
 def _train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     manager = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
@@ -419,7 +424,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh) -> dict:
             state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(train_iter),
             run=ocp.args.JsonRestore()))
         state = restored["state"]
-        counts = np.array([restored["run"]["counts"].get(k, 0) for k in pipeline.COUNT_KEYS], np.int64)
+        if jax.process_index() == 0:  # the saved counts are all processes' together (`_total`): one carries them on
+            counts = np.array([restored["run"]["counts"].get(k, 0) for k in pipeline.COUNT_KEYS], np.int64)
         log.info("resumed from step %d", resume_step)
 
     step_fn = jax.jit(functools.partial(train_step, model, tx), donate_argnums=(0,),
@@ -429,7 +435,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh) -> dict:
     writer = MetricsWriter(workdir, cfg.train.num_steps)
 
     def save(step: int, force: bool = False) -> None:
-        run = {"config": _comparable(cfg), "counts": dict(zip(pipeline.COUNT_KEYS, counts.tolist()))}
+        run = {"config": _comparable(cfg), "counts": dict(zip(pipeline.COUNT_KEYS, _total(counts).tolist()))}
         manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_IteratorState(train_iter.get_state())),
             run=ocp.args.JsonSave(run)), force=force)
@@ -474,7 +480,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh) -> dict:
                            "grad_norm": float(metrics["grad_norm"]), "examples_per_step": int(metrics["examples"]),
                            "tokens_per_s": window["tokens"] / elapsed, "examples_per_s": window["examples"] / elapsed,
                            "packing_efficiency": window["tokens"] / (window["steps"] * local["tokens"].size),
-                           "skipped": int(counts[: pipeline.COUNT_KEYS.index("crops_reduced")].sum())}
+                           "skipped": int(_total(counts)[: pipeline.COUNT_KEYS.index("crops_reduced")].sum())}
                 writer.write(step, scalars)
                 writer.progress(step, scalars)
                 window = {"time": time.time(), "steps": 0, "examples": 0, "tokens": 0}
@@ -489,7 +495,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, mesh) -> dict:
             log.warning("SIGTERM: saved step %d and stopped", step)
             return {}
         results = run_eval(step)
-        writer.write(step, dict(zip(pipeline.COUNT_KEYS, counts.tolist())), "counts")
+        writer.write(step, dict(zip(pipeline.COUNT_KEYS, _total(counts).tolist())), "counts")
         export_reward_model(cfg, workdir / REWARD_MODEL_DIR, config, base, state["trainable"], processor)
         return results
     finally:
