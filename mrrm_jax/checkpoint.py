@@ -41,7 +41,8 @@ def save_base(out_dir: str | pathlib.Path, cfg: Molmo2Config, groups: Iterable[d
     for group in groups:
         ocp.partial.save(params_dir, nest(group))
     ocp.partial.finalize(params_dir)
-    (out_dir / CONFIG_FILE).write_text(cfg.to_json())
+    if jax.process_index() == 0:  # with several processes all save (Orbax saves are collective), one writes
+        (out_dir / CONFIG_FILE).write_text(cfg.to_json())
     return out_dir
 
 
@@ -145,7 +146,8 @@ def save_trainable(out_dir: str | pathlib.Path, trainable: dict, head_config, lo
         tree["lora"] = escape(trainable["lora"])
     ocp.save(out_dir / TRAINABLE_DIR, jax.tree.map(np.asarray, tree))
     spec = None if lora_spec is None else dataclasses.asdict(lora_spec)
-    (out_dir / REWARD_CONFIG_FILE).write_text(json.dumps({"head": dataclasses.asdict(head_config), "lora": spec}, indent=1))
+    if jax.process_index() == 0:  # as in save_base
+        (out_dir / REWARD_CONFIG_FILE).write_text(json.dumps({"head": dataclasses.asdict(head_config), "lora": spec}, indent=1))
 
 
 def load_trainable(reward_dir: str | pathlib.Path):

@@ -2,6 +2,11 @@
 
     python -m mrrm_jax.train --config=configs/demo.py [--config.train.num_steps=100 ...] [--workdir=DIR]
 
+Several processes (`--config.distributed=True`): on a TPU pod or a Slurm / Open MPI cluster, JAX finds
+the coordinator and each process's id itself; elsewhere (e.g. several processes on one machine) give
+`--coordinator_address=HOST:PORT` (process 0 serves it; or JAX_COORDINATOR_ADDRESS), `--num_processes`
+and `--process_id` to every process.
+
 The logic lives in `mrrm_jax.trainer`; this is the command line around it: the config parsed into
 a run spec, and SIGTERM (a preemption) turned into a clean stop with a checkpoint.
 """
@@ -24,6 +29,10 @@ from mrrm_jax.run_checkpoints import UnusableCheckpoints
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file (configs/*.py)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/mrrm_jax_run", "run directory: checkpoints, metrics, demo data")
+# Passed to jax.distributed.initialize (None: JAX's own detection, JAX_COORDINATOR_ADDRESS or the cluster's).
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "with config.distributed: HOST:PORT of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "with config.distributed: how many processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "with config.distributed: this process's id, 0 .. n-1")
 
 
 def stop_on_sigterm() -> threading.Event:
@@ -39,11 +48,14 @@ def main(argv) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and grain log every save at INFO
     logging.getLogger("mrrm_jax").setLevel(logging.INFO)
     cfg = _CONFIG.value
+    given = [f"--{f.name}" for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID) if f.value is not None]
+    if given and not cfg.distributed:
+        raise app.UsageError(f"{', '.join(given)} need --config.distributed=True")
     stop = stop_on_sigterm()
     try:
         spec = run_spec.parse(cfg)  # before JAX starts: a config error is the only output
         if cfg.distributed:
-            jax.distributed.initialize()
+            jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         results = trainer.train(spec, _WORKDIR.value, stop)
     except (run_spec.ConfigError, trainer.RunError, UnusableCheckpoints, PipelineError) as error:
         sys.exit(f"error: {error}")

@@ -76,6 +76,16 @@ def to_global(local: dict, mesh, micro_steps: int | None = None) -> dict:
     return out
 
 
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"mrrm_jax: {name}")
+
+
+def _total(counts: np.ndarray) -> np.ndarray:
+    """The skip counts of all processes together: each process counts the records of its own shard."""
+    return multihost_utils.process_allgather(counts).sum(0) if jax.process_count() > 1 else counts
+
+
 def _any_process(*flags: bool) -> tuple[bool, ...]:
     """Each flag, true if it is true on any process."""
     if jax.process_count() == 1:
@@ -136,22 +146,26 @@ def export_reward_model(spec: RunSpec, out: pathlib.Path, base: dict, trainable:
     own_base = bool(trainable["base"]) or not spec.base_dir
     if own_base:
         base = multihost_utils.process_allgather(base, tiled=True)
-    if jax.process_index():
-        return
-    if out.exists():
-        shutil.rmtree(out)  # a finished run asked again: written anew from the same state
-    out.mkdir(parents=True)
+    # Every process takes part in the Orbax saves (collectives across all processes, process 0 writes;
+    # a save made by process 0 alone waits for the others forever); the other files are process 0's.
+    first = jax.process_index() == 0
+    if first:
+        if out.exists():
+            shutil.rmtree(out)  # a finished run asked again: written anew from the same state
+        out.mkdir(parents=True)
+    _barrier("reward model directory made")
     if own_base:
         # The trained leaves are float32; the base is stored in the model's parameter dtype.
         params = jax.tree.map(lambda w: np.asarray(jnp.asarray(w, spec.model.param_dtype)),
                               reward.overlay(base, trainable["base"]))
         checkpoint.save_params(out / checkpoint.BASE_DIR, spec.model, params)
-    else:
+    elif first:
         (out / checkpoint.BASE_DIR).symlink_to(pathlib.Path(spec.base_dir).absolute())
     checkpoint.save_trainable(out, {"head": trainable["head"], "lora": tree_paths.unescape(trainable["lora"])},
                               spec.head, spec.lora)
-    shutil.copytree(processor, out / checkpoint.PROCESSOR_DIR)
-    log.info("reward model written to %s", out)
+    if first:
+        shutil.copytree(processor, out / checkpoint.PROCESSOR_DIR)
+        log.info("reward model written to %s", out)
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -170,15 +184,35 @@ def train(spec: RunSpec, workdir: str | pathlib.Path, stop: threading.Event | No
         return _Run(spec, pathlib.Path(workdir).absolute(), mesh).run(stop or threading.Event())
 
 
+def workdir_files(spec: RunSpec, workdir: pathlib.Path) -> tuple:
+    """(train data, eval data, processor directory, processor), the demo corpus and the processor
+    written into the workdir if the config asks. With several processes, process 0 writes first: the
+    workdir may be shared, and processes writing the same files at once would read each other's
+    half-written media or lose the corpus's temporary file to another's rename."""
+    if jax.process_index():
+        _barrier("workdir files")
+    try:
+        return (training_data.data_file(spec.data, "train", workdir, spec.seed),
+                training_data.data_file(spec.data, "eval", workdir, spec.seed),
+                *training_data.open_processor(spec.processor, spec.base_dir, workdir))
+    finally:
+        if not jax.process_index():
+            _barrier("workdir files")  # also when it raised: the others then raise the same error
+
+
+def packing_config(spec: RunSpec, rows: int) -> pipeline.PackingConfig:
+    """Batches of `rows` packed rows shaped for the spec's model."""
+    vision = spec.model.vision
+    return pipeline.PackingConfig(spec.row, (vision.num_patches, vision.patch_dim), rows, spec.window)
+
+
 class _Run:
     """One training run in a workdir: everything `train` sets up, then `run`."""
 
     def __init__(self, spec: RunSpec, workdir: pathlib.Path, mesh):
         self.spec, self.workdir, self.mesh = spec, workdir, mesh
         workdir.mkdir(parents=True, exist_ok=True)
-        self.train_file = training_data.data_file(spec.data, "train", workdir, spec.seed)
-        self.eval_file = training_data.data_file(spec.data, "eval", workdir, spec.seed)
-        self.processor, processor = training_data.open_processor(spec.processor, spec.base_dir, workdir)
+        self.train_file, self.eval_file, self.processor, processor = workdir_files(spec, workdir)
         check_row_crops(spec, processor.options.max_crops)
         self.local_rows = spec.train.rows_per_step // jax.process_count()
         self.train_iter = iter(self._batches(self.train_file, train=True, rows=self.local_rows))
@@ -205,13 +239,9 @@ class _Run:
         self.writer = MetricsWriter(workdir, spec.train.num_steps)
         self.skip_log = SkipLog(workdir, 0 if restored is None else int(restored["step"]))
 
-    def _packing(self, rows: int) -> pipeline.PackingConfig:
-        vision = self.spec.model.vision
-        return pipeline.PackingConfig(self.spec.row, (vision.num_patches, vision.patch_dim), rows, self.spec.window)
-
     def _batches(self, source, train: bool, rows: int, media_transform: str = "none"):
         spec = self.spec
-        return training_data.batches(source, train, spec.data, spec.budget, self.processor, self._packing(rows),
+        return training_data.batches(source, train, spec.data, spec.budget, self.processor, packing_config(self.spec, rows),
                                      spec.seed, media_transform)
 
     # checkpoints
@@ -222,7 +252,8 @@ class _Run:
         if restored is None:
             return None
         step_, state, run = restored
-        self.counts = np.array([run["counts"].get(k, 0) for k in pipeline.COUNT_KEYS], np.int64)
+        if jax.process_index() == 0:  # the saved counts are all processes' together (`_total`): one carries them on
+            self.counts = np.array([run["counts"].get(k, 0) for k in pipeline.COUNT_KEYS], np.int64)
         log.info("resumed from step %d", step_)
         return state
 
@@ -235,7 +266,7 @@ class _Run:
                               "was changed; use a new --workdir or the config that wrote them.")
 
     def _save(self, step_: int, force: bool = False) -> None:
-        run = {"config": self.spec.fingerprint, "counts": dict(zip(pipeline.COUNT_KEYS, self.counts.tolist()))}
+        run = {"config": self.spec.fingerprint, "counts": dict(zip(pipeline.COUNT_KEYS, _total(self.counts).tolist()))}
         self.checkpoints.save(step_, self.state, self.train_iter.get_state(), run, force)
 
     # evaluation
@@ -245,7 +276,7 @@ class _Run:
         if self.eval_file is None:
             return {}
         rows = self.local_rows // self.spec.train.grad_accum
-        empty = pipeline.empty_batch(self._packing(rows))
+        empty = pipeline.empty_batch(packing_config(self.spec, rows))
         results = {}
         for transform in ("none", *self.spec.eval_controls):
             batches = self._batches(self.eval_file, train=False, rows=rows, media_transform=transform)
@@ -283,7 +314,7 @@ class _Run:
                 throughput.add(local)
                 if step_ % spec.log_every == 0 or step_ == spec.train.num_steps:
                     scalars = {**_step_scalars(jax.device_get(metrics)), **throughput.take(),
-                               "skipped": int(self.counts[: pipeline.COUNT_KEYS.index("crops_reduced")].sum())}
+                               "skipped": int(_total(self.counts)[: pipeline.COUNT_KEYS.index("crops_reduced")].sum())}
                     self.writer.write(step_, scalars)
                     self.writer.progress(step_, scalars)
                 if step_ % spec.checkpoint_every == 0:
@@ -301,7 +332,7 @@ class _Run:
             if results is None:
                 log.warning("stopped during the final evaluation: step %d is saved", step_)
                 return {}
-            self.writer.write(step_, dict(zip(pipeline.COUNT_KEYS, self.counts.tolist())), "counts")
+            self.writer.write(step_, dict(zip(pipeline.COUNT_KEYS, _total(self.counts).tolist())), "counts")
             export_reward_model(spec, self.workdir / REWARD_MODEL_DIR, self.base, self.state["trainable"], self.processor)
             return results
         finally:
