@@ -25,7 +25,6 @@ from PIL import Image
 
 from mrrm_jax.data import examples, media, packing, pipeline, records
 from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
-from mrrm_jax.models.molmo2 import Molmo2Config
 
 _IMAGES = flags.DEFINE_integer("images", 40, "image records timed")
 _VIDEOS = flags.DEFINE_integer("videos", 20, "16-frame video records timed")

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mrrm_jax import checkpoint
 from mrrm_jax.data import examples, formatting
 from mrrm_jax.data.formatting import load_processor
 from mrrm_jax.hf_interop import batch_from_processor

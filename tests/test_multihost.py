@@ -316,7 +316,8 @@ def test_cli_process_flags_need_distributed(tmp_path):
 
 class _Stacked:
     """Several processes' batch iterators as one: their rows stacked in process order, counts summed, an
-    empty batch for a process whose (evaluation) shard ran out before the others' (as `evaluate` does)."""
+    empty batch for a process whose (evaluation) shard ran out before the others' (as `evaluate` does).
+    Skips are concatenated, so the reference names every process's skips in its one skips.jsonl."""
 
     def __init__(self, datasets, empty: dict):
         self.datasets, self.empty = datasets, empty
@@ -334,8 +335,9 @@ class _StackedIterator:
         if all(b is None for b in batches):
             raise StopIteration
         batches = [self.empty if b is None else b for b in batches]
-        out = {k: np.concatenate([b[k] for b in batches]) for k in batches[0] if k != "counts"}
+        out = {k: np.concatenate([b[k] for b in batches]) for k in batches[0] if k not in ("counts", "skips")}
         out["counts"] = np.sum([b["counts"] for b in batches], axis=0)
+        out["skips"] = [skip for b in batches for skip in b["skips"]]
         return out
 
     def get_state(self) -> list:

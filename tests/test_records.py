@@ -10,7 +10,6 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mrrm_jax import checkpoint
 from mrrm_jax.data import examples, media, pipeline, records, tfds_records
 from mrrm_jax.data.formatting import load_processor
 
@@ -56,7 +55,7 @@ def corpus(tmp_path_factory):
     return root
 
 
-def test_bad_inputs_are_counted_skips_and_the_rest_is_used(corpus, processor_dir, tiny_models, caplog):
+def test_bad_inputs_are_counted_skips_and_the_rest_is_used(corpus, processor_dir, caplog):
     processor = load_processor(processor_dir)
     counter = records.SkipCounter()
     built = records.build_examples(corpus / "train.jsonl", processor, examples.Budget(),
@@ -81,7 +80,7 @@ def test_a_missing_data_file_is_a_clear_error(tmp_path):
         records.read_jsonl(tmp_path / "nope.jsonl")
 
 
-def test_the_tfds_build_of_a_corpus_gives_the_same_examples_and_skips(corpus, processor_dir, tiny_models, tmp_path):
+def test_the_tfds_build_of_a_corpus_gives_the_same_examples_and_skips(corpus, processor_dir, tmp_path):
     """The ArrayRecord dataset (media inside, read through `as_data_source`) against the JSONL it came from."""
     jsonl_dir = tmp_path / "jsonl"
     shutil.copytree(corpus / "media", jsonl_dir)  # the builder reads media relative to the JSONL
