@@ -108,7 +108,8 @@ def parse(cfg: ml_collections.ConfigDict, training: bool = True) -> RunSpec:
     c = cfg
     _check(c.train.grad_accum >= 1 and c.train.rows_per_step % c.train.grad_accum == 0,
            f"train.rows_per_step={c.train.rows_per_step} is not a multiple of train.grad_accum={c.train.grad_accum}")
-    _check(c.train.objective in reward.OBJECTIVES, f"train.objective={c.train.objective!r}: expected one of {reward.OBJECTIVES}")
+    _check(c.train.objective in reward.OBJECTIVES,
+           f"train.objective={c.train.objective!r}: expected one of {reward.OBJECTIVES}")
     if training and not c.data.train:
         _fail("data.train is empty: give a JSONL file, tfds:DATA_DIR:SPLIT or 'synthetic'")
     if training and c.model.preset and not c.model.base_dir:
@@ -139,8 +140,9 @@ def parse(cfg: ml_collections.ConfigDict, training: bool = True) -> RunSpec:
     return RunSpec(
         seed=c.seed, model=model, base_dir=c.model.base_dir, processor=processor, head=head,
         lora=lora.LoraSpec(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout) if c.lora.rank else None,
-        data=DataSpec(c.data.train, c.data.eval, c.data.media_root, None if c.data.num_epochs == -1 else c.data.num_epochs,
-                      c.data.num_workers, c.data.num_threads, c.data.synthetic.to_dict()),
+        data=DataSpec(c.data.train, c.data.eval, c.data.media_root,
+                      None if c.data.num_epochs == -1 else c.data.num_epochs, c.data.num_workers,
+                      c.data.num_threads, c.data.synthetic.to_dict()),
         budget=budget, row=row, window=p.window,
         train=TrainSpec(c.train.num_steps, c.train.rows_per_step, c.train.grad_accum, c.train.objective,
                         tuple(c.train.full_train)),
@@ -164,7 +166,8 @@ def check_mesh(spec: RunSpec, mesh, process_count: int) -> None:
 
 def _model(m) -> Molmo2Config:
     _check(m.attention in BACKENDS, f"model.attention={m.attention!r}: expected one of {sorted(BACKENDS)}")
-    _check(m.remat in ("none", *REMAT_POLICIES), f"model.remat={m.remat!r}: expected one of {('none', *REMAT_POLICIES)}")
+    remats = ("none", *REMAT_POLICIES)
+    _check(m.remat in remats, f"model.remat={m.remat!r}: expected one of {remats}")
     for key in ("param_dtype", "dtype"):
         try:
             jnp.dtype(m[key])
@@ -194,8 +197,9 @@ def check_row_crops(spec: RunSpec, max_crops: int) -> None:
     budget's first frame count fit an empty row (the processor is only known once its files are)."""
     needed = max(max_crops + 1, spec.budget.max_frames)
     _check(needed <= spec.row.row_crops,
-           f"packing.row_crops={spec.row.row_crops} holds neither an image of the processor's max_crops={max_crops} "
-           f"(+1) nor a video of budget.max_frames={spec.budget.max_frames}: raise row_crops to {needed} or lower those")
+           f"packing.row_crops={spec.row.row_crops} holds neither an image of the processor's "
+           f"max_crops={max_crops} (+1) nor a video of budget.max_frames={spec.budget.max_frames}: "
+           f"raise row_crops to {needed} or lower those")
 
 
 def _check_row_holds_budget(row: packing.RowBudget, budget: examples.Budget) -> None:

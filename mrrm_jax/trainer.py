@@ -241,8 +241,8 @@ class _Run:
 
     def _batches(self, source, train: bool, rows: int, media_transform: str = "none"):
         spec = self.spec
-        return training_data.batches(source, train, spec.data, spec.budget, self.processor, packing_config(self.spec, rows),
-                                     spec.seed, media_transform)
+        return training_data.batches(source, train, spec.data, spec.budget, self.processor,
+                                     packing_config(spec, rows), spec.seed, media_transform)
 
     # checkpoints
 
@@ -309,7 +309,8 @@ class _Run:
                     break
                 self.counts += local["counts"]
                 self.skip_log.write(step_ + 1, local["skips"])
-                self.state, metrics = self.step_fn(self.state, self.base, to_global(local, self.mesh, spec.train.grad_accum), rng)
+                batch = to_global(local, self.mesh, spec.train.grad_accum)
+                self.state, metrics = self.step_fn(self.state, self.base, batch, rng)
                 step_ += 1
                 throughput.add(local)
                 if step_ % spec.log_every == 0 or step_ == spec.train.num_steps:
@@ -319,7 +320,8 @@ class _Run:
                     self.writer.progress(step_, scalars)
                 if step_ % spec.checkpoint_every == 0:
                     self._save(step_)
-                if step_ % spec.eval_every == 0 and step_ < spec.train.num_steps and self._evaluate(step_, stop) is None:
+                periodic_eval = step_ % spec.eval_every == 0 and step_ < spec.train.num_steps
+                if periodic_eval and self._evaluate(step_, stop) is None:
                     stopped = True
                     break
             if self.checkpoints.latest_step() != step_:
@@ -333,7 +335,8 @@ class _Run:
                 log.warning("stopped during the final evaluation: step %d is saved", step_)
                 return {}
             self.writer.write(step_, dict(zip(pipeline.COUNT_KEYS, _total(self.counts).tolist())), "counts")
-            export_reward_model(spec, self.workdir / REWARD_MODEL_DIR, self.base, self.state["trainable"], self.processor)
+            export_reward_model(spec, self.workdir / REWARD_MODEL_DIR, self.base, self.state["trainable"],
+                                self.processor)
             return results
         finally:
             self.writer.close()

@@ -1,6 +1,6 @@
 """Parameter trees by name: "/"-joined key paths, and the escaped form of LoRA factor keys.
 
-    {"language_model": {"layers": {"mlp": {"up_proj": {"kernel": w}}}}}  <->  {"language_model/layers/mlp/up_proj/kernel": w}
+    {"vision_tower": {"layers": {"mlp": {"fc1": {"kernel": w}}}}}  <->  {"vision_tower/layers/mlp/fc1/kernel": w}
 
 LoRA factors are keyed by their kernel's path. Inside a pytree that Orbax saves (the train state, a
 reward model's `trainable/`) a key must be a plain name, so there "/" is written "|".

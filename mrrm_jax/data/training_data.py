@@ -50,7 +50,8 @@ def data_file(spec: DataSpec, split: str, workdir: pathlib.Path, seed: int) -> p
     if name == "synthetic":
         sizes = spec.synthetic
         seed = seed * 2 + (split == "eval")  # different corpora for training and evaluation
-        return synthetic.write_corpus(workdir / "data" / split, sizes[f"{split}_images"], sizes[f"{split}_videos"], seed)
+        return synthetic.write_corpus(workdir / "data" / split, sizes[f"{split}_images"], sizes[f"{split}_videos"],
+                                      seed)
     if name.startswith("tfds:"):
         record_items(name)  # fails early on a bad spec or directory
         return name
