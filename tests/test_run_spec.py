@@ -12,6 +12,7 @@ import pytest
 
 from configs import demo
 from mrrm_jax import run_spec
+from tests.test_train import small_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,14 +34,7 @@ BROKEN = [
 
 
 def _config(overrides: dict):
-    cfg = demo.get_config()
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return cfg
+    return small_config(**overrides)
 
 
 @pytest.mark.parametrize("overrides, message", BROKEN, ids=[next(iter(o)) for o, _ in BROKEN])
