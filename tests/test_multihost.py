@@ -239,7 +239,7 @@ def test_two_processes_evaluate_and_export_like_one(runs):
         if zero_gradient(path, expected):  # see there; Adam moves each at most ~lr a step
             assert np.abs(got[path] - value).max() <= 4 * 0.01, path
         else:
-            np.testing.assert_allclose(got[path], value, rtol=0, atol=1e-4 * np.abs(value).max(), err_msg=path)
+            np.testing.assert_allclose(got[path], value, rtol=0, atol=weight_tolerance(value), err_msg=path)
 
 
 def exported(workdir: pathlib.Path) -> tuple[tuple, dict]:
@@ -254,6 +254,13 @@ def exported(workdir: pathlib.Path) -> tuple[tuple, dict]:
     flat.update({f"base/{k}": np.asarray(v) for k, v in checkpoint.flatten(base).items()})
     files = sorted(str(p.relative_to(out)) for d in (out, out / "base", out / "processor") for p in d.iterdir())
     return (files, config, head, lora), flat
+
+
+def weight_tolerance(value: np.ndarray) -> float:
+    """1e-4 of the leaf's scale, plus 0.1% of the most Adam moves an element in 4 steps at lr 0.01: Adam
+    divides each gradient by its own running scale, so an element whose gradient is a near-cancellation
+    (seen: the image pooling's query bias) moves by an amount set by the last bits of that gradient."""
+    return 1e-4 * np.abs(value).max() + 1e-3 * 4 * 0.01
 
 
 def zero_gradient(path: str, tree: dict) -> bool:
