@@ -14,6 +14,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ABSENT_ON_THE_GPU_MACHINE = ("grain", "ml_collections", "av", "tensorflow_datasets")
 
@@ -27,6 +29,7 @@ def _blocked_env(tmp_path: pathlib.Path) -> dict:
     return dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
 
 
+@pytest.mark.slow
 def test_the_tiny_run_reports_every_part_without_the_missing_packages(tmp_path):
     env = _blocked_env(tmp_path)
     for name in ABSENT_ON_THE_GPU_MACHINE:  # the block works (these are installed here)
