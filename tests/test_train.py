@@ -135,6 +135,7 @@ def test_an_evaluation_with_nothing_to_score_or_with_nan_scores_is_an_error():
         trainer.evaluate(scores(np.nan), state, None, [batch], mesh, empty)
 
 
+@pytest.mark.slow
 def test_plackett_luce_trains_on_the_full_rankings_carried_through_packing(tmp_path):
     """The listwise objective reads each example's best-to-worst order from the packed rows."""
     results = train(small_config(**{"train.objective": "plackett_luce", "train.num_steps": 3,
