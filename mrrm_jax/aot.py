@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 
 from mrrm_jax import sharding, step
-from mrrm_jax.models.molmo2.config import Molmo2Config
 from mrrm_jax.run_spec import RunSpec, check_mesh
 
 # HBM per device that XLA lets a program use, GiB, as its out-of-memory errors name it.
@@ -93,15 +92,6 @@ def compile_for(spec: RunSpec, topology: str) -> Report:
                   HBM_GIB.get(kind))
 
 
-def _shallow(config: Molmo2Config, vision_layers: int, text_layers: int) -> Molmo2Config:
-    """`config` with fewer layers, unrolled; the ViT's feature layers moved to its last ones."""
-    features = tuple(vision_layers - 1 - rank for rank in range(len(config.adapter.feature_layers)))
-    return config.replace(vision=dataclasses.replace(config.vision, num_layers=vision_layers),
-                          adapter=dataclasses.replace(config.adapter, feature_layers=features),
-                          text=dataclasses.replace(config.text, num_layers=text_layers),
-                          scan_unroll=max(vision_layers, text_layers))
-
-
 def step_flops(spec: RunSpec, topology: str) -> float:
     """FLOPs per device of one whole optimizer step: every layer and every micro-step counted.
 
@@ -114,7 +104,7 @@ def step_flops(spec: RunSpec, topology: str) -> float:
     model, the extra layers' counts vary by ~0.3% (XLA's fusion choices), hence the test's tolerance.
     """
     devices, config = topology_devices(topology), spec.model
-    count = lambda v, t: _flops(_compile(dataclasses.replace(spec, model=_shallow(config, v, t)), devices))
+    count = lambda v, t: _flops(_compile(dataclasses.replace(spec, model=config.shallow(v, t)), devices))
     base = count(2, 2)
     per_vision_layer, per_text_layer = count(3, 2) - base, count(2, 3) - base
     one_micro_step = (base + (config.vision.num_layers - 2) * per_vision_layer

@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every = 10
 
     c.model = ml_collections.ConfigDict()
+    c.model.type = "molmo2"  # the backbone: "molmo2" (models/backbones.py)
     c.model.base_dir = ""  # a converted base (tools/convert_checkpoint.py); "" = random init from `preset`/`dims`
     c.model.preset = ""  # "molmo2_4b" / "molmo2_8b": dimensions for random init and AOT checks
     c.model.dims = ml_collections.ConfigDict({"vision": {}, "adapter": {}, "text": {}})

@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mrrm_jax import batch_shapes, checkpoint, lora, reward
 from mrrm_jax.data import formatting, preprocess, records
 from mrrm_jax.hf_interop import batch_from_processor
-from mrrm_jax.models.molmo2 import Molmo2
+from mrrm_jax.models import backbones
 
 
 class RewardModel:
@@ -44,7 +44,7 @@ class RewardModel:
     def __init__(self, config, params, head_config, head_params, processor, devices=None, rows: int = 4,
                  row_tokens: int = 4096, row_crops: int = 32, vision_crops: int = 16):
         self.config = config.replace(with_lm_head=False)
-        self.backbone, self.head = Molmo2(self.config), reward.ValueHead(head_config)
+        self.backbone, self.head = backbones.module(self.config), reward.ValueHead(head_config)
         self.mesh = Mesh(np.asarray(devices if devices is not None else jax.local_devices()), ("data",))
         replicated = NamedSharding(self.mesh, P())
         self.params, self.head_params = jax.device_put((params, head_params), replicated)
@@ -72,33 +72,8 @@ class RewardModel:
         return cls(config, params, head_config, trainable["head"], processor, **shape)
 
     def _forward(self, params, head_params, batch: dict):
-        features_bpd = self._vision_features(params, batch["crops"], batch["pooling"]) if "crops" in batch else None
-        hidden_btd = self.backbone.apply({"params": params}, batch, features_bpd)
+        hidden_btd = backbones.hidden_states(self.backbone, params, batch, self.vision_crops)
         return reward.scores(self.head, head_params, hidden_btd, batch)
-
-    def _vision_features(self, params, crops_bcpx, pooling_bks):
-        """ViT features [B, C * P, F * hidden] of every row's crops, `vision_crops` crops a pass (the same
-        crop slots of every row); zeros for the slots of a pass that no pooled token of any row reads."""
-        batch, crops, patches, patch_dim = crops_bcpx.shape
-        per_row = max(1, min(crops, self.vision_crops // batch))
-        passes = -(-crops // per_row)
-        crops_bcpx = jnp.pad(crops_bcpx, [(0, 0), (0, passes * per_row - crops), (0, 0), (0, 0)])
-        # Crop slot of every pooled patch; a -1 (empty) index goes to a slot past the end, then dropped.
-        slot_bks = jnp.where(pooling_bks >= 0, pooling_bks // patches, passes * per_row)
-        read_bc = jnp.zeros((batch, passes * per_row + 1), bool).at[jnp.arange(batch)[:, None, None], slot_bks].set(True)
-        read_s = read_bc[:, :-1].reshape(batch, passes, per_row).any((0, 2))
-        crops_sbcpx = crops_bcpx.reshape(batch, passes, per_row, patches, patch_dim).swapaxes(0, 1)
-        run = lambda c_bcpx: self.backbone.apply({"params": params}, c_bcpx.reshape(-1, patches, patch_dim),
-                                                 method=Molmo2.vision_features).reshape(batch, per_row, patches, -1)
-        width = jax.eval_shape(run, crops_sbcpx[0]).shape[-1]
-
-        def one_pass(_, inputs):
-            c_bcpx, read = inputs
-            zeros = lambda c: jnp.zeros((batch, per_row, patches, width), self.config.dtype)
-            return None, jax.lax.cond(read, run, zeros, c_bcpx)
-
-        _, features_sbcpd = jax.lax.scan(one_pass, None, (crops_sbcpx, read_s))
-        return features_sbcpd.swapaxes(0, 1).reshape(batch, passes * per_row * patches, width)[:, : crops * patches]
 
     def example(self, prompt, responses, images=None, video=None, video_metadata=None, media_cache=None) -> dict:
         """One example as a one-row model batch with its read positions. `media_cache`: a dict kept across

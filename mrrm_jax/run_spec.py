@@ -3,7 +3,7 @@
 Every check of a config lives here and fails with a `ConfigError` that names the key and the fix,
 before anything is read, written or compiled. Everything below the spec (trainer, step, the run's
 data, aot) reads these types, never ml_collections. Where a type already exists for a part of the
-spec (the model's `Molmo2Config`, `lora.LoraSpec`, `reward.HeadConfig`, `examples.Budget`,
+spec (the backbone's config, `lora.LoraSpec`, `reward.HeadConfig`, `examples.Budget`,
 `packing.RowBudget`) the spec holds that type.
 """
 
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from mrrm_jax import checkpoint, lora, reward
 from mrrm_jax.data import examples, packing
 from mrrm_jax.models.attention import BACKENDS
-from mrrm_jax.models.molmo2.config import AdapterConfig, Molmo2Config, TextConfig, VisionConfig
+from mrrm_jax.models import backbones
 from mrrm_jax.models.molmo2.language import REMAT_POLICIES
 
 if TYPE_CHECKING:  # configs are ConfigDicts; the spec itself needs no ml_collections (bench/gpu.py runs without it)
@@ -75,7 +75,7 @@ class OptimizerSpec:
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
     seed: int
-    model: Molmo2Config
+    model: object  # the backbone's config (models/backbones.py), e.g. Molmo2Config
     base_dir: str  # a converted base (tools/convert_checkpoint.py); "" = a seeded random init
     processor: ProcessorSpec
     head: reward.HeadConfig
@@ -164,7 +164,8 @@ def check_mesh(spec: RunSpec, mesh, process_count: int) -> None:
            f"{ways * spec.train.grad_accum}")
 
 
-def _model(m) -> Molmo2Config:
+def _model(m):
+    _check(m.type in backbones.BACKBONES, f"model.type={m.type!r}: expected one of {sorted(backbones.BACKBONES)}")
     _check(m.attention in BACKENDS, f"model.attention={m.attention!r}: expected one of {sorted(BACKENDS)}")
     remats = ("none", *REMAT_POLICIES)
     _check(m.remat in remats, f"model.remat={m.remat!r}: expected one of {remats}")
@@ -175,20 +176,22 @@ def _model(m) -> Molmo2Config:
             _fail(f"model.{key}={m[key]!r} is not a dtype name (e.g. float32, bfloat16)")
     runtime = dict(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention,
                    scan_unroll=m.scan_unroll, with_lm_head=False)
+    config_class = backbones.BACKBONES[m.type].config_class
     if m.base_dir:
         try:
-            return checkpoint.load_config(m.base_dir).replace(**runtime)
+            config = checkpoint.load_config(m.base_dir).replace(**runtime)
         except (OSError, ValueError) as error:
             _fail(f"model.base_dir={m.base_dir!r}: {error}")
+        _check(isinstance(config, config_class), f"model.base_dir={m.base_dir!r} holds a "
+               f"{backbones.name_of(config)} checkpoint, but model.type={m.type!r}")
+        return config
     if m.preset:
-        _check(hasattr(Molmo2Config, m.preset) and m.preset.startswith("molmo2_"),
-               f"model.preset={m.preset!r}: expected molmo2_4b or molmo2_8b")
-        return getattr(Molmo2Config, m.preset)(**runtime)
-    dims = m.dims.to_dict()
+        presets = config_class.PRESETS
+        _check(m.preset in presets, f"model.preset={m.preset!r}: expected one of {presets} for model.type={m.type!r}")
+        return getattr(config_class, m.preset)(**runtime)
     try:
-        return Molmo2Config(vision=VisionConfig(**dims["vision"]), adapter=AdapterConfig(**dims["adapter"]),
-                            text=TextConfig(**dims["text"]), **runtime)
-    except TypeError as error:
+        return config_class.from_dims(m.dims.to_dict(), **runtime)
+    except (KeyError, TypeError) as error:
         _fail(f"model.dims: {error}")
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from mrrm_jax import lora, reward, tree_paths
 from mrrm_jax.data import packing
-from mrrm_jax.models.molmo2 import Molmo2, Molmo2Config
+from mrrm_jax.models import backbones
 from mrrm_jax.run_spec import ConfigError, OptimizerSpec, RunSpec
 
 
@@ -47,16 +48,9 @@ def initial_state(trainable: dict, tx: optax.GradientTransformation) -> dict:
     return {"step": jnp.int32(0), "trainable": trainable, "opt": tx.init(trainable)}
 
 
-def dummy_batch(config: Molmo2Config, tokens: int = 8) -> dict:
-    return {"tokens": jnp.zeros((1, tokens), jnp.int32), "positions": jnp.zeros((1, tokens), jnp.int32),
-            "segment_ids": jnp.ones((1, tokens), jnp.int32),
-            "crops": jnp.zeros((1, 1, config.vision.num_patches, config.vision.patch_dim)),
-            "pooling": jnp.zeros((1, 1, 4), jnp.int32)}
-
-
-def abstract_base(config: Molmo2Config) -> dict:
+def abstract_base(config) -> dict:
     """The backbone's parameter shapes (float32)."""
-    return jax.eval_shape(lambda: Molmo2(config).init(jax.random.key(0), dummy_batch(config))["params"])
+    return jax.eval_shape(lambda: backbones.module(config).init(jax.random.key(0), backbones.init_batch(config))["params"])
 
 
 def init_trainable(spec: RunSpec, base: dict) -> dict:
@@ -76,7 +70,7 @@ def init_state(spec: RunSpec, base: dict, tx: optax.GradientTransformation) -> d
 
 
 def model(spec: RunSpec) -> Model:
-    return Model(Molmo2(spec.model), reward.ValueHead(spec.head), spec.lora, spec.train.objective)
+    return Model(backbones.module(spec.model), reward.ValueHead(spec.head), spec.lora, spec.train.objective)
 
 
 def batch_shapes(spec: RunSpec) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
@@ -92,7 +86,7 @@ def batch_shapes(spec: RunSpec) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
 class Model:
     """What the jitted functions close over (hashable and static)."""
 
-    backbone: Molmo2
+    backbone: nn.Module
     head: reward.ValueHead
     spec: lora.LoraSpec | None
     objective: str

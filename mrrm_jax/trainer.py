@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from mrrm_jax import checkpoint, reward, sharding, step, tree_paths
 from mrrm_jax.data import pipeline, training_data
 from mrrm_jax.metrics import MetricsWriter, SkipLog
-from mrrm_jax.models.molmo2 import Molmo2
+from mrrm_jax.models import backbones
 from mrrm_jax.run_checkpoints import RunCheckpoints
 from mrrm_jax.run_spec import ConfigError, RunSpec, check_mesh, check_row_crops
 
@@ -45,7 +45,7 @@ def load_base(spec: RunSpec, mesh) -> dict:
         _, base = checkpoint.load_base(spec.base_dir, shardings=stored, dtype=config.param_dtype)
         base.pop("lm_head", None)  # the reward path never uses it (design decision 8)
         return base
-    init = jax.jit(lambda key: fan_in_init(Molmo2(config).init(key, step.dummy_batch(config))["params"], key),
+    init = jax.jit(lambda key: fan_in_init(backbones.module(config).init(key, backbones.init_batch(config))["params"], key),
                    out_shardings=shardings)
     return init(jax.random.key(spec.seed))
 

@@ -22,6 +22,7 @@ BROKEN = [
     ({"budget.max_vision_tokens": 400}, "budget.max_vision_tokens=400 exceeds packing.row_pooled=160"),
     ({"packing.max_responses": 1}, "packing.max_responses=1: an example has 2 responses or more"),
     ({"train.objective": "listwise"}, r"train.objective='listwise': expected one of \('cross_entropy', 'plackett_luce'\)"),
+    ({"model.type": "llava"}, r"model.type='llava': expected one of \['molmo2'"),
     ({"model.attention": "flash"}, "model.attention='flash': expected one of"),
     ({"model.remat": "some"}, "model.remat='some': expected one of"),
     ({"model.dtype": "float33"}, "model.dtype='float33' is not a dtype name"),
@@ -41,6 +42,11 @@ def _config(overrides: dict):
 def test_each_broken_key_is_a_config_error_naming_it(overrides, message):
     with pytest.raises(run_spec.ConfigError, match=message):
         run_spec.parse(_config(overrides))
+
+
+def test_a_preset_of_another_backbone_is_refused():
+    with pytest.raises(run_spec.ConfigError, match=r"model.preset='qwen3_vl_4b': expected one of \('molmo2_4b'"):
+        run_spec.parse(_config({"model.preset": "qwen3_vl_4b"}), training=False)
 
 
 def test_the_demo_parses_into_its_parts():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any
+from typing import Any, ClassVar
 
 # Molmo2's extra vocabulary, in the order of the released tokenizer (ids 151936..151945).
 EXTRA_TOKENS = (
@@ -114,7 +114,17 @@ class Molmo2Config:
     def replace(self, **changes) -> Molmo2Config:
         return dataclasses.replace(self, **changes)
 
+    def shallow(self, vision_layers: int, text_layers: int) -> Molmo2Config:
+        """This model with fewer layers, unrolled (aot.step_flops); the ViT's feature layers moved to its last ones."""
+        features = tuple(vision_layers - 1 - rank for rank in range(len(self.adapter.feature_layers)))
+        return self.replace(vision=dataclasses.replace(self.vision, num_layers=vision_layers),
+                            adapter=dataclasses.replace(self.adapter, feature_layers=features),
+                            text=dataclasses.replace(self.text, num_layers=text_layers),
+                            scan_unroll=max(vision_layers, text_layers))
+
     # -- presets -------------------------------------------------------------------------
+    PRESETS: ClassVar[tuple[str, ...]] = ("molmo2_4b", "molmo2_8b")
+
     @classmethod
     def molmo2_4b(cls, **runtime) -> Molmo2Config:
         """allenai/Molmo2-4B (Qwen3-4B language model), dimensions from its config.json."""
@@ -126,6 +136,12 @@ class Molmo2Config:
         text = TextConfig(hidden_size=4096, intermediate_size=12288, rope=(("rope_theta", 1e6), ("rope_type", "default")))
         adapter = AdapterConfig(intermediate_size=12288)
         return cls(text=text, adapter=adapter, **runtime)
+
+    @classmethod
+    def from_dims(cls, dims: dict, **runtime) -> Molmo2Config:
+        """From `config.model.dims`: {"vision": {...}, "adapter": {...}, "text": {...}} field values."""
+        return cls(vision=VisionConfig(**dims["vision"]), adapter=AdapterConfig(**dims["adapter"]),
+                   text=TextConfig(**dims["text"]), **runtime)
 
     # -- serialisation -----------------------------------------------------------------
     def to_json(self) -> str:

@@ -17,7 +17,9 @@ batch of a shape bucket.
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mrrm_jax.models.layers import Dense
 from mrrm_jax.models.molmo2.adapter import Adapter
@@ -36,6 +38,14 @@ class Molmo2(nn.Module):
         if self.config.with_lm_head and not self.config.text.tie_word_embeddings:
             self.lm_head = Dense(self.config.text.vocab_size, dtype=self.config.dtype,
                                  param_dtype=self.config.param_dtype)
+
+    @staticmethod
+    def init_batch(config: Molmo2Config) -> dict:
+        """One token and one crop: enough to create every parameter."""
+        return {"tokens": np.zeros((1, 1), np.int32), "positions": np.zeros((1, 1), np.int32),
+                "segment_ids": np.ones((1, 1), np.int32),
+                "crops": np.zeros((1, 1, config.vision.num_patches, config.vision.patch_dim), np.float32),
+                "pooling": np.zeros((1, 1, 4), np.int32)}
 
     def vision_features(self, crops_npx):
         """ViT feature-layer outputs [N, P, F * vision hidden] of N crops."""
@@ -73,3 +83,33 @@ class Molmo2(nn.Module):
             table = self.language_model.embed_tokens.embedding[: self.config.text.vocab_size]
             return hidden_btd @ table.astype(hidden_btd.dtype).T
         return self.lm_head(hidden_btd)
+
+
+def hidden_states(model: Molmo2, params: dict, batch: dict, vision_crops: int) -> jax.Array:
+    """`model.apply(params, batch)`, with the ViT run `vision_crops` crops a pass (its memory is bounded
+    by one pass), and a pass whose crop slots no row reads skipped (packed rows leave their last slots
+    empty): what scoring runs."""
+    if "crops" not in batch:
+        return model.apply({"params": params}, batch)
+    crops_bcpx, pooling_bks = batch["crops"], batch["pooling"]
+    rows, crops, patches, patch_dim = crops_bcpx.shape
+    per_row = max(1, min(crops, vision_crops // rows))
+    passes = -(-crops // per_row)
+    crops_bcpx = jnp.pad(crops_bcpx, [(0, 0), (0, passes * per_row - crops), (0, 0), (0, 0)])
+    # Crop slot of every pooled patch; a -1 (empty) index goes to a slot past the end, then dropped.
+    slot_bks = jnp.where(pooling_bks >= 0, pooling_bks // patches, passes * per_row)
+    read_bc = jnp.zeros((rows, passes * per_row + 1), bool).at[jnp.arange(rows)[:, None, None], slot_bks].set(True)
+    read_s = read_bc[:, :-1].reshape(rows, passes, per_row).any((0, 2))
+    crops_sbcpx = crops_bcpx.reshape(rows, passes, per_row, patches, patch_dim).swapaxes(0, 1)
+    run = lambda c_bcpx: model.apply({"params": params}, c_bcpx.reshape(-1, patches, patch_dim),
+                                     method=Molmo2.vision_features).reshape(rows, per_row, patches, -1)
+    width = jax.eval_shape(run, crops_sbcpx[0]).shape[-1]
+
+    def one_pass(_, inputs):
+        c_bcpx, read = inputs
+        zeros = lambda c: jnp.zeros((rows, per_row, patches, width), model.config.dtype)
+        return None, jax.lax.cond(read, run, zeros, c_bcpx)
+
+    _, features_sbcpd = jax.lax.scan(one_pass, None, (crops_sbcpx, read_s))
+    features_bpd = features_sbcpd.swapaxes(0, 1).reshape(rows, passes * per_row * patches, width)[:, : crops * patches]
+    return model.apply({"params": params}, batch, features_bpd)
