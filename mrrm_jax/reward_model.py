@@ -26,7 +26,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mrrm_jax import batch_shapes, checkpoint, lora, reward
 from mrrm_jax.data import formatting, preprocess, records
-from mrrm_jax.hf_interop import batch_from_processor
 from mrrm_jax.models import backbones
 
 
@@ -80,7 +79,7 @@ class RewardModel:
         calls with the same media (other response orders), which are then preprocessed once."""
         formatted = formatting.format_example(self.processor, prompt, responses, images, video, video_metadata,
                                               media_cache=media_cache)
-        batch = batch_from_processor(formatted.processor_outputs, self.config.image_patch_id)
+        batch = self.processor.model_batch(formatted.processor_outputs)
         batch["read_positions"] = formatted.read_positions[None].astype(np.int32)
         batch["response_starts"] = formatted.response_starts[None].astype(np.int32)
         return batch

@@ -19,7 +19,6 @@ import numpy as np
 
 from mrrm_jax import reward
 from mrrm_jax.data import formatting, preprocess
-from mrrm_jax.hf_interop import batch_from_processor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +105,7 @@ def training_example(record: dict, media: dict, processor, budget: Budget,
         formatted = formatting.format_example(processor, record.get("prompt", ""), responses, **media,
                                               media_cache=media_cache, **options)
 
-    batch = batch_from_processor(formatted.processor_outputs, processor.image_patch_id)
+    batch = processor.model_batch(formatted.processor_outputs)
     batch["read_positions"] = formatted.read_positions[None]
     batch["response_starts"] = formatted.response_starts[None]
     batch["labels"] = np.array([reward.label_from_rankings(rankings, rng)], np.int32)

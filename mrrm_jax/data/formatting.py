@@ -10,7 +10,7 @@ the responses are tokenized as plain text, so special-token text inside them (`<
 exactly those the processor produces on the whole rendered text. That works because special tokens are
 hard boundaries in HF tokenization: the text between two of them is tokenized on its own. So the stretch
 up to the last special token before the prompt (the media head) is tokenized whole, with `<|image|>` /
-`<|video|>` expanded by our Molmo2 preprocessing (preprocess.py, which also yields the pixel arrays), and
+`<|video|>` expanded by the processor's `media_head` (our numpy preprocessing, which also yields the pixel arrays), and
 each later stretch between special tokens is tokenized as one plain string. A response cannot be tokenized alone: byte-level BPE pre-tokens cross
 its edges ("assistant\\n" + "\\nText", "answer.\\n\\n").
 """
@@ -26,9 +26,7 @@ import tokenizers
 from PIL import Image
 from transformers import TokenizersBackend
 
-from mrrm_jax.data import preprocess
 from mrrm_jax.data import processor as processor_lib
-from mrrm_jax.data.preprocess import rgb_array
 
 RESP_SEP = "<|resp_sep|>"
 SEPARATOR_TEXT = "\n\n<|resp_sep|>\n\n"
@@ -52,7 +50,7 @@ class FormattedExample:
     num_responses: int
     # What `processor(...)` returns for this example, batch of 1, numpy (`input_ids`, `attention_mask`,
     # `mm_token_type_ids`, and pixel_values / image_token_pooling / image_grids / image_num_crops and
-    # the video counterparts when there are media); `hf_interop.batch_from_processor` consumes it.
+    # the video counterparts when there are media); the processor's `model_batch` consumes it.
     processor_outputs: dict[str, np.ndarray]
 
 
@@ -119,7 +117,7 @@ def format_example(processor, prompt, responses, images=None, video=None, video_
     cache = {} if media_cache is None else media_cache
     key = (head[:processor_text_end], tuple(sorted(media_options.items())))
     if key not in cache:
-        cache[key] = _media_head(processor, key[0], images, video, video_metadata, **media_options)
+        cache[key] = processor.media_head(key[0], images, video, video_metadata, **media_options)
     outputs = dict(cache[key])  # its text entries are replaced below
 
     # What follows the media head: plain text (str) and special token ids (int), in order.
@@ -162,45 +160,6 @@ def format_example(processor, prompt, responses, images=None, video=None, video_
     return FormattedExample(input_ids=input_ids_t.astype(np.int32), read_positions=read_positions_n,
                             response_starts=np.asarray(response_starts_n, np.int32),
                             num_responses=len(responses), processor_outputs=outputs)
-
-
-def _media_head(processor, text, images, video, video_metadata, max_crops=None, num_frames=None) -> dict:
-    """What `processor(text=text, images=..., videos=...)` returns (numpy, batch of 1), computed by our
-    own preprocessing: media arrays, and the ids of `text` with its `<|image|>` / `<|video|>` expanded.
-    `max_crops` / `num_frames` override the processor's for this call (the budget's fallbacks)."""
-    options = processor.options
-    tokenizer = processor.tokenizer
-    outputs, replacements = {}, {}
-    if images:
-        outputs.update(preprocess.image_inputs(images, options, max_crops))
-        replacements[processor.image_token] = [preprocess.image_tokens(g, options) for g in outputs["image_grids"]]
-    if video is not None:
-        frames = np.asarray(video) if isinstance(video, np.ndarray) else np.stack([rgb_array(f) for f in video])
-        frames, timestamps = preprocess.sample_video(frames, _metadata_dict(video_metadata, len(frames)), options,
-                                                     num_frames)
-        outputs.update(preprocess.video_inputs(frames, options))
-        replacements[processor.video_token] = [preprocess.video_tokens(outputs["video_grids"][0], timestamps, options)]
-    for token, strings in replacements.items():
-        pieces = text.split(token)
-        if len(pieces) != len(strings) + 1:
-            raise ValueError(f"the chat template wrote {len(pieces) - 1} {token} for {len(strings)} media")
-        text = "".join(piece + string for piece, string in zip(pieces, strings + [""]))
-    # As Molmo2Processor: every text starts with the bos token (`<|im_end|>` in Molmo2's tokenizer).
-    bos = tokenizer.bos_token or tokenizer.eos_token
-    text = text if text.startswith(bos) else bos + text
-    outputs.update({k: np.asarray(v) for k, v in tokenizer(text, return_tensors="np").items()})
-    return outputs
-
-
-def _metadata_dict(metadata, num_frames: int) -> dict:
-    """A `VideoMetadata` or dict -> dict; Molmo2 needs the fps for the frame timestamps."""
-    if metadata is None:
-        raise ValueError("video_metadata with the video's fps is required: Molmo2 writes frame timestamps")
-    if dataclasses.is_dataclass(metadata):
-        metadata = {k: v for k, v in dataclasses.asdict(metadata).items() if v is not None}
-    if not metadata.get("fps"):
-        raise ValueError(f"video_metadata has no fps: {metadata}")
-    return {"total_num_frames": num_frames, **metadata}
 
 
 class _ResponseText(str):

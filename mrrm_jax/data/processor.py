@@ -20,7 +20,9 @@ import tokenizers
 from transformers import TokenizersBackend
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from mrrm_jax.data import preprocess
 from mrrm_jax.data.preprocess import VisionOptions
+from mrrm_jax.hf_interop import batch_from_processor
 
 PROCESSOR_CONFIG = "processor_config.json"
 # Older layouts keep each sub-processor's settings in its own file.
@@ -100,6 +102,36 @@ class Molmo2Processor:
         types_bt[np.asarray(input_ids_bt) == video_id] = 2
         return types_bt
 
+    def media_head(self, text: str, images, video, video_metadata, max_crops=None, num_frames=None) -> dict:
+        """What `Molmo2Processor(text=text, images=..., videos=...)` returns (numpy, batch of 1), computed
+        by our preprocessing: media arrays, and the ids of `text` with its `<|image|>` / `<|video|>`
+        expanded. `max_crops` / `num_frames` override the processor's for this call (budget fallbacks)."""
+        options, tokenizer = self.options, self.tokenizer
+        outputs, replacements = {}, {}
+        if images:
+            outputs.update(preprocess.image_inputs(images, options, max_crops))
+            replacements[self.image_token] = [preprocess.image_tokens(g, options) for g in outputs["image_grids"]]
+        if video is not None:
+            frames = np.asarray(video) if isinstance(video, np.ndarray) else np.stack([preprocess.rgb_array(f) for f in video])
+            frames, timestamps = preprocess.sample_video(frames, video_metadata_dict(video_metadata, len(frames)),
+                                                         options, num_frames)
+            outputs.update(preprocess.video_inputs(frames, options))
+            replacements[self.video_token] = [preprocess.video_tokens(outputs["video_grids"][0], timestamps, options)]
+        for token, strings in replacements.items():
+            pieces = text.split(token)
+            if len(pieces) != len(strings) + 1:
+                raise ValueError(f"the chat template wrote {len(pieces) - 1} {token} for {len(strings)} media")
+            text = "".join(piece + string for piece, string in zip(pieces, strings + [""]))
+        # As Molmo2Processor: every text starts with the bos token (`<|im_end|>` in Molmo2's tokenizer).
+        bos = tokenizer.bos_token or tokenizer.eos_token
+        text = text if text.startswith(bos) else bos + text
+        outputs.update({k: np.asarray(v) for k, v in tokenizer(text, return_tensors="np").items()})
+        return outputs
+
+    def model_batch(self, outputs: dict) -> dict:
+        """This processor's outputs (`media_head` + the formatted ids) -> the model's one-row batch."""
+        return batch_from_processor(outputs, self.image_patch_id)
+
     def save_pretrained(self, out_dir) -> pathlib.Path:
         """A directory that `load` and transformers' `AutoProcessor` both read."""
         out_dir = pathlib.Path(out_dir)
@@ -157,6 +189,17 @@ def vision_options(image: dict, video: dict, flags: dict, source="image settings
                          overlap_margins=tuple(image["overlap_margins"]), max_crops=image["max_crops"],
                          num_frames=video["num_frames"], max_fps=video["max_fps"],
                          mean=tuple(image["image_mean"]), std=tuple(image["image_std"]), **flags)
+
+
+def video_metadata_dict(metadata, num_frames: int) -> dict:
+    """A `VideoMetadata` or dict -> dict with the fps (frame timestamps need it) and the frame count."""
+    if metadata is None:
+        raise ValueError("video_metadata with the video's fps is required: the processor writes frame timestamps")
+    if dataclasses.is_dataclass(metadata):
+        metadata = {k: v for k, v in dataclasses.asdict(metadata).items() if v is not None}
+    if not metadata.get("fps"):
+        raise ValueError(f"video_metadata has no fps: {metadata}")
+    return {"total_num_frames": num_frames, **metadata}
 
 
 def _read_json(path: pathlib.Path) -> dict:
