@@ -96,7 +96,7 @@ def outputs(reference):
 
 
 def test_directory_is_what_transformers_saves(processor_dir, reference, tmp_path):
-    saved = pathlib.Path(tmp_path / "saved")
+    saved = tmp_path / "saved"
     reference.save_pretrained(saved)
     for name in ("processor_config.json", "chat_template.jinja"):
         assert (saved / name).read_text() == (processor_dir / name).read_text(), name
@@ -133,7 +133,9 @@ def test_released_layout_settings_equal_transformers(processor_dir, tmp_path, le
     assert ours.image_config == {**expected["image_processor"], "image_processor_type": "Qwen2VLImageProcessorFast"}
     assert ours.video_config == expected["video_processor"]
     assert ours.chat_template == reference.chat_template
-    if not legacy_keys:  # the writer's Qwen3-VL-4B settings are what transformers reads from the released files
+    if legacy_keys:
+        assert ours.image_config["size"] == {"shortest_edge": 32 * 32 * 3, "longest_edge": 32 * 32 * 40}
+    else:  # the writer's Qwen3-VL-4B settings are what transformers reads from the released files
         assert {**processor_lib.IMAGE_DEFAULTS, **QWEN3_VL_4B_IMAGE} == expected["image_processor"]
         assert {**processor_lib.VIDEO_DEFAULTS, **QWEN3_VL_4B_VIDEO} == expected["video_processor"]
 

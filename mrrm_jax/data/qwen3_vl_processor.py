@@ -102,11 +102,12 @@ class Qwen3VLProcessor:
         for index, (grid, seconds) in enumerate(zip(video_grids, video_timestamps)):
             if len(seconds) != grid[0]:
                 raise ValueError(f"video {index}: {len(seconds)} timestamps for {grid[0]} temporal patches")
-        # Each frame's pads stay one token in the text and are repeated after tokenizing: an added token
-        # splits the text around it, so the ids equal those of the fully expanded text transformers encodes.
-        frames = iter([f"<{float(t):.1f} seconds>{VISION_START}{VIDEO_PAD}{VISION_END}" for t in seconds]
+        # `replace_video_token`'s text, but each frame's pads stay one token and are repeated after
+        # tokenizing: an added token splits the text around it, so the ids equal those of the fully
+        # expanded text that transformers encodes.
+        videos = iter("".join(f"<{float(t):.1f} seconds>{VISION_START}{VIDEO_PAD}{VISION_END}" for t in seconds)
                       for seconds in video_timestamps)
-        text = re.sub(re.escape(VIDEO_PAD), lambda _: "".join(next(frames)), text)
+        text = re.sub(re.escape(VIDEO_PAD), lambda _: next(videos), text)
         ids_t = np.asarray(self.tokenizer(text)["input_ids"], np.int32)
 
         repeats_t = np.ones(len(ids_t), np.int64)
