@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, Qwen3VLConfig, Qwen3VLModel
 
+from mrrm_jax.data import qwen3_vl_preprocess
 from mrrm_jax.data import qwen3_vl_processor as processor_lib
 from mrrm_jax.data.qwen3_vl_positions import rope_index
 from mrrm_jax.data.tokenizer import (QWEN3_VL_4B_IMAGE, QWEN3_VL_4B_VIDEO, QWEN_ADDED_TOKENS,
@@ -36,6 +37,7 @@ IMAGES = {"wide": Image.fromarray(RNG.integers(0, 256, (100, 150, 3), np.uint8))
           "small": Image.fromarray(RNG.integers(0, 256, (64, 96, 3), np.uint8))}
 # name: (source frames, source fps); transformers samples them at its default 2 fps, at least 4 frames.
 VIDEOS = {"4@2fps": (4, 2.0), "9@1fps": (9, 1.0), "40@30fps": (40, 30.0)}
+FRAMES = {name: RNG.integers(0, 256, (num_frames, 48, 80, 3), np.uint8) for name, (num_frames, _) in VIDEOS.items()}
 CASES = {  # name: (message parts in order, with image / video names)
     "text": [("text", "Just words, no pictures.")],
     "image": [("image", "wide"), ("text", "Describe it.")],
@@ -45,6 +47,10 @@ CASES = {  # name: (message parts in order, with image / video names)
     "two_images_video": [("image", "wide"), ("text", "then"), ("video", "40@30fps"), ("image", "small"),
                          ("text", "Which came first?")],
 }
+
+
+def _seconds(frame_indices, fps) -> list[float]:
+    return qwen3_vl_preprocess.video_timestamps(frame_indices, fps, qwen3_vl_preprocess.Qwen3VLVisionOptions())
 
 
 def _messages(parts) -> list[dict]:
@@ -88,7 +94,7 @@ def outputs(reference):
         text = reference.apply_chat_template(_messages(parts), tokenize=False, add_generation_prompt=True)
         images = [IMAGES[value] for kind, value in parts if kind == "image"] or None
         videos = [VIDEOS[value] for kind, value in parts if kind == "video"]
-        frames = [RNG.integers(0, 256, (num_frames, 48, 80, 3), np.uint8) for num_frames, _ in videos] or None
+        frames = [FRAMES[value] for kind, value in parts if kind == "video"] or None
         metadata = [{"fps": fps, "total_num_frames": num_frames} for num_frames, fps in videos] or None
         results[name] = text, reference(text=[text], images=images, videos=frames, video_metadata=metadata,
                                         return_metadata=True, return_tensors="np")
@@ -148,7 +154,7 @@ def test_chat_template_equal_transformers(ours, reference, generation_prompt):
 
 
 def _tokens(ours, text: str, output) -> np.ndarray:
-    timestamps = [processor_lib.frame_timestamps(metadata.frames_indices, metadata.fps)
+    timestamps = [_seconds(metadata.frames_indices, metadata.fps)
                   for metadata in output.get("video_metadata", [])]
     return ours.tokens(text, output.get("image_grid_thw"), output.get("video_grid_thw"), timestamps)
 
@@ -169,14 +175,32 @@ def test_tokens_and_rope_index_equal_transformers(ours, outputs, reference_model
     assert positions_3t.max() + 1 - len(tokens_t) == expected_deltas.item()
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_media_head_equals_transformers(ours, outputs, case):
+    """Our whole processor call (numpy pixels, sampled frames, expanded ids) against transformers'."""
+    text, output = outputs[case]
+    parts = CASES[case]
+    images = [IMAGES[value] for kind, value in parts if kind == "image"]
+    [video] = [value for kind, value in parts if kind == "video"] or [None]
+    metadata = None if video is None else {"fps": VIDEOS[video][1], "total_num_frames": VIDEOS[video][0]}
+    head = ours.media_head(text, images, None if video is None else FRAMES[video], metadata)
+    keys = [k for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
+                        "video_grid_thw") if k in output]
+    assert sorted(head) == sorted(keys)
+    for key in keys:
+        assert head[key].dtype == output[key].dtype, key
+        np.testing.assert_array_equal(head[key], output[key], err_msg=key)
+    np.testing.assert_array_equal(ours.create_mm_token_type_ids(head["input_ids"]), output["mm_token_type_ids"])
+
+
 def test_video_timestamps_by_hand(ours, outputs):
     # 40 frames at 30 fps, sampled at 2 fps but at least 4 frames: linspace(0, 39, 4) -> 0, 13, 26, 39;
     # two temporal patches, at (0 + 13) / 2 / 30 = 0.217 s and (26 + 39) / 2 / 30 = 1.083 s.
     text, output = outputs["video_40@30fps"]
     assert list(output["video_metadata"][0].frames_indices) == [0, 13, 26, 39]
-    np.testing.assert_allclose(processor_lib.frame_timestamps([0, 13, 26, 39], 30.0), [13 / 60, 65 / 60])
+    np.testing.assert_allclose(_seconds([0, 13, 26, 39], 30.0), [13 / 60, 65 / 60])
     # An odd frame count repeats the last frame: 9 frames at 1 fps -> the last patch is (8, 8), at 8.0 s.
-    np.testing.assert_allclose(processor_lib.frame_timestamps(range(9), 1.0), [0.5, 2.5, 4.5, 6.5, 8.0])
+    np.testing.assert_allclose(_seconds(range(9), 1.0), [0.5, 2.5, 4.5, 6.5, 8.0])
     decoded = ours.tokenizer.decode(_tokens(ours, text, output))
     pads = int(np.prod(output["video_grid_thw"][0][1:])) // 4
     frame = "<|vision_start|>" + "<|video_pad|>" * pads + "<|vision_end|>"
@@ -208,7 +232,7 @@ def test_rope_index_of_a_left_padded_batch(outputs, reference_model):
 
 def test_mismatched_grids_are_refused(ours, outputs):
     text, output = outputs["image_video"]
-    timestamps = [processor_lib.frame_timestamps(output["video_metadata"][0].frames_indices, 1.0)]
+    timestamps = [_seconds(output["video_metadata"][0].frames_indices, 1.0)]
     with pytest.raises(ValueError, match="1 <\\|image_pad\\|> but 0 grids"):
         ours.tokens(text, None, output["video_grid_thw"], timestamps)
     with pytest.raises(ValueError, match="timestamps for"):

@@ -112,3 +112,14 @@ def write_mp4(path: str | pathlib.Path, frames: np.ndarray, fps: float) -> None:
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
+
+
+def picked_frames(frames_thwc: np.ndarray, metadata: dict, picked: np.ndarray) -> np.ndarray:
+    """The frames at source indices `picked`, from `frames_thwc`: the frames at `metadata["frames_indices"]`
+    (a decoder that kept only what sampling can pick, `load_video(keep=...)`), or every frame."""
+    kept = np.asarray(metadata.get("frames_indices", np.arange(len(frames_thwc))))
+    positions = np.minimum(np.searchsorted(kept, picked), len(kept) - 1)
+    if not np.array_equal(kept[positions], picked):
+        missing = sorted(set(np.asarray(picked).tolist()) - set(kept.tolist()))
+        raise ValueError(f"video frames {missing[:8]} are needed but were not decoded")
+    return frames_thwc[positions]

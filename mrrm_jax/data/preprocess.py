@@ -35,6 +35,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from mrrm_jax.data import media
+
 
 @dataclasses.dataclass(frozen=True)
 class VisionOptions:
@@ -256,14 +258,9 @@ def sample_video(frames_thwc: np.ndarray, metadata: dict, options: VisionOptions
                  num_frames: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(sampled frames, their timestamps in seconds). `frames_thwc` holds the frames at
     `metadata["frames_indices"]` (a decoder that kept only what sampling can pick), or every frame."""
-    kept = np.asarray(metadata.get("frames_indices", np.arange(len(frames_thwc))))
     picked = sample_frame_indices(metadata, options, num_frames)
-    positions = np.minimum(np.searchsorted(kept, picked), len(kept) - 1)
-    if not np.array_equal(kept[positions], picked):
-        missing = sorted(set(picked.tolist()) - set(kept.tolist()))
-        raise ValueError(f"video frames {missing[:8]} are needed but were not decoded")
     # float32, as the reference divides its int32 index tensor by the fps: it prints them with ".1f".
-    return frames_thwc[positions], picked.astype(np.float32) / np.float32(metadata["fps"])
+    return media.picked_frames(frames_thwc, metadata, picked), picked.astype(np.float32) / np.float32(metadata["fps"])
 
 
 def video_inputs(frames_thwc: np.ndarray, options: VisionOptions) -> dict:

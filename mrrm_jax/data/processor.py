@@ -79,12 +79,7 @@ class Molmo2Processor:
 
     @functools.cached_property
     def plain_tokenizer(self) -> tokenizers.Tokenizer:
-        """A copy of the tokenizer that reads special-token text as plain text. transformers'
-        `split_special_tokens=True` instead flips that flag on the shared backend for the call, which
-        splits another thread's `<im_patch>` tokens when formatting runs in several threads."""
-        backend = tokenizers.Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
-        backend.encode_special_tokens = True
-        return backend
+        return plain_tokenizer(self.tokenizer)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The rendered text, as `Molmo2Processor.apply_chat_template(..., tokenize=False)`."""
@@ -189,6 +184,15 @@ def vision_options(image: dict, video: dict, flags: dict, source="image settings
                          overlap_margins=tuple(image["overlap_margins"]), max_crops=image["max_crops"],
                          num_frames=video["num_frames"], max_fps=video["max_fps"],
                          mean=tuple(image["image_mean"]), std=tuple(image["image_std"]), **flags)
+
+
+def plain_tokenizer(tokenizer: TokenizersBackend) -> tokenizers.Tokenizer:
+    """A copy of the tokenizer that reads special-token text as plain text. transformers'
+    `split_special_tokens=True` instead flips that flag on the shared backend for the call, which
+    splits another thread's special tokens when formatting runs in several threads."""
+    backend = tokenizers.Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.encode_special_tokens = True
+    return backend
 
 
 def video_metadata_dict(metadata, num_frames: int) -> dict:

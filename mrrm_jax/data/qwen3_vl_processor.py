@@ -32,31 +32,23 @@ import numpy as np
 from transformers import TokenizersBackend
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from mrrm_jax.data import media, qwen3_vl_preprocess
+from mrrm_jax.data.preprocess import rgb_array
 from mrrm_jax.data.processor import (CHAT_TEMPLATE_FILE, IMAGE_CONFIG, PROCESSOR_CONFIG, VIDEO_CONFIG,
-                                     read_chat_template, read_json)
+                                     plain_tokenizer, read_chat_template, read_json, video_metadata_dict)
+from mrrm_jax.data.qwen3_vl_positions import rope_index
 
 PROCESSOR_CLASS = "Qwen3VLProcessor"
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 
-# transformers 5.24's class defaults (`Qwen2VLImageProcessor`, which Qwen3-VL uses for images, and
-# `Qwen3VLVideoProcessor`), which a directory's JSON overrides key by key. Note the image defaults are
-# Qwen2-VL's (patch 14, CLIP mean/std): Qwen3-VL's files override them. `cap_pixels_per_frame` is
-# unset (None) by default, which transformers 5.24 reads as False.
-IMAGE_DEFAULTS = {
-    "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_processor_type": "Qwen2VLImageProcessor",
-    "image_std": [0.26862954, 0.26130258, 0.27577711], "merge_size": 2, "patch_size": 14, "resample": 3,
-    "rescale_factor": 1 / 255, "size": {"longest_edge": 28 * 28 * 1280, "shortest_edge": 56 * 56},
-    "temporal_patch_size": 2,
-}
-VIDEO_DEFAULTS = {
-    "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True, "do_sample_frames": True,
-    "fps": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "max_frames": 768, "max_video_tokens": 768,
-    "merge_size": 2, "min_frames": 4, "patch_size": 16, "resample": 3, "rescale_factor": 1 / 255,
-    "return_metadata": False, "size": {"longest_edge": 32 * 32 * 768, "shortest_edge": 128 * 32 * 32},
-    "temporal_patch_size": 2, "video_processor_type": "Qwen3VLVideoProcessor",
-}
+# transformers 5.24's class defaults (the pixel module's tables, plus the type names `save_pretrained`
+# writes), which a directory's JSON overrides key by key. The image defaults are Qwen2-VL's (patch 14,
+# CLIP mean/std): Qwen3-VL's files override them.
+IMAGE_DEFAULTS = {**qwen3_vl_preprocess.IMAGE_CLASS_DEFAULTS, "image_processor_type": "Qwen2VLImageProcessor"}
+# Unset (None) settings are left out, as `save_pretrained` leaves them out.
+VIDEO_DEFAULTS = {**{k: v for k, v in qwen3_vl_preprocess.VIDEO_CLASS_DEFAULTS.items() if v is not None},
+                  "return_metadata": False, "video_processor_type": "Qwen3VLVideoProcessor"}
 # Qwen2-VL-era image keys that `Qwen2VLImageProcessor.__init__` moves into `size` (the video processor
 # does not).
 LEGACY_IMAGE_SIZE_KEYS = {"min_pixels": "shortest_edge", "max_pixels": "longest_edge"}
@@ -78,6 +70,14 @@ class Qwen3VLProcessor:
     def video_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(VIDEO_PAD)
 
+    @functools.cached_property
+    def options(self) -> qwen3_vl_preprocess.Qwen3VLVisionOptions:
+        return qwen3_vl_preprocess.Qwen3VLVisionOptions.from_processor_dicts(self.image_config, self.video_config)
+
+    @functools.cached_property
+    def plain_tokenizer(self):
+        return plain_tokenizer(self.tokenizer)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The rendered text, as `Qwen3VLProcessor.apply_chat_template(..., tokenize=False)`."""
         [text], _ = render_jinja_template([messages], chat_template=self.chat_template,
@@ -90,7 +90,7 @@ class Qwen3VLProcessor:
 
         `image_grids_thw` / `video_grids_thw`: [n, 3] patch grids (t, h, w) of the images / videos in
         prompt order, as the pixel module (or transformers) returns them. `video_timestamps`: per video, one
-        time in seconds per temporal patch (`frame_timestamps`).
+        time in seconds per temporal patch (`qwen3_vl_preprocess.video_timestamps`).
         """
         image_grids, video_grids = _grids(image_grids_thw), _grids(video_grids_thw)
         for pad, grids in ((IMAGE_PAD, image_grids), (VIDEO_PAD, video_grids)):
@@ -117,6 +117,49 @@ class Qwen3VLProcessor:
                                                             video_grids[:, 0])
         return np.repeat(ids_t, repeats_t)
 
+    def media_head(self, text: str, images, video, video_metadata, num_frames: int | None = None) -> dict:
+        """What `transformers.Qwen3VLProcessor(text=[text], images=..., videos=...)` returns (numpy, batch
+        of 1), from our numpy pixels: `input_ids`, `attention_mask`, `pixel_values` + `image_grid_thw`,
+        `pixel_values_videos` + `video_grid_thw`. `video_metadata` needs the fps (and `frames_indices`
+        when `video` holds only those frames); `num_frames` samples that many frames instead of by fps."""
+        options, outputs = self.options, {}
+        image_grids, video_grids, timestamps = [], [], []
+        if images:
+            patches, image_grids = zip(*(qwen3_vl_preprocess.image_patches(rgb_array(im), options) for im in images))
+            outputs.update(pixel_values=np.concatenate(patches), image_grid_thw=np.asarray(image_grids, np.int64))
+        if video is not None:
+            frames = np.asarray(video) if isinstance(video, np.ndarray) else np.stack([rgb_array(f) for f in video])
+            metadata = video_metadata_dict(video_metadata, len(frames))
+            if num_frames is not None:
+                options = dataclasses.replace(options, fps=None, num_frames=num_frames)
+            picked = qwen3_vl_preprocess.video_frame_indices(metadata["total_num_frames"], metadata["fps"], options)
+            patches, grid = qwen3_vl_preprocess.video_patches(media.picked_frames(frames, metadata, picked), options)
+            video_grids, timestamps = [grid], [qwen3_vl_preprocess.video_timestamps(picked, metadata["fps"], options)]
+            outputs.update(pixel_values_videos=patches, video_grid_thw=np.asarray(video_grids, np.int64))
+        ids_t = self.tokens(text, image_grids or None, video_grids or None, timestamps)
+        outputs.update(input_ids=ids_t[None].astype(np.int64), attention_mask=np.ones((1, len(ids_t)), np.int64))
+        return outputs
+
+    def create_mm_token_type_ids(self, input_ids_bt: np.ndarray) -> np.ndarray:
+        """1 on image pads, 2 on video pads, else 0 (int64), as transformers' `mm_token_type_ids`."""
+        input_ids_bt = np.asarray(input_ids_bt)
+        return ((input_ids_bt == self.image_token_id) + 2 * (input_ids_bt == self.video_token_id)).astype(np.int64)
+
+    def model_batch(self, outputs: dict) -> dict:
+        """`media_head` outputs (with the formatted ids) of ONE example -> its one-row model batch: tokens,
+        M-RoPE positions [1, 3, T], segment ids and the patches of its images, then its video (the order
+        of their pads in the text: our formatting puts images before the video)."""
+        ids_t = np.asarray(outputs["input_ids"])[0].astype(np.int32)
+        image_grids, video_grids = outputs.get("image_grid_thw"), outputs.get("video_grid_thw")
+        positions_3t = rope_index(ids_t, image_grids, video_grids, spatial_merge_size=self.options.merge_size,
+                                  image_token_id=self.image_token_id, video_token_id=self.video_token_id)
+        batch = {"tokens": ids_t[None], "positions": positions_3t[None], "segment_ids": np.ones((1, len(ids_t)), np.int32)}
+        patches = [outputs[k] for k in ("pixel_values", "pixel_values_videos") if k in outputs]
+        if patches:
+            batch["patches"] = np.concatenate(patches)[None].astype(np.float32)
+            batch["grids_thw"] = np.concatenate([g for g in (image_grids, video_grids) if g is not None])[None]
+        return batch
+
     def save_pretrained(self, out_dir) -> pathlib.Path:
         """A directory that `load` and transformers' `AutoProcessor` both read (transformers 5's layout)."""
         out_dir = pathlib.Path(out_dir)
@@ -126,21 +169,6 @@ class Qwen3VLProcessor:
         (out_dir / PROCESSOR_CONFIG).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
         (out_dir / CHAT_TEMPLATE_FILE).write_text(self.chat_template)
         return out_dir
-
-
-def frame_timestamps(frame_indices, fps: float, temporal_patch_size: int = 2) -> np.ndarray:
-    """Seconds per temporal patch [ceil(frames / temporal_patch_size)], as transformers'
-    `Qwen3VLProcessor._calculate_timestamps`.
-
-    `frame_indices`: the sampled frames' indices in the source video (`VideoMetadata.frames_indices`),
-    `fps`: the source video's frame rate (transformers uses 24 when the metadata has none). Like the
-    frames themselves, the indices are padded to whole patches by repeating the last; a patch's time is
-    the mean of its first and last frame's.
-    """
-    indices = np.asarray(frame_indices, np.int64)
-    indices = np.concatenate([indices, np.repeat(indices[-1:], -len(indices) % temporal_patch_size)])
-    seconds = (indices / fps).reshape(-1, temporal_patch_size)
-    return (seconds[:, 0] + seconds[:, -1]) / 2
 
 
 def load(model_dir, tokenizer: TokenizersBackend | None = None) -> Qwen3VLProcessor:
