@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, Qwen3VLConfig, Qwen3VLModel
 
-from mrrm_jax.data import qwen3_vl_preprocess
+from mrrm_jax.data import formatting, qwen3_vl_preprocess
 from mrrm_jax.data import qwen3_vl_processor as processor_lib
 from mrrm_jax.data.qwen3_vl_positions import rope_index
 from mrrm_jax.data.tokenizer import (QWEN3_VL_4B_IMAGE, QWEN3_VL_4B_VIDEO, QWEN_ADDED_TOKENS,
@@ -242,3 +242,51 @@ def test_mismatched_grids_are_refused(ours, outputs):
         rope_index(tokens_t, output["image_grid_thw"] * [1, 2, 1], output["video_grid_thw"])
     with pytest.raises(ValueError, match="grids given"):
         rope_index(tokens_t, np.concatenate([output["image_grid_thw"]] * 2), output["video_grid_thw"])
+
+
+# -- multi-response formatting on Qwen3-VL ----------------------------------------------------------
+
+QWEN_SEP_ID = 151669  # the next id after Qwen3-VL's last added token, </think> = 151668
+
+
+@pytest.fixture(scope="module")
+def formatting_processors(processor_dir, tmp_path_factory):
+    """(ours, transformers') Qwen3-VL processors, both with `<|resp_sep|>`."""
+    ours = formatting.load_processor(processor_dir)
+    return ours, AutoProcessor.from_pretrained(ours.save_pretrained(tmp_path_factory.mktemp("with_sep")))
+
+
+@pytest.mark.parametrize("case", ["text", "image", "two_images", "video_9@1fps", "image_video"])
+@pytest.mark.parametrize("responses", [["Yes.", "No!?"], ["  a\n", "\nb", "机器学习 🚀", "x = 1;"]])
+def test_formatting_equals_the_processor_on_the_whole_text(formatting_processors, case, responses):
+    ours, reference = formatting_processors
+    assert ours.tokenizer.convert_tokens_to_ids(formatting.RESP_SEP) == QWEN_SEP_ID
+    parts = CASES[case]
+    images = [IMAGES[value] for kind, value in parts if kind == "image"]
+    [video] = [value for kind, value in parts if kind == "video"] or [None]
+    media = {"images": images} if images else {}
+    if video is not None:
+        num_frames, fps = VIDEOS[video]
+        media.update(video=FRAMES[video], video_metadata={"fps": fps, "total_num_frames": num_frames})
+    prompt = " ".join(value for kind, value in parts if kind == "text")
+    example = formatting.format_example(ours, prompt, responses, **media)
+
+    content = [{"type": "image"}] * len(images) + [{"type": "video"}] * (video is not None)
+    messages = [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]},
+                {"role": "assistant", "content": formatting.SEPARATOR_TEXT.join(responses)}]
+    text = reference.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    expected = reference(text=[text], images=images or None, videos=None if video is None else [media["video"]],
+                         video_metadata=None if video is None else [media["video_metadata"]], return_tensors="np")
+    np.testing.assert_array_equal(example.input_ids, expected["input_ids"][0])
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        assert (key in example.processor_outputs) == (key in expected), key
+        if key in expected:
+            np.testing.assert_array_equal(example.processor_outputs[key], expected[key], err_msg=key)
+    ids = example.input_ids
+    assert [ids[p + 1] for p in example.read_positions[:-1]] == [QWEN_SEP_ID] * (len(responses) - 1)
+    assert example.read_positions[-1] == len(ids) - 1
+
+    batch = ours.model_batch(example.processor_outputs)
+    np.testing.assert_array_equal(batch["tokens"][0], ids)
+    np.testing.assert_array_equal(batch["positions"][0], rope_index(ids, expected.get("image_grid_thw"),
+                                                                    expected.get("video_grid_thw")))

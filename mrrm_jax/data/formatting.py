@@ -27,6 +27,10 @@ from PIL import Image
 from transformers import TokenizersBackend
 
 from mrrm_jax.data import processor as processor_lib
+from mrrm_jax.data import qwen3_vl_processor
+
+# A processor directory's `processor_class` -> its torch-free loader.
+LOADERS = {"Molmo2Processor": processor_lib.load, qwen3_vl_processor.PROCESSOR_CLASS: qwen3_vl_processor.load}
 
 RESP_SEP = "<|resp_sep|>"
 SEPARATOR_TEXT = "\n\n<|resp_sep|>\n\n"
@@ -54,12 +58,15 @@ class FormattedExample:
     processor_outputs: dict[str, np.ndarray]
 
 
-def load_processor(model_dir) -> processor_lib.Molmo2Processor:
-    """The checkpoint's Molmo2 processor (processor.py, no torch), with `<|resp_sep|>` added as one
-    special token if missing.
+def load_processor(model_dir):
+    """The checkpoint's processor (Molmo2: processor.py; Qwen3-VL: qwen3_vl_processor.py; no torch), with
+    `<|resp_sep|>` added as one special token if missing.
 
     The new token gets the next id after the largest existing one (151946 after Molmo2's `<|video|>` =
-    151945), not `len(tokenizer)`: Molmo2's ids have a gap (151669..151935), so the two differ.
+    151945, 151669 after Qwen3-VL's `</think>` = 151668), not `len(tokenizer)`: Molmo2's ids have a gap
+    (151669..151935), so the two differ. Both models' embedding tables already have a row for that id
+    (Molmo2's 128 extra rows; Qwen's table is padded to 151936 rows), so the separator's input
+    embedding is the base checkpoint's row as it is, never a new one.
     """
     tokenizer = TokenizersBackend.from_pretrained(model_dir)
     backend = tokenizer.backend_tokenizer
@@ -77,7 +84,7 @@ def load_processor(model_dir) -> processor_lib.Molmo2Processor:
         backend.model = tokenizers.Tokenizer.from_str(json.dumps(backend_json)).model
         tokenizer.add_special_tokens({"extra_special_tokens": [RESP_SEP]}, replace_extra_special_tokens=False)
         assert backend.token_to_id(RESP_SEP) == next_id, backend.token_to_id(RESP_SEP)
-    return processor_lib.load(model_dir, tokenizer)
+    return LOADERS[processor_lib.processor_class(model_dir)](model_dir, tokenizer)
 
 
 def format_example(processor, prompt, responses, images=None, video=None, video_metadata=None,

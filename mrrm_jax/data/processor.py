@@ -186,6 +186,14 @@ def vision_options(image: dict, video: dict, flags: dict, source="image settings
                          mean=tuple(image["image_mean"]), std=tuple(image["image_std"]), **flags)
 
 
+def processor_class(model_dir) -> str:
+    """The `processor_class` a processor directory names (either layout); Molmo2Processor when none."""
+    model_dir = pathlib.Path(model_dir)
+    named = read_json(model_dir / PROCESSOR_CONFIG).get("processor_class") or read_json(
+        model_dir / IMAGE_CONFIG).get("processor_class")
+    return named or "Molmo2Processor"
+
+
 def plain_tokenizer(tokenizer: TokenizersBackend) -> tokenizers.Tokenizer:
     """A copy of the tokenizer that reads special-token text as plain text. transformers'
     `split_special_tokens=True` instead flips that flag on the shared backend for the call, which

@@ -35,7 +35,8 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from mrrm_jax.data import media, qwen3_vl_preprocess
 from mrrm_jax.data.preprocess import rgb_array
 from mrrm_jax.data.processor import (CHAT_TEMPLATE_FILE, IMAGE_CONFIG, PROCESSOR_CONFIG, VIDEO_CONFIG,
-                                     plain_tokenizer, read_chat_template, read_json, video_metadata_dict)
+                                     plain_tokenizer, processor_class, read_chat_template, read_json,
+                                     video_metadata_dict)
 from mrrm_jax.data.qwen3_vl_positions import rope_index
 
 PROCESSOR_CLASS = "Qwen3VLProcessor"
@@ -176,9 +177,9 @@ def load(model_dir, tokenizer: TokenizersBackend | None = None) -> Qwen3VLProces
     model_dir = pathlib.Path(model_dir)
     settings = read_json(model_dir / PROCESSOR_CONFIG)
     image_file, video_file = read_json(model_dir / IMAGE_CONFIG), read_json(model_dir / VIDEO_CONFIG)
-    processor_class = settings.get("processor_class") or image_file.get("processor_class") or PROCESSOR_CLASS
-    if processor_class != PROCESSOR_CLASS:
-        raise ValueError(f"{model_dir}: processor_class={processor_class!r}; expected {PROCESSOR_CLASS}")
+    named = processor_class(model_dir)
+    if named != PROCESSOR_CLASS:
+        raise ValueError(f"{model_dir}: processor_class={named!r}; expected {PROCESSOR_CLASS}")
     image_config = _settings(IMAGE_DEFAULTS, settings.get("image_processor", image_file), LEGACY_IMAGE_SIZE_KEYS)
     video_config = _settings(VIDEO_DEFAULTS, settings.get("video_processor", video_file), {})
     tokenizer = tokenizer or TokenizersBackend.from_pretrained(model_dir)
