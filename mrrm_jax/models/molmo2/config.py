@@ -12,6 +12,8 @@ import json
 import pathlib
 from typing import Any
 
+MODEL_TYPE = "molmo2"
+
 # Molmo2's extra vocabulary, in the order of the released tokenizer (ids 151936..151945).
 EXTRA_TOKENS = (
     "<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<low_res_im_start>",
@@ -82,6 +84,7 @@ class TextConfig:
     # The `rope_parameters` dict as sorted (key, value) pairs, so the config stays hashable.
     rope: tuple[tuple[str, Any], ...] = (("rope_theta", 5e6), ("rope_type", "default"))
     rope_scaling_layers: tuple[int, ...] | None = None  # None: every layer uses the scaled rope
+    # Recorded only: transformers' Molmo2 never ties its lm_head to the embedding (see model.py).
     tie_word_embeddings: bool = False
 
     @property
@@ -111,8 +114,15 @@ class Molmo2Config:
     scan_unroll: int = 1
     with_lm_head: bool = True  # the reward path never uses it (design decision 8)
 
+    model_type = MODEL_TYPE  # class constant, recorded in to_json
+
     def replace(self, **changes) -> Molmo2Config:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def layer_counts(self) -> dict[str, int]:
+        """Scanned stacks of the parameter tree -> their layer counts (checkpoint.py stacks by this)."""
+        return {"vision_tower": self.vision.num_layers, "language_model": self.text.num_layers}
 
     # -- presets -------------------------------------------------------------------------
     @classmethod
@@ -129,11 +139,14 @@ class Molmo2Config:
 
     # -- serialisation -----------------------------------------------------------------
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1)
+        return json.dumps({"model_type": MODEL_TYPE, **dataclasses.asdict(self)}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> Molmo2Config:
         raw = json.loads(text)
+        model_type = raw.pop("model_type", MODEL_TYPE)  # files written before it was recorded: Molmo2
+        if model_type != MODEL_TYPE:
+            raise ValueError(f"config has model_type={model_type!r}, not {MODEL_TYPE!r}")
         sub = {"vision": VisionConfig, "adapter": AdapterConfig, "text": TextConfig}
         fields = {}
         for name, value in raw.items():
@@ -151,7 +164,7 @@ class Molmo2Config:
 
     @classmethod
     def from_hf_dict(cls, hf: dict, **runtime) -> Molmo2Config:
-        if hf.get("model_type") not in (None, "molmo2"):
+        if hf.get("model_type") not in (None, MODEL_TYPE):
             raise ValueError(f"config.json has model_type={hf.get('model_type')!r}; this port reads Molmo2 only")
         vision_raw = _renamed(hf.get("vision_config") or hf.get("vit_config") or {}, _VISION_ALIASES)
         adapter_raw = _renamed(hf.get("adapter_config") or {}, _ADAPTER_ALIASES)
