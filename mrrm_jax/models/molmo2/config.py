@@ -12,6 +12,8 @@ import json
 import pathlib
 from typing import Any
 
+from mrrm_jax.models.hf_config import build, tupled
+
 MODEL_TYPE = "molmo2"
 
 # Molmo2's extra vocabulary, in the order of the released tokenizer (ids 151936..151945).
@@ -151,8 +153,8 @@ class Molmo2Config:
         fields = {}
         for name, value in raw.items():
             if name in sub:
-                value = sub[name](**{k: _tupled(v) for k, v in value.items()})
-            fields[name] = _tupled(value)
+                value = sub[name](**{k: tupled(v) for k, v in value.items()})
+            fields[name] = tupled(value)
         return cls(**fields)
 
     @classmethod
@@ -170,7 +172,7 @@ class Molmo2Config:
         adapter_raw = _renamed(hf.get("adapter_config") or {}, _ADAPTER_ALIASES)
         text_raw = _renamed(hf.get("text_config") or {}, _TEXT_ALIASES)
 
-        vision = _build(VisionConfig, vision_raw, _VISION_FIELDS)
+        vision = build(VisionConfig, vision_raw, _VISION_FIELDS)
         if vision_raw.get("num_key_value_heads", vision.num_heads) != vision.num_heads:
             raise ValueError("the ViT port assumes num_key_value_heads == num_attention_heads")
         if "image_size" in vision_raw:
@@ -188,10 +190,10 @@ class Molmo2Config:
         # (transformers trims them too, but only for the legacy layout; the numbers are identical.)
         vision = dataclasses.replace(vision, num_layers=max(feature_layers) + 1)
 
-        adapter = _build(AdapterConfig, adapter_raw, _ADAPTER_FIELDS)
+        adapter = build(AdapterConfig, adapter_raw, _ADAPTER_FIELDS)
         adapter = dataclasses.replace(adapter, feature_layers=feature_layers)
 
-        text = _build(TextConfig, text_raw, _TEXT_FIELDS)
+        text = build(TextConfig, text_raw, _TEXT_FIELDS)
         rope = dict(text_raw.get("rope_parameters") or {})
         if not rope:  # legacy flat keys
             rope = dict(text_raw.get("rope_scaling") or {})
@@ -201,7 +203,7 @@ class Molmo2Config:
         text = dataclasses.replace(
             text,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings") or text.tie_word_embeddings),
-            rope=tuple(sorted((k, _tupled(v)) for k, v in rope.items())),
+            rope=tuple(sorted((k, tupled(v)) for k, v in rope.items())),
             rope_scaling_layers=None if layers is None else tuple(layers),
         )
         if text.qk_norm_type not in ("qwen3", "olmo"):
@@ -241,12 +243,3 @@ _TEXT_FIELDS = {"hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
 
 def _renamed(raw: dict, aliases: dict) -> dict:
     return {aliases.get(k, k): v for k, v in raw.items()}
-
-
-def _build(cls, raw: dict, fields: dict):
-    return cls(**{ours: _tupled(raw[theirs]) for theirs, ours in fields.items() if raw.get(theirs) is not None})
-
-
-def _tupled(value):
-    """JSON lists -> tuples, so configs stay hashable (they are static arguments under jit)."""
-    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value

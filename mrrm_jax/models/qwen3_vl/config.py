@@ -10,7 +10,8 @@ import dataclasses
 import json
 import math
 import pathlib
-from typing import Any
+
+from mrrm_jax.models.hf_config import build, tupled
 
 MODEL_TYPE = "qwen3_vl"
 
@@ -117,7 +118,7 @@ class Qwen3VLConfig:
         if model_type != MODEL_TYPE:
             raise ValueError(f"config has model_type={model_type!r}, not {MODEL_TYPE!r}")
         sub = {"vision": VisionConfig, "text": TextConfig}
-        return cls(**{k: sub[k](**{f: _tupled(v) for f, v in val.items()}) if k in sub else _tupled(val)
+        return cls(**{k: sub[k](**{f: tupled(v) for f, v in val.items()}) if k in sub else tupled(val)
                       for k, val in raw.items()})
 
     @classmethod
@@ -132,13 +133,13 @@ class Qwen3VLConfig:
         if hf.get("model_type") != MODEL_TYPE:
             raise ValueError(f"config.json has model_type={hf.get('model_type')!r}; expected {MODEL_TYPE!r}")
         vision_raw, text_raw = hf.get("vision_config") or {}, hf.get("text_config") or {}
-        vision = _build(VisionConfig, vision_raw, _VISION_FIELDS)
+        vision = build(VisionConfig, vision_raw, _VISION_FIELDS)
         vision_rope = vision_raw.get("rope_parameters") or {}
         vision = dataclasses.replace(vision, rope_theta=vision_rope.get("rope_theta", vision.rope_theta))
         if vision.grid_side ** 2 != vision.num_position_embeddings:
             raise ValueError(f"vision_config.num_position_embeddings={vision.num_position_embeddings} is not a square")
 
-        text = _build(TextConfig, text_raw, _TEXT_FIELDS)
+        text = build(TextConfig, text_raw, _TEXT_FIELDS)
         rope = dict(text_raw.get("rope_parameters") or text_raw.get("rope_scaling") or {})
         rope.setdefault("rope_theta", text_raw.get("rope_theta", text.rope_theta))
         if rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -168,12 +169,3 @@ _TEXT_FIELDS = {"hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
                 "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim", "intermediate_size": "intermediate_size",
                 "vocab_size": "vocab_size", "attention_bias": "attention_bias", "rms_norm_eps": "rms_norm_eps",
                 "max_position_embeddings": "max_position_embeddings"}
-
-
-def _build(cls, raw: dict, fields: dict):
-    return cls(**{ours: _tupled(raw[theirs]) for theirs, ours in fields.items() if raw.get(theirs) is not None})
-
-
-def _tupled(value: Any):
-    """JSON lists -> tuples, so configs stay hashable (they are static arguments under jit)."""
-    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value

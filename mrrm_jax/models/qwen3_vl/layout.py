@@ -47,7 +47,9 @@ def vision_layout(grids_thw, config: VisionConfig) -> dict[str, np.ndarray]:
         patch_pos_weight  [P, 4] float32 their bilinear weights
     """
     merge, side = config.spatial_merge_size, config.grid_side
-    segments, positions, index, weight = [], [], [], []
+    # Empty first parts, so an example without media gives empty arrays of the right shapes.
+    segments, positions = [np.zeros(0, np.int32)], [np.zeros((0, 2), np.int32)]
+    index, weight = [np.zeros((0, 4), np.int32)], [np.zeros((0, 4), np.float32)]
     for t, h, w in np.asarray(grids_thw, np.int64).reshape(-1, 3).tolist():
         if h % merge or w % merge:
             raise ValueError(f"grid {(t, h, w)}: h and w must be multiples of spatial_merge_size={merge}")
@@ -57,13 +59,10 @@ def vision_layout(grids_thw, config: VisionConfig) -> dict[str, np.ndarray]:
         frame_index = (row_taps[:, :, None] * side + col_taps[:, None, :]).reshape(-1, 4)
         frame_weight = (row_weights[:, :, None] * col_weights[:, None, :]).reshape(-1, 4)
         for _ in range(t):
-            segments.append(np.full(h * w, len(segments) + 1))
+            segments.append(np.full(h * w, len(segments)))
             positions.append(np.stack([rows, cols], axis=-1))
             index.append(frame_index)
             weight.append(frame_weight)
-    if not segments:
-        return {"patch_segment_ids": np.zeros(0, np.int32), "patch_positions": np.zeros((0, 2), np.int32),
-                "patch_pos_index": np.zeros((0, 4), np.int32), "patch_pos_weight": np.zeros((0, 4), np.float32)}
     return {"patch_segment_ids": np.concatenate(segments).astype(np.int32),
             "patch_positions": np.concatenate(positions).astype(np.int32),
             "patch_pos_index": np.concatenate(index).astype(np.int32),
