@@ -98,7 +98,7 @@ ORIGINAL_RENAMES = [
 Rows = Callable[[object], tuple[int, int]]
 # Each rule: native-name regex -> [(target template, order, rows or None)], transform.
 # `{0}`, `{1}` in a template are the regex groups; targets use "/" paths of our tree.
-# "linear": torch [out, in] -> our [in, out]; "copy": as is.
+# Transforms: see `TRANSFORMS` ("linear": torch [out, in] -> our [in, out]; "copy": as is; "conv").
 
 
 def _qkv(part: int) -> Rows:
@@ -117,6 +117,17 @@ def _ff_half(part: int) -> Rows:
 
 Rules = list[tuple[str, list[tuple[str, int, Rows | None]], str]]
 
+# The shared Qwen3 decoder (models/decoder.py), in transformers' native names.
+DECODER_RULES: Rules = [
+    (r"language_model\.embed_tokens\.weight", [("language_model/embed_tokens/embedding", 0, None)], "copy"),
+    (r"language_model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm|self_attn\.[qk]_norm)\.weight",
+     [("language_model/layers/{0}/{1}/scale", 0, None)], "copy"),
+    (r"language_model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight",
+     [("language_model/layers/{0}/{1}/kernel", 0, None)], "linear"),
+    (r"language_model\.layers\.(\d+)\.(self_attn\.[qkv]_proj)\.bias", [("language_model/layers/{0}/{1}/bias", 0, None)], "copy"),
+    (r"language_model\.norm\.weight", [("language_model/norm/scale", 0, None)], "copy"),
+]
+
 MOLMO2_RULES: Rules = [
     (r"vision_tower\.patch_embedding\.weight", [("vision_tower/patch_embedding/kernel", 0, None)], "linear"),
     (r"vision_tower\.patch_embedding\.bias", [("vision_tower/patch_embedding/bias", 0, None)], "copy"),
@@ -131,16 +142,11 @@ MOLMO2_RULES: Rules = [
      [("multi_modal_projector/{0}/kernel", 0, None)], "linear"),
     (r"multi_modal_projector\.(image_pooling_2d\.[qkvo]_proj|image_projector\.\w+_proj)\.bias",
      [("multi_modal_projector/{0}/bias", 0, None)], "copy"),
-    (r"language_model\.embed_tokens\.weight", [("language_model/embed_tokens/embedding", 0, None)], "copy"),
+    *DECODER_RULES,
     # The original layout splits the table in two; transformers' save_pretrained splits it in
     # equal halves rather than base + extra rows, so only the order matters.
     (r"language_model\.wte\.embedding", [("language_model/embed_tokens/embedding", 0, None)], "copy"),
     (r"language_model\.wte\.new_embedding", [("language_model/embed_tokens/embedding", 1, None)], "copy"),
-    (r"language_model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm|self_attn\.[qk]_norm)\.weight",
-     [("language_model/layers/{0}/{1}/scale", 0, None)], "copy"),
-    (r"language_model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight",
-     [("language_model/layers/{0}/{1}/kernel", 0, None)], "linear"),
-    (r"language_model\.layers\.(\d+)\.(self_attn\.[qkv]_proj)\.bias", [("language_model/layers/{0}/{1}/bias", 0, None)], "copy"),
     (r"language_model\.layers\.(\d+)\.self_attn\.att_proj\.weight",
      [(f"language_model/layers/{{0}}/self_attn/{p}_proj/kernel", 0, _qkv(i)) for i, p in enumerate("qkv")], "linear"),
     (r"language_model\.layers\.(\d+)\.self_attn\.att_proj\.bias",
@@ -148,7 +154,6 @@ MOLMO2_RULES: Rules = [
     (r"language_model\.layers\.(\d+)\.mlp\.ff_proj\.weight",
      [("language_model/layers/{0}/mlp/up_proj/kernel", 0, _ff_half(0)),
       ("language_model/layers/{0}/mlp/gate_proj/kernel", 0, _ff_half(1))], "linear"),
-    (r"language_model\.norm\.weight", [("language_model/norm/scale", 0, None)], "copy"),
     (r"lm_head\.weight", [("lm_head/kernel", 0, None)], "linear"),
 ]
 
@@ -194,9 +199,7 @@ QWEN3_VL_RULES: Rules = [
      [("visual/deepstack_merger_{0}/{1}/bias", 0, None)], "copy"),
     (r"visual\.deepstack_merger_list\.(\d+)\.(linear_fc[12])\.weight",
      [("visual/deepstack_merger_{0}/{1}/kernel", 0, None)], "linear"),
-    # The language model is the shared Qwen3 decoder, named as Molmo2's native layout.
-    *[rule for rule in MOLMO2_RULES if rule[0].startswith(r"language_model\.") and "att_proj" not in rule[0]
-      and "ff_proj" not in rule[0] and "wte" not in rule[0]],
+    *DECODER_RULES,
     (r"lm_head\.weight", [("lm_head/kernel", 0, None)], "linear"),
 ]
 
