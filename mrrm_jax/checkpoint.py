@@ -2,7 +2,7 @@
 
 Layout of a converted directory:
 
-    config.json   our Molmo2Config (architecture + runtime defaults)
+    config.json   our Molmo2Config or Qwen3VLConfig (architecture + runtime defaults, `model_type`)
     params/       Orbax checkpoint, one leaf per layer (`language_model/layers/7/mlp/up_proj/kernel`)
 
 Writing streams one layer group at a time (Orbax partial save), so conversion memory is a small
@@ -24,14 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 
+from mrrm_jax import convert
 from mrrm_jax.models.molmo2.config import Molmo2Config
+from mrrm_jax.models.qwen3_vl.config import Qwen3VLConfig
 from mrrm_jax.tree_paths import escape, flatten, nest, unescape
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 
 
-def save_base(out_dir: str | pathlib.Path, cfg: Molmo2Config, groups: Iterable[dict[str, np.ndarray]]) -> pathlib.Path:
+def save_base(out_dir: str | pathlib.Path, cfg: Molmo2Config | Qwen3VLConfig, groups: Iterable[dict[str, np.ndarray]]) -> pathlib.Path:
     """Writes `groups` ({leaf name: array} dicts, e.g. from `convert.converted_leaves`) one by one."""
     out_dir = pathlib.Path(out_dir).absolute()  # Orbax needs absolute paths
     params_dir = out_dir / PARAMS_DIR
@@ -46,19 +48,21 @@ def save_base(out_dir: str | pathlib.Path, cfg: Molmo2Config, groups: Iterable[d
     return out_dir
 
 
-def load_config(base_dir: str | pathlib.Path) -> Molmo2Config:
+def load_config(base_dir: str | pathlib.Path) -> Molmo2Config | Qwen3VLConfig:
+    """The config class of the recorded `model_type` (none recorded: Molmo2, the first format)."""
     path = pathlib.Path(base_dir) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: not a converted checkpoint (run tools/convert_checkpoint.py)")
-    return Molmo2Config.from_json(path.read_text())
+    text = path.read_text()
+    return convert.backbone(json.loads(text).get("model_type")).config_class.from_json(text)
 
 
-def _per_layer(stacked_name: str, cfg: Molmo2Config) -> list[str] | None:
+def _per_layer(stacked_name: str, cfg: Molmo2Config | Qwen3VLConfig) -> list[str] | None:
     """'language_model/layers/mlp/up_proj/kernel' -> its per-layer checkpoint names (None: not stacked)."""
     match = re.fullmatch(r"(\w+)/layers/(.*)", stacked_name)
     if match is None:
         return None
-    num_layers = {"vision_tower": cfg.vision.num_layers, "language_model": cfg.text.num_layers}[match.group(1)]
+    num_layers = cfg.layer_counts[match.group(1)]
     return [f"{match.group(1)}/layers/{i}/{match.group(2)}" for i in range(num_layers)]
 
 
@@ -69,7 +73,7 @@ def _layer_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
     return sharding  # single-device and replicated shardings do not depend on rank
 
 
-def save_params(out_dir: str | pathlib.Path, cfg: Molmo2Config, params: dict) -> pathlib.Path:
+def save_params(out_dir: str | pathlib.Path, cfg: Molmo2Config | Qwen3VLConfig, params: dict) -> pathlib.Path:
     """Writes model-layout (stacked) params as a converted base: each layer of a stacked leaf on its own.
     The params are in memory already, so they go in one save (a save per leaf cost ~0.15 s each)."""
     leaves = {}
@@ -79,7 +83,7 @@ def save_params(out_dir: str | pathlib.Path, cfg: Molmo2Config, params: dict) ->
     return save_base(out_dir, cfg, [leaves])
 
 
-def load_base(base_dir: str | pathlib.Path, shardings=None, dtype=None) -> tuple[Molmo2Config, dict]:
+def load_base(base_dir: str | pathlib.Path, shardings=None, dtype=None) -> tuple[Molmo2Config | Qwen3VLConfig, dict]:
     """(config, params) with params in the model's (stacked) layout.
 
     `shardings`: optional pytree of `jax.sharding.Sharding` matching the params: every layer slice

@@ -1,13 +1,18 @@
-"""PyTorch/Hugging Face Molmo2 safetensors -> our parameter tree, streamed tensor by tensor.
+"""PyTorch/Hugging Face safetensors -> our parameter tree, streamed tensor by tensor.
 
-Reads both layouts: the transformers-native one (`model.language_model.layers.N.self_attn.q_proj...`)
-and the ORIGINAL release one (`model.transformer.blocks.N.self_attn.att_proj`, fused QKV and
-up/gate, the embedding split into `wte.embedding` + `wte.new_embedding`, `vision_backbone.*`).
-The mapping is two tables: `ORIGINAL_RENAMES` brings original names to native names (as
-transformers' `conversion_mapping.py`, entry "molmo2"), and `RULES` maps every native name to
-target leaves, each target being a list of row ranges of source tensors, concatenated along
-rows and then transposed for linear layers. Fused tensors are thus split by READING only the
+One machinery (reader, plan, check, build) and one table per backbone, chosen by the checkpoint's
+`config.json` `model_type` (`BACKBONES`): renames to native names, `RULES` mapping every native name
+to target leaves, and the names left out. Each target is a list of row ranges of source tensors,
+concatenated along rows and then transformed ("linear": transposed; "conv": a Conv3d weight
+[out, C, T, p, p] flattened to [C*T*p*p, out]). Fused tensors are thus split by READING only the
 rows a target needs, so nothing larger than one tensor is ever held.
+
+Molmo2: both the transformers-native layout (`model.language_model.layers.N.self_attn.q_proj...`)
+and the ORIGINAL release one (`model.transformer.blocks.N.self_attn.att_proj`, fused QKV and
+up/gate, the embedding split into `wte.embedding` + `wte.new_embedding`, `vision_backbone.*`);
+`ORIGINAL_RENAMES` brings original names to native ones (as transformers' `conversion_mapping.py`,
+entry "molmo2"). Qwen3-VL: `model.visual.*` (fused ViT `qkv`, split by rows) and
+`model.language_model.*`; `lm_head.weight` is absent when tied (and ignored if present).
 
 Converted checkpoints keep one leaf per layer (`language_model/layers/7/mlp/up_proj/kernel`);
 `checkpoint.load_base` stacks them into the scanned layout.
@@ -15,6 +20,7 @@ Converted checkpoints keep one leaf per layer (`language_model/layers/7/mlp/up_p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -24,6 +30,7 @@ import ml_dtypes
 import numpy as np
 
 from mrrm_jax.models.molmo2.config import Molmo2Config
+from mrrm_jax.models.qwen3_vl.config import Qwen3VLConfig
 
 # -- reading safetensors without torch ----------------------------------------------------------
 
@@ -65,7 +72,7 @@ class SafetensorsShards:
         return data.reshape((last - first, *shape[1:]) if shape else ())
 
 
-# -- the mapping tables -------------------------------------------------------------------------
+# -- Molmo2 ---------------------------------------------------------------------------------------
 
 # Original release name -> native name (the same renames as transformers' conversion_mapping).
 ORIGINAL_RENAMES = [
@@ -88,10 +95,10 @@ ORIGINAL_RENAMES = [
     (r"\.mlp\.ff_out\.", ".mlp.down_proj."),
 ]
 
-Rows = Callable[[Molmo2Config], tuple[int, int]]
+Rows = Callable[[object], tuple[int, int]]
 # Each rule: native-name regex -> [(target template, order, rows or None)], transform.
 # `{0}`, `{1}` in a template are the regex groups; targets use "/" paths of our tree.
-# "linear": torch [out, in] -> our [in, out]; "copy": as is.
+# Transforms: see `TRANSFORMS` ("linear": torch [out, in] -> our [in, out]; "copy": as is; "conv").
 
 
 def _qkv(part: int) -> Rows:
@@ -108,7 +115,20 @@ def _ff_half(part: int) -> Rows:
     return lambda cfg: (part * cfg.text.intermediate_size, (part + 1) * cfg.text.intermediate_size)
 
 
-RULES: list[tuple[str, list[tuple[str, int, Rows | None]], str]] = [
+Rules = list[tuple[str, list[tuple[str, int, Rows | None]], str]]
+
+# The shared Qwen3 decoder (models/decoder.py), in transformers' native names.
+DECODER_RULES: Rules = [
+    (r"language_model\.embed_tokens\.weight", [("language_model/embed_tokens/embedding", 0, None)], "copy"),
+    (r"language_model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm|self_attn\.[qk]_norm)\.weight",
+     [("language_model/layers/{0}/{1}/scale", 0, None)], "copy"),
+    (r"language_model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight",
+     [("language_model/layers/{0}/{1}/kernel", 0, None)], "linear"),
+    (r"language_model\.layers\.(\d+)\.(self_attn\.[qkv]_proj)\.bias", [("language_model/layers/{0}/{1}/bias", 0, None)], "copy"),
+    (r"language_model\.norm\.weight", [("language_model/norm/scale", 0, None)], "copy"),
+]
+
+MOLMO2_RULES: Rules = [
     (r"vision_tower\.patch_embedding\.weight", [("vision_tower/patch_embedding/kernel", 0, None)], "linear"),
     (r"vision_tower\.patch_embedding\.bias", [("vision_tower/patch_embedding/bias", 0, None)], "copy"),
     (r"vision_tower\.positional_embedding", [("vision_tower/positional_embedding", 0, None)], "copy"),
@@ -122,16 +142,11 @@ RULES: list[tuple[str, list[tuple[str, int, Rows | None]], str]] = [
      [("multi_modal_projector/{0}/kernel", 0, None)], "linear"),
     (r"multi_modal_projector\.(image_pooling_2d\.[qkvo]_proj|image_projector\.\w+_proj)\.bias",
      [("multi_modal_projector/{0}/bias", 0, None)], "copy"),
-    (r"language_model\.embed_tokens\.weight", [("language_model/embed_tokens/embedding", 0, None)], "copy"),
+    *DECODER_RULES,
     # The original layout splits the table in two; transformers' save_pretrained splits it in
     # equal halves rather than base + extra rows, so only the order matters.
     (r"language_model\.wte\.embedding", [("language_model/embed_tokens/embedding", 0, None)], "copy"),
     (r"language_model\.wte\.new_embedding", [("language_model/embed_tokens/embedding", 1, None)], "copy"),
-    (r"language_model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm|self_attn\.[qk]_norm)\.weight",
-     [("language_model/layers/{0}/{1}/scale", 0, None)], "copy"),
-    (r"language_model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight",
-     [("language_model/layers/{0}/{1}/kernel", 0, None)], "linear"),
-    (r"language_model\.layers\.(\d+)\.(self_attn\.[qkv]_proj)\.bias", [("language_model/layers/{0}/{1}/bias", 0, None)], "copy"),
     (r"language_model\.layers\.(\d+)\.self_attn\.att_proj\.weight",
      [(f"language_model/layers/{{0}}/self_attn/{p}_proj/kernel", 0, _qkv(i)) for i, p in enumerate("qkv")], "linear"),
     (r"language_model\.layers\.(\d+)\.self_attn\.att_proj\.bias",
@@ -139,15 +154,109 @@ RULES: list[tuple[str, list[tuple[str, int, Rows | None]], str]] = [
     (r"language_model\.layers\.(\d+)\.mlp\.ff_proj\.weight",
      [("language_model/layers/{0}/mlp/up_proj/kernel", 0, _ff_half(0)),
       ("language_model/layers/{0}/mlp/gate_proj/kernel", 0, _ff_half(1))], "linear"),
-    (r"language_model\.norm\.weight", [("language_model/norm/scale", 0, None)], "copy"),
     (r"lm_head\.weight", [("lm_head/kernel", 0, None)], "linear"),
 ]
 
 
-def native_name(key: str) -> str:
+def _molmo2_skipped(name: str, groups: list[str], cfg: Molmo2Config) -> bool:
+    """ViT layers deeper than the last feature layer never reach the output."""
+    return name.startswith("vision_tower.layers.") and int(groups[0]) >= cfg.vision.num_layers
+
+
+def _molmo2_example_batch(cfg: Molmo2Config) -> dict:
+    v = cfg.vision
+    return {"tokens": np.zeros((1, 1), np.int32), "positions": np.zeros((1, 1), np.int32),
+            "segment_ids": np.ones((1, 1), np.int32), "crops": np.zeros((1, 1, v.num_patches, v.patch_dim), np.float32),
+            "pooling": np.zeros((1, 1, 4), np.int32)}
+
+
+# -- Qwen3-VL -------------------------------------------------------------------------------------
+
+def _vision_qkv(part: int) -> Rows:
+    """Rows of q, k or v inside the ViT's fused `qkv` ([q; k; v], each hidden_size rows)."""
+    return lambda cfg: (part * cfg.vision.hidden_size, (part + 1) * cfg.vision.hidden_size)
+
+
+QWEN3_VL_RULES: Rules = [
+    (r"visual\.patch_embed\.proj\.weight", [("visual/patch_embed/kernel", 0, None)], "conv"),
+    (r"visual\.patch_embed\.proj\.bias", [("visual/patch_embed/bias", 0, None)], "copy"),
+    (r"visual\.pos_embed\.weight", [("visual/pos_embed", 0, None)], "copy"),
+    (r"visual\.blocks\.(\d+)\.(norm[12])\.weight", [("visual/layers/{0}/{1}/scale", 0, None)], "copy"),
+    (r"visual\.blocks\.(\d+)\.(norm[12])\.bias", [("visual/layers/{0}/{1}/bias", 0, None)], "copy"),
+    (r"visual\.blocks\.(\d+)\.attn\.qkv\.weight",
+     [(f"visual/layers/{{0}}/attn/{p}_proj/kernel", 0, _vision_qkv(i)) for i, p in enumerate("qkv")], "linear"),
+    (r"visual\.blocks\.(\d+)\.attn\.qkv\.bias",
+     [(f"visual/layers/{{0}}/attn/{p}_proj/bias", 0, _vision_qkv(i)) for i, p in enumerate("qkv")], "copy"),
+    (r"visual\.blocks\.(\d+)\.(attn\.proj|mlp\.linear_fc[12])\.weight", [("visual/layers/{0}/{1}/kernel", 0, None)],
+     "linear"),
+    (r"visual\.blocks\.(\d+)\.(attn\.proj|mlp\.linear_fc[12])\.bias", [("visual/layers/{0}/{1}/bias", 0, None)], "copy"),
+    (r"visual\.merger\.norm\.weight", [("visual/merger/norm/scale", 0, None)], "copy"),
+    (r"visual\.merger\.(norm|linear_fc[12])\.bias", [("visual/merger/{0}/bias", 0, None)], "copy"),
+    (r"visual\.merger\.(linear_fc[12])\.weight", [("visual/merger/{0}/kernel", 0, None)], "linear"),
+    (r"visual\.deepstack_merger_list\.(\d+)\.norm\.weight", [("visual/deepstack_merger_{0}/norm/scale", 0, None)],
+     "copy"),
+    (r"visual\.deepstack_merger_list\.(\d+)\.(norm|linear_fc[12])\.bias",
+     [("visual/deepstack_merger_{0}/{1}/bias", 0, None)], "copy"),
+    (r"visual\.deepstack_merger_list\.(\d+)\.(linear_fc[12])\.weight",
+     [("visual/deepstack_merger_{0}/{1}/kernel", 0, None)], "linear"),
+    *DECODER_RULES,
+    (r"lm_head\.weight", [("lm_head/kernel", 0, None)], "linear"),
+]
+
+
+def _qwen3_vl_skipped(name: str, groups: list[str], cfg: Qwen3VLConfig) -> bool:
+    """A tied lm_head is the embedding (transformers does not save it; a `.bin` export may)."""
+    return name == "lm_head.weight" and cfg.text.tie_word_embeddings
+
+
+def _qwen3_vl_example_batch(cfg: Qwen3VLConfig) -> dict:
+    v, patches = cfg.vision, cfg.vision.merge_unit
+    return {"tokens": np.zeros((1, 1), np.int32), "positions": np.zeros((1, 3, 1), np.int32),
+            "segment_ids": np.ones((1, 1), np.int32), "patches": np.zeros((1, patches, v.patch_dim), np.float32),
+            "patch_segment_ids": np.ones((1, patches), np.int32), "patch_positions": np.zeros((1, patches, 2), np.int32),
+            "patch_pos_index": np.zeros((1, patches, 4), np.int32),
+            "patch_pos_weight": np.zeros((1, patches, 4), np.float32)}
+
+
+# -- the backbones --------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    config_class: type
+    model: Callable[[], type]  # imported on demand: flax is heavy
+    renames: list[tuple[str, str]]  # checkpoint name (less `model.`) -> native name
+    rules: Rules
+    skipped: Callable[[str, list[str], object], bool]  # native names matched but not converted
+    example_batch: Callable[[object], dict]  # the smallest batch `init` accepts
+
+
+def _molmo2():
+    from mrrm_jax.models.molmo2 import Molmo2
+    return Molmo2
+
+
+def _qwen3_vl():
+    from mrrm_jax.models.qwen3_vl import Qwen3VL
+    return Qwen3VL
+
+
+# Keyed by config.json's `model_type` (the original Molmo2 release has none).
+BACKBONES = {
+    "molmo2": Backbone(Molmo2Config, _molmo2, ORIGINAL_RENAMES, MOLMO2_RULES, _molmo2_skipped, _molmo2_example_batch),
+    "qwen3_vl": Backbone(Qwen3VLConfig, _qwen3_vl, [], QWEN3_VL_RULES, _qwen3_vl_skipped, _qwen3_vl_example_batch),
+}
+
+
+def backbone(model_type: str | None) -> Backbone:
+    if (model_type or "molmo2") not in BACKBONES:
+        raise ValueError(f"config.json has model_type={model_type!r}; supported: {sorted(BACKBONES)}")
+    return BACKBONES[model_type or "molmo2"]
+
+
+def native_name(key: str, renames=ORIGINAL_RENAMES) -> str:
     """Strip the `model.` prefix and rename original-layout keys to native ones."""
     key = re.sub(r"^model\.", "", key)
-    for pattern, replacement in ORIGINAL_RENAMES:
+    for pattern, replacement in renames:
         key = re.sub(pattern, replacement, key)
     return key
 
@@ -156,15 +265,15 @@ def native_name(key: str) -> str:
 Plan = dict[str, tuple[list[tuple[str, tuple[int, int] | None]], str]]
 
 
-def plan(source_keys, cfg: Molmo2Config) -> Plan:
-    """Target leaf -> how to build it. Unknown source tensors are an error that names them;
-    ViT layers deeper than the last feature layer are skipped (they never reach the output)."""
+def plan(source_keys, cfg) -> Plan:
+    """Target leaf -> how to build it. Unknown source tensors are an error that names them."""
+    table = backbone(cfg.model_type)
     parts: dict[str, list] = {}
     transforms: dict[str, str] = {}
     unknown = []
     for key in source_keys:
-        name = native_name(key)
-        for pattern, targets, transform in RULES:
+        name = native_name(key, table.renames)
+        for pattern, targets, transform in table.rules:
             match = re.fullmatch(pattern, name)
             if match:
                 break
@@ -172,23 +281,31 @@ def plan(source_keys, cfg: Molmo2Config) -> Plan:
             unknown.append(key)
             continue
         groups = [g.replace(".", "/") for g in match.groups()]
-        if name.startswith("vision_tower.layers.") and int(groups[0]) >= cfg.vision.num_layers:
+        if table.skipped(name, groups, cfg):
             continue
         for template, order, rows in targets:
             target = template.format(*groups)
             parts.setdefault(target, []).append((order, key, rows(cfg) if rows else None))
             transforms[target] = transform
     if unknown:
-        raise ValueError(f"unknown tensors in the checkpoint (not Molmo2?): {sorted(unknown)}")
+        raise ValueError(f"unknown tensors in the checkpoint (not {cfg.model_type}?): {sorted(unknown)}")
     return {t: ([(k, r) for _, k, r in sorted(p)], transforms[t]) for t, p in parts.items()}
+
+
+# transform -> (array -> array, source shape -> target shape)
+TRANSFORMS = {
+    "copy": (lambda a: a, lambda shape: shape),
+    "linear": (lambda a: np.ascontiguousarray(a.T), lambda shape: shape[::-1]),
+    "conv": (lambda a: np.ascontiguousarray(a.reshape(a.shape[0], -1).T),
+             lambda shape: (int(np.prod(shape[1:])), shape[0])),
+}
 
 
 def build(shards: SafetensorsShards, parts, transform: str, dtype=None) -> np.ndarray:
     arrays = [shards.read(key, rows) for key, rows in parts]
     array = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
     del arrays
-    if transform == "linear":
-        array = np.ascontiguousarray(array.T)
+    array = TRANSFORMS[transform][0](array)
     return array if dtype is None else array.astype(dtype)
 
 
@@ -198,7 +315,7 @@ def layer_group(target: str) -> str:
     return match.group(1) if match else target
 
 
-def converted_leaves(shards: SafetensorsShards, cfg: Molmo2Config, dtype=None) -> Iterator[dict[str, np.ndarray]]:
+def converted_leaves(shards: SafetensorsShards, cfg, dtype=None) -> Iterator[dict[str, np.ndarray]]:
     """Yields {target: array} one layer group at a time (the streaming unit of conversion)."""
     target_plan = plan(shards.entries, cfg)
     check_plan(target_plan, shards, cfg)
@@ -209,17 +326,12 @@ def converted_leaves(shards: SafetensorsShards, cfg: Molmo2Config, dtype=None) -
         yield {t: build(shards, *target_plan[t], dtype=dtype) for t in targets}
 
 
-def expected_leaves(cfg: Molmo2Config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def expected_leaves(cfg) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Every leaf a converted checkpoint must hold (per-layer names), with its shape."""
     import jax  # heavy; only needed here
 
-    from mrrm_jax.models.molmo2 import Molmo2
-
-    v = cfg.vision
-    batch = {"tokens": np.zeros((1, 1), np.int32), "positions": np.zeros((1, 1), np.int32),
-             "segment_ids": np.ones((1, 1), np.int32), "crops": np.zeros((1, 1, v.num_patches, v.patch_dim), np.float32),
-             "pooling": np.zeros((1, 1, 4), np.int32)}
-    abstract = jax.eval_shape(Molmo2(cfg).init, jax.random.key(0), batch)["params"]
+    table = backbone(cfg.model_type)
+    abstract = jax.eval_shape(table.model()(cfg).init, jax.random.key(0), table.example_batch(cfg))["params"]
     leaves = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         name = "/".join(p.key for p in path)
@@ -232,7 +344,7 @@ def expected_leaves(cfg: Molmo2Config) -> dict[str, tuple[tuple[int, ...], np.dt
     return leaves
 
 
-def check_plan(target_plan: Plan, shards: SafetensorsShards, cfg: Molmo2Config) -> None:
+def check_plan(target_plan: Plan, shards: SafetensorsShards, cfg) -> None:
     """Missing leaves and shape mismatches are errors that name them, before anything is written."""
     expected = expected_leaves(cfg)
     missing = sorted(set(expected) - set(target_plan))
@@ -241,23 +353,26 @@ def check_plan(target_plan: Plan, shards: SafetensorsShards, cfg: Molmo2Config) 
         raise ValueError(f"checkpoint does not match the config: missing {missing}, unexpected {extra}")
     for target, (parts, transform) in target_plan.items():
         rows = sum((r[1] - r[0]) if r else shards.shape(k)[0] for k, r in parts)
-        shape = (rows, *shards.shape(parts[0][0])[1:]) if shards.shape(parts[0][0]) else ()
-        if transform == "linear":
-            shape = shape[::-1]
+        source = shards.shape(parts[0][0])
+        shape = TRANSFORMS[transform][1]((rows, *source[1:])) if source else ()
         if tuple(shape) != tuple(expected[target][0]):
-            raise ValueError(f"{target}: checkpoint gives shape {shape}, config expects {expected[target][0]} "
+            raise ValueError(f"{target}: checkpoint gives shape {tuple(shape)}, config expects {expected[target][0]} "
                              f"(from {[k for k, _ in parts]})")
 
 
 def convert_dir(hf_dir, out_dir, dtype=None):
-    """A Hugging Face Molmo2 directory -> a converted base checkpoint (what tools/convert_checkpoint.py runs)."""
-    import pathlib
-
+    """A Hugging Face Molmo2 or Qwen3-VL directory -> a converted base checkpoint (what
+    tools/convert_checkpoint.py runs)."""
     from mrrm_jax import checkpoint
 
     hf_dir = pathlib.Path(hf_dir)
-    cfg = Molmo2Config.from_hf_dir(hf_dir)
+    path = hf_dir / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no config.json; pass a Hugging Face checkpoint directory")
+    hf_config = json.loads(path.read_text())
+    table = backbone(hf_config.get("model_type"))
+    cfg = table.config_class.from_hf_dict(hf_config)
     shards = SafetensorsShards(hf_dir)
-    has_lm_head = any(native_name(k) == "lm_head.weight" for k in shards.entries)
-    cfg = cfg.replace(with_lm_head=has_lm_head and not cfg.text.tie_word_embeddings)
+    has_lm_head = any(native_name(k, table.renames) == "lm_head.weight" for k in shards.entries)
+    cfg = cfg.replace(with_lm_head=has_lm_head and not table.skipped("lm_head.weight", [], cfg))
     return checkpoint.save_base(out_dir, cfg, converted_leaves(shards, cfg, dtype=dtype))

@@ -20,7 +20,7 @@ from mrrm_jax import checkpoint, lora, reward
 from mrrm_jax.data import examples, packing
 from mrrm_jax.models.attention import BACKENDS
 from mrrm_jax.models import backbones
-from mrrm_jax.models.molmo2.language import REMAT_POLICIES
+from mrrm_jax.models.decoder import REMAT_POLICIES
 
 if TYPE_CHECKING:  # configs are ConfigDicts; the spec itself needs no ml_collections (bench/gpu.py runs without it)
     import ml_collections

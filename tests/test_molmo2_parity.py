@@ -130,3 +130,15 @@ def test_bfloat16_forward_stays_close_to_float32(tiny_models, processor):
     rel = float(jnp.abs(h16.astype(jnp.float32) - h32).max() / jnp.sqrt(jnp.mean(h32 ** 2)))
     print(f"bf16 vs f32: max abs error / rms = {rel:.3f}")
     assert rel < 0.05
+
+
+def test_tie_word_embeddings_keeps_an_independent_lm_head(tmp_path):
+    """transformers' Molmo2 declares no `_tied_weights_keys`: with `tie_word_embeddings=True` it still
+    saves `lm_head.weight` and computes its logits with it; so do we."""
+    tiny = oracle.make_tiny_models(tmp_path, seed=2, tie_word_embeddings=True)
+    model = tiny.torch_model
+    assert model.config.text_config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() != model.model.language_model.embed_tokens.weight.data_ptr()
+    assert checkpoint.load_config(tiny.converted_native).with_lm_head
+    tokens = np.random.RandomState(9).randint(0, 151000, (2, 24))
+    _compare(tiny, {"input_ids": torch.tensor(tokens), "attention_mask": torch.ones(2, 24, dtype=torch.long)})

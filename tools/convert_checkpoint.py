@@ -1,8 +1,9 @@
-"""Convert a Molmo2 PyTorch/Hugging Face checkpoint (safetensors) into an mrrm_jax base checkpoint.
+"""Convert a Molmo2 or Qwen3-VL PyTorch/Hugging Face checkpoint (safetensors) into an mrrm_jax base checkpoint.
 
     python tools/convert_checkpoint.py --hf_dir=DIR --out=DIR [--dtype=bfloat16]
 
-Accepts the transformers-native layout and the original release layout; reads tensor by tensor
+The backbone comes from config.json's `model_type`. For Molmo2, accepts the transformers-native
+layout and the original release layout; reads tensor by tensor
 (no PyTorch needed) and writes one layer at a time.
 """
 

@@ -79,7 +79,40 @@ def inverse_frequencies(rope: dict, head_dim: int, max_positions: int, scaled: b
 
 def rope_tables(positions_bt, inv_freq: np.ndarray, attention_scaling: float, dtype):
     """cos, sin [B, T, head_dim] in `dtype`, as the reference computes them (float32, then cast)."""
-    freqs_btf = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    return _cos_sin(positions_bt.astype(jnp.float32)[..., None], inv_freq, attention_scaling, dtype)
+
+
+def mrope_axes(num_freqs: int, mrope_section) -> np.ndarray:
+    """The position axis (0 = t, 1 = h, 2 = w) each frequency rotates by, in Qwen3-VL's INTERLEAVED
+    M-RoPE: frequencies 1, 4, 7, ... (the first 3 * section[1] slots) follow h, 2, 5, 8, ... follow w,
+    and the rest (0, 3, 6, ... and the tail past 3 * section) keep t. [24, 20, 20] over 64 frequencies:
+
+        t h w t h w ... t h w | t t t t
+        0 1 2 3 4 5 ... 57 58 59 | 60 61 62 63
+    """
+    axis_f = np.zeros(num_freqs, np.int32)
+    for axis in (1, 2):
+        axis_f[axis: 3 * mrope_section[axis]: 3] = axis
+    return axis_f
+
+
+def mrope_tables(positions_b3t, inv_freq: np.ndarray, mrope_section, attention_scaling: float, dtype):
+    """cos, sin [B, T, head_dim] of M-RoPE from (t, h, w) positions [B, 3, T] (see `mrope_axes`).
+    With three equal rows this is `rope_tables` exactly."""
+    axis_f = mrope_axes(len(inv_freq), mrope_section)
+    positions_btf = jnp.take(positions_b3t, jnp.asarray(axis_f), axis=1).transpose(0, 2, 1)
+    return _cos_sin(positions_btf.astype(jnp.float32), inv_freq, attention_scaling, dtype)
+
+
+def axial_tables(positions_bp2, inv_freq: np.ndarray, dtype):
+    """cos, sin [B, P, 4 * len(inv_freq)] of the Qwen3-VL ViT's 2-D rope from (row, col) patch
+    positions [B, P, 2]: angles [row * f, col * f], doubled for rotate-half (`Qwen3VLVisionRotaryEmbedding`)."""
+    positions_bpf = jnp.repeat(positions_bp2.astype(jnp.float32), len(inv_freq), axis=-1)
+    return _cos_sin(positions_bpf, np.concatenate([inv_freq, inv_freq]), 1.0, dtype)
+
+
+def _cos_sin(positions_btf, inv_freq: np.ndarray, attention_scaling: float, dtype):
+    freqs_btf = positions_btf * jnp.asarray(inv_freq, jnp.float32)
     emb_btd = jnp.concatenate([freqs_btf, freqs_btf], axis=-1)
     return (jnp.cos(emb_btd) * attention_scaling).astype(dtype), (jnp.sin(emb_btd) * attention_scaling).astype(dtype)
 

@@ -12,6 +12,10 @@ import json
 import pathlib
 from typing import Any, ClassVar
 
+from mrrm_jax.models.hf_config import build, tupled
+
+MODEL_TYPE = "molmo2"
+
 # Molmo2's extra vocabulary, in the order of the released tokenizer (ids 151936..151945).
 EXTRA_TOKENS = (
     "<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<low_res_im_start>",
@@ -82,6 +86,7 @@ class TextConfig:
     # The `rope_parameters` dict as sorted (key, value) pairs, so the config stays hashable.
     rope: tuple[tuple[str, Any], ...] = (("rope_theta", 5e6), ("rope_type", "default"))
     rope_scaling_layers: tuple[int, ...] | None = None  # None: every layer uses the scaled rope
+    # Recorded only: transformers' Molmo2 never ties its lm_head to the embedding (see model.py).
     tie_word_embeddings: bool = False
 
     @property
@@ -111,6 +116,8 @@ class Molmo2Config:
     scan_unroll: int = 1
     with_lm_head: bool = True  # the reward path never uses it (design decision 8)
 
+    model_type = MODEL_TYPE  # class constant, recorded in to_json
+
     def replace(self, **changes) -> Molmo2Config:
         return dataclasses.replace(self, **changes)
 
@@ -121,6 +128,11 @@ class Molmo2Config:
                             adapter=dataclasses.replace(self.adapter, feature_layers=features),
                             text=dataclasses.replace(self.text, num_layers=text_layers),
                             scan_unroll=max(vision_layers, text_layers))
+
+    @property
+    def layer_counts(self) -> dict[str, int]:
+        """Scanned stacks of the parameter tree -> their layer counts (checkpoint.py stacks by this)."""
+        return {"vision_tower": self.vision.num_layers, "language_model": self.text.num_layers}
 
     # -- presets -------------------------------------------------------------------------
     PRESETS: ClassVar[tuple[str, ...]] = ("molmo2_4b", "molmo2_8b")
@@ -145,17 +157,20 @@ class Molmo2Config:
 
     # -- serialisation -----------------------------------------------------------------
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1)
+        return json.dumps({"model_type": MODEL_TYPE, **dataclasses.asdict(self)}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> Molmo2Config:
         raw = json.loads(text)
+        model_type = raw.pop("model_type", MODEL_TYPE)  # files written before it was recorded: Molmo2
+        if model_type != MODEL_TYPE:
+            raise ValueError(f"config has model_type={model_type!r}, not {MODEL_TYPE!r}")
         sub = {"vision": VisionConfig, "adapter": AdapterConfig, "text": TextConfig}
         fields = {}
         for name, value in raw.items():
             if name in sub:
-                value = sub[name](**{k: _tupled(v) for k, v in value.items()})
-            fields[name] = _tupled(value)
+                value = sub[name](**{k: tupled(v) for k, v in value.items()})
+            fields[name] = tupled(value)
         return cls(**fields)
 
     @classmethod
@@ -167,13 +182,13 @@ class Molmo2Config:
 
     @classmethod
     def from_hf_dict(cls, hf: dict, **runtime) -> Molmo2Config:
-        if hf.get("model_type") not in (None, "molmo2"):
+        if hf.get("model_type") not in (None, MODEL_TYPE):
             raise ValueError(f"config.json has model_type={hf.get('model_type')!r}; this port reads Molmo2 only")
         vision_raw = _renamed(hf.get("vision_config") or hf.get("vit_config") or {}, _VISION_ALIASES)
         adapter_raw = _renamed(hf.get("adapter_config") or {}, _ADAPTER_ALIASES)
         text_raw = _renamed(hf.get("text_config") or {}, _TEXT_ALIASES)
 
-        vision = _build(VisionConfig, vision_raw, _VISION_FIELDS)
+        vision = build(VisionConfig, vision_raw, _VISION_FIELDS)
         if vision_raw.get("num_key_value_heads", vision.num_heads) != vision.num_heads:
             raise ValueError("the ViT port assumes num_key_value_heads == num_attention_heads")
         if "image_size" in vision_raw:
@@ -191,10 +206,10 @@ class Molmo2Config:
         # (transformers trims them too, but only for the legacy layout; the numbers are identical.)
         vision = dataclasses.replace(vision, num_layers=max(feature_layers) + 1)
 
-        adapter = _build(AdapterConfig, adapter_raw, _ADAPTER_FIELDS)
+        adapter = build(AdapterConfig, adapter_raw, _ADAPTER_FIELDS)
         adapter = dataclasses.replace(adapter, feature_layers=feature_layers)
 
-        text = _build(TextConfig, text_raw, _TEXT_FIELDS)
+        text = build(TextConfig, text_raw, _TEXT_FIELDS)
         rope = dict(text_raw.get("rope_parameters") or {})
         if not rope:  # legacy flat keys
             rope = dict(text_raw.get("rope_scaling") or {})
@@ -204,7 +219,7 @@ class Molmo2Config:
         text = dataclasses.replace(
             text,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings") or text.tie_word_embeddings),
-            rope=tuple(sorted((k, _tupled(v)) for k, v in rope.items())),
+            rope=tuple(sorted((k, tupled(v)) for k, v in rope.items())),
             rope_scaling_layers=None if layers is None else tuple(layers),
         )
         if text.qk_norm_type not in ("qwen3", "olmo"):
@@ -244,12 +259,3 @@ _TEXT_FIELDS = {"hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
 
 def _renamed(raw: dict, aliases: dict) -> dict:
     return {aliases.get(k, k): v for k, v in raw.items()}
-
-
-def _build(cls, raw: dict, fields: dict):
-    return cls(**{ours: _tupled(raw[theirs]) for theirs, ours in fields.items() if raw.get(theirs) is not None})
-
-
-def _tupled(value):
-    """JSON lists -> tuples, so configs stay hashable (they are static arguments under jit)."""
-    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value

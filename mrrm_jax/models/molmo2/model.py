@@ -35,7 +35,9 @@ class Molmo2(nn.Module):
         self.vision_tower = VisionTower(self.config)
         self.multi_modal_projector = Adapter(self.config)
         self.language_model = LanguageModel(self.config)
-        if self.config.with_lm_head and not self.config.text.tie_word_embeddings:
+        # transformers' Molmo2 declares no `_tied_weights_keys`: even with `tie_word_embeddings` its
+        # lm_head is an independent matrix, saved and used (and the embedding has more rows).
+        if self.config.with_lm_head:
             self.lm_head = Dense(self.config.text.vocab_size, dtype=self.config.dtype,
                                  param_dtype=self.config.param_dtype)
 
@@ -79,9 +81,6 @@ class Molmo2(nn.Module):
 
     def logits(self, hidden_btd):
         """LM logits [B, T, vocab]; for parity tests and generation, never on the reward path."""
-        if self.config.text.tie_word_embeddings:
-            table = self.language_model.embed_tokens.embedding[: self.config.text.vocab_size]
-            return hidden_btd @ table.astype(hidden_btd.dtype).T
         return self.lm_head(hidden_btd)
 
 
