@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 
-from mrrm_jax import convert
+from mrrm_jax.models import backbones
 from mrrm_jax.models.molmo2.config import Molmo2Config
 from mrrm_jax.models.qwen3_vl.config import Qwen3VLConfig
 from mrrm_jax.tree_paths import escape, flatten, nest, unescape
@@ -54,7 +54,7 @@ def load_config(base_dir: str | pathlib.Path) -> Molmo2Config | Qwen3VLConfig:
     if not path.exists():
         raise FileNotFoundError(f"{path}: not a converted checkpoint (run tools/convert_checkpoint.py)")
     text = path.read_text()
-    return convert.backbone(json.loads(text).get("model_type")).config_class.from_json(text)
+    return backbones.BACKBONES[backbones.model_type(json.loads(text))].config_class.from_json(text)
 
 
 def _per_layer(stacked_name: str, cfg: Molmo2Config | Qwen3VLConfig) -> list[str] | None:

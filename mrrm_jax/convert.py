@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 import ml_dtypes
 import numpy as np
 
+from mrrm_jax.models import backbones
 from mrrm_jax.models.molmo2.config import Molmo2Config
 from mrrm_jax.models.qwen3_vl.config import Qwen3VLConfig
 
@@ -163,13 +164,6 @@ def _molmo2_skipped(name: str, groups: list[str], cfg: Molmo2Config) -> bool:
     return name.startswith("vision_tower.layers.") and int(groups[0]) >= cfg.vision.num_layers
 
 
-def _molmo2_example_batch(cfg: Molmo2Config) -> dict:
-    v = cfg.vision
-    return {"tokens": np.zeros((1, 1), np.int32), "positions": np.zeros((1, 1), np.int32),
-            "segment_ids": np.ones((1, 1), np.int32), "crops": np.zeros((1, 1, v.num_patches, v.patch_dim), np.float32),
-            "pooling": np.zeros((1, 1, 4), np.int32)}
-
-
 # -- Qwen3-VL -------------------------------------------------------------------------------------
 
 def _vision_qkv(part: int) -> Rows:
@@ -209,48 +203,20 @@ def _qwen3_vl_skipped(name: str, groups: list[str], cfg: Qwen3VLConfig) -> bool:
     return name == "lm_head.weight" and cfg.text.tie_word_embeddings
 
 
-def _qwen3_vl_example_batch(cfg: Qwen3VLConfig) -> dict:
-    v, patches = cfg.vision, cfg.vision.merge_unit
-    return {"tokens": np.zeros((1, 1), np.int32), "positions": np.zeros((1, 3, 1), np.int32),
-            "segment_ids": np.ones((1, 1), np.int32), "patches": np.zeros((1, patches, v.patch_dim), np.float32),
-            "patch_segment_ids": np.ones((1, patches), np.int32), "patch_positions": np.zeros((1, patches, 2), np.int32),
-            "patch_pos_index": np.zeros((1, patches, 4), np.int32),
-            "patch_pos_weight": np.zeros((1, patches, 4), np.float32)}
-
-
 # -- the backbones --------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class Backbone:
-    config_class: type
-    model: Callable[[], type]  # imported on demand: flax is heavy
+class Conversion:
     renames: list[tuple[str, str]]  # checkpoint name (less `model.`) -> native name
     rules: Rules
     skipped: Callable[[str, list[str], object], bool]  # native names matched but not converted
-    example_batch: Callable[[object], dict]  # the smallest batch `init` accepts
 
 
-def _molmo2():
-    from mrrm_jax.models.molmo2 import Molmo2
-    return Molmo2
-
-
-def _qwen3_vl():
-    from mrrm_jax.models.qwen3_vl import Qwen3VL
-    return Qwen3VL
-
-
-# Keyed by config.json's `model_type` (the original Molmo2 release has none).
-BACKBONES = {
-    "molmo2": Backbone(Molmo2Config, _molmo2, ORIGINAL_RENAMES, MOLMO2_RULES, _molmo2_skipped, _molmo2_example_batch),
-    "qwen3_vl": Backbone(Qwen3VLConfig, _qwen3_vl, [], QWEN3_VL_RULES, _qwen3_vl_skipped, _qwen3_vl_example_batch),
+# Keyed by config.json's `model_type` (the original Molmo2 release has none), as `models.backbones`.
+CONVERSIONS = {
+    "molmo2": Conversion(ORIGINAL_RENAMES, MOLMO2_RULES, _molmo2_skipped),
+    "qwen3_vl": Conversion([], QWEN3_VL_RULES, _qwen3_vl_skipped),
 }
-
-
-def backbone(model_type: str | None) -> Backbone:
-    if (model_type or "molmo2") not in BACKBONES:
-        raise ValueError(f"config.json has model_type={model_type!r}; supported: {sorted(BACKBONES)}")
-    return BACKBONES[model_type or "molmo2"]
 
 
 def native_name(key: str, renames=ORIGINAL_RENAMES) -> str:
@@ -267,7 +233,7 @@ Plan = dict[str, tuple[list[tuple[str, tuple[int, int] | None]], str]]
 
 def plan(source_keys, cfg) -> Plan:
     """Target leaf -> how to build it. Unknown source tensors are an error that names them."""
-    table = backbone(cfg.model_type)
+    table = CONVERSIONS[cfg.model_type]
     parts: dict[str, list] = {}
     transforms: dict[str, str] = {}
     unknown = []
@@ -330,8 +296,7 @@ def expected_leaves(cfg) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Every leaf a converted checkpoint must hold (per-layer names), with its shape."""
     import jax  # heavy; only needed here
 
-    table = backbone(cfg.model_type)
-    abstract = jax.eval_shape(table.model()(cfg).init, jax.random.key(0), table.example_batch(cfg))["params"]
+    abstract = jax.eval_shape(backbones.module(cfg).init, jax.random.key(0), backbones.init_batch(cfg))["params"]
     leaves = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         name = "/".join(p.key for p in path)
@@ -370,8 +335,9 @@ def convert_dir(hf_dir, out_dir, dtype=None):
     if not path.exists():
         raise FileNotFoundError(f"{path}: no config.json; pass a Hugging Face checkpoint directory")
     hf_config = json.loads(path.read_text())
-    table = backbone(hf_config.get("model_type"))
-    cfg = table.config_class.from_hf_dict(hf_config)
+    model_type = backbones.model_type(hf_config)
+    table = CONVERSIONS[model_type]
+    cfg = backbones.BACKBONES[model_type].config_class.from_hf_dict(hf_config)
     shards = SafetensorsShards(hf_dir)
     has_lm_head = any(native_name(k, table.renames) == "lm_head.weight" for k in shards.entries)
     cfg = cfg.replace(with_lm_head=has_lm_head and not table.skipped("lm_head.weight", [], cfg))

@@ -182,8 +182,8 @@ def _model(m):
             config = checkpoint.load_config(m.base_dir).replace(**runtime)
         except (OSError, ValueError) as error:
             _fail(f"model.base_dir={m.base_dir!r}: {error}")
-        _check(isinstance(config, config_class), f"model.base_dir={m.base_dir!r} holds a "
-               f"{backbones.name_of(config)} checkpoint, but model.type={m.type!r}")
+        _check(config.model_type == m.type, f"model.base_dir={m.base_dir!r} holds a {config.model_type} "
+               f"checkpoint, but model.type={m.type!r}")
         return config
     if m.preset:
         presets = config_class.PRESETS

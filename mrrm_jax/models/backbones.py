@@ -1,4 +1,5 @@
-"""The backbones a reward model sits on, chosen by name (`config.model.type`, a checkpoint's config).
+"""The backbones a reward model sits on, chosen by name: `config.model.type`, the `model_type` of a
+converted checkpoint's or a Hugging Face checkpoint's config.json.
 
 A backbone is a config class and a Flax module built from it, whose `__call__(batch)` returns the
 final-norm hidden states [B, T, D]. What sits above it (the value head, LoRA, the step, the trainer,
@@ -12,7 +13,7 @@ from typing import Callable
 
 import flax.linen as nn
 
-from mrrm_jax.models import molmo2
+from mrrm_jax.models import molmo2, qwen3_vl
 from mrrm_jax.models.molmo2 import model as molmo2_model
 
 
@@ -25,25 +26,33 @@ class Backbone:
     hidden_states: Callable
 
 
-BACKBONES = {"molmo2": Backbone(molmo2.Molmo2Config, molmo2.Molmo2, molmo2_model.hidden_states)}
+def _whole(model: nn.Module, params: dict, batch: dict, vision_chunk: int):
+    return model.apply({"params": params}, batch)
 
 
-def name_of(config) -> str:
-    for name, backbone in BACKBONES.items():
-        if isinstance(config, backbone.config_class):
-            return name
-    raise TypeError(f"{type(config).__name__} is not a backbone config; known: {sorted(BACKBONES)}")
+BACKBONES = {
+    "molmo2": Backbone(molmo2.Molmo2Config, molmo2.Molmo2, molmo2_model.hidden_states),
+    "qwen3_vl": Backbone(qwen3_vl.Qwen3VLConfig, qwen3_vl.Qwen3VL, _whole),
+}
+
+
+def model_type(config_json: dict) -> str:
+    """The backbone a config.json describes; the original Molmo2 release names none."""
+    name = config_json.get("model_type") or "molmo2"
+    if name not in BACKBONES:
+        raise ValueError(f"config.json has model_type={name!r}; supported: {sorted(BACKBONES)}")
+    return name
 
 
 def module(config) -> nn.Module:
-    return BACKBONES[name_of(config)].module_class(config)
+    return BACKBONES[config.model_type].module_class(config)
 
 
 def init_batch(config) -> dict:
     """The smallest batch whose forward pass creates every parameter of `config`'s backbone."""
-    return BACKBONES[name_of(config)].module_class.init_batch(config)
+    return BACKBONES[config.model_type].module_class.init_batch(config)
 
 
 def hidden_states(model: nn.Module, params: dict, batch: dict, vision_chunk: int):
     """Final-norm hidden states of `batch` as scoring computes them (see `Backbone.hidden_states`)."""
-    return BACKBONES[name_of(model.config)].hidden_states(model, params, batch, vision_chunk)
+    return BACKBONES[model.config.model_type].hidden_states(model, params, batch, vision_chunk)

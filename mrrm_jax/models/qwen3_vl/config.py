@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import pathlib
+from typing import ClassVar
 
 from mrrm_jax.models.hf_config import build, tupled
 
@@ -101,7 +102,22 @@ class Qwen3VLConfig:
         """Scanned stacks of the parameter tree -> their layer counts (checkpoint.py stacks by this)."""
         return {"visual": self.vision.num_layers, "language_model": self.text.num_layers}
 
+    def shallow(self, vision_layers: int, text_layers: int) -> Qwen3VLConfig:
+        """This model with fewer layers, unrolled (aot.step_flops); the deepstack taps, as many as before,
+        moved onto the remaining ViT layers (their mergers cost the same wherever they tap)."""
+        deepstack = tuple(min(layer, vision_layers - 1) for layer in self.vision.deepstack_layers)
+        return self.replace(vision=dataclasses.replace(self.vision, num_layers=vision_layers, deepstack_layers=deepstack),
+                            text=dataclasses.replace(self.text, num_layers=text_layers),
+                            scan_unroll=max(vision_layers, text_layers))
+
     # -- presets -------------------------------------------------------------------------
+    PRESETS: ClassVar[tuple[str, ...]] = ("qwen3_vl_4b",)
+
+    @classmethod
+    def from_dims(cls, dims: dict, **runtime) -> Qwen3VLConfig:
+        """From `config.model.dims`: {"vision": {...}, "text": {...}} field values."""
+        return cls(vision=VisionConfig(**dims["vision"]), text=TextConfig(**dims["text"]), **runtime)
+
     @classmethod
     def qwen3_vl_4b(cls, **runtime) -> Qwen3VLConfig:
         """Qwen/Qwen3-VL-4B-Instruct, dimensions from its config.json."""

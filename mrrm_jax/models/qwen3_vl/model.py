@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from mrrm_jax.models.layers import Dense
 from mrrm_jax.models.qwen3_vl.config import Qwen3VLConfig
@@ -37,6 +38,18 @@ class Qwen3VL(nn.Module):
         if self.config.with_lm_head and not self.config.text.tie_word_embeddings:
             self.lm_head = Dense(self.config.text.vocab_size, dtype=self.config.dtype,
                                  param_dtype=self.config.param_dtype)
+
+    @staticmethod
+    def init_batch(config: Qwen3VLConfig) -> dict:
+        """One token and one merged token's patches: enough to create every parameter."""
+        patches = config.vision.merge_unit
+        return {"tokens": np.zeros((1, 1), np.int32), "positions": np.zeros((1, 3, 1), np.int32),
+                "segment_ids": np.ones((1, 1), np.int32),
+                "patches": np.zeros((1, patches, config.vision.patch_dim), np.float32),
+                "patch_segment_ids": np.ones((1, patches), np.int32),
+                "patch_positions": np.zeros((1, patches, 2), np.int32),
+                "patch_pos_index": np.zeros((1, patches, 4), np.int32),
+                "patch_pos_weight": np.zeros((1, patches, 4), np.float32)}
 
     def vision_tokens(self, batch: dict):
         """(merged tokens [B, P / 4, D], deepstack features [K, B, P / 4, D]) of the row's patches."""
