@@ -194,7 +194,7 @@ def ours_row(examples: list[Example], config: Molmo2Config, row_tokens: int) -> 
     budget = packing.RowBudget(row_tokens, sum(o["crops"].shape[1] for o in ones),
                                sum(o["pooling"].shape[1] for o in ones), len(ones),
                                max(len(e.read_positions) for e in examples), pool_slots=ones[0]["pooling"].shape[2])
-    row = packing.pack_row(ones, budget, (config.vision.num_patches, config.vision.patch_dim))
+    row = packing.pack_row(ones, budget, packing.Molmo2Media((config.vision.num_patches, config.vision.patch_dim)))
     row.pop("media_kind")  # host-side bookkeeping
     return row
 

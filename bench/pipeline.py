@@ -85,7 +85,7 @@ def packing_efficiency(num_examples: int, row_tokens: int, window: int) -> tuple
     corpus = [fake_example(rng) for _ in range(num_examples)]
     corpus = [e for e in corpus if e["example"]["tokens"].shape[1] <= row_tokens]
     row = packing.RowBudget(row_tokens, row_crops=256, row_pooled=row_tokens, row_examples=32, max_responses=8)
-    config = pipeline.PackingConfig(row, (1, 1), rows_per_batch=1, window=window)
+    config = pipeline.PackingConfig(row, packing.Molmo2Media((1, 1)), rows_per_batch=1, window=window)
     start = time.perf_counter()
     batches = list(pipeline.PackedBatches(grain.MapDataset.source(corpus).to_iter_dataset(), config))
     rate = len(corpus) / (time.perf_counter() - start)

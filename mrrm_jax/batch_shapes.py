@@ -47,23 +47,22 @@ def row_budget(options, row_tokens: int, row_crops: int, row_examples: int, max_
 
 
 def _scaled(budget: packing.RowBudget, fraction: float, with_media: bool) -> packing.RowBudget:
-    """A row shape `fraction` of `budget` (tokens, crops and pooled tokens), without media room if not
-    `with_media`."""
-    media = (math.ceil(budget.row_crops * fraction), math.ceil(budget.row_pooled * fraction)) if with_media else (0, 0)
+    """A row shape `fraction` of `budget` (tokens and every media resource), without media room if not
+    `with_media`. Qwen3-VL's patches stay whole merged tokens (multiples of 4)."""
+    media = (math.ceil(budget.row_crops * fraction), math.ceil(budget.row_pooled * fraction),
+             4 * math.ceil(budget.row_patches * fraction / 4)) if with_media else (0, 0, 0)
     return dataclasses.replace(budget, row_tokens=math.ceil(budget.row_tokens * fraction), row_crops=media[0],
-                               row_pooled=media[1])
+                               row_pooled=media[1], row_patches=media[2])
 
 
-def _counts(example: dict) -> dict[str, int]:
-    return {"tokens": example["tokens"].shape[1], "crops": example["crops"].shape[1] if "crops" in example else 0,
-            "pooled": example["pooling"].shape[1] if "pooling" in example else 0,
-            "responses": example["read_positions"].shape[1]}
+def _has_media(example: dict) -> bool:
+    return any(packing.media_counts(example).values())
 
 
 class BatchShapes:
-    def __init__(self, budget: packing.RowBudget, patch_dim: tuple[int, int], max_rows: int, devices: int = 1,
-                 length_buckets: int = 3):
-        self.budget, self.patch_dim, self.devices = budget, patch_dim, devices
+    def __init__(self, budget: packing.RowBudget, media, max_rows: int, devices: int = 1, length_buckets: int = 3):
+        """`media`: the backbone's media layout (`models.backbones.media`)."""
+        self.budget, self.media, self.devices = budget, media, devices
         fractions = [0.5 ** k for k in reversed(range(length_buckets))]
         # with_media -> row shapes, smallest first
         self.shapes = {m: [_scaled(budget, f, m) for f in fractions] for m in (False, True)}
@@ -78,7 +77,7 @@ class BatchShapes:
     def layout(self, examples: list[dict]) -> Layout | None:
         """The cheapest shape that holds `examples` in at most `max_rows` rows; None when none does."""
         best = None
-        for budget in self.shapes[any("crops" in e for e in examples)]:
+        for budget in self.shapes[any(_has_media(e) for e in examples)]:
             try:
                 placement = packing.first_fit(examples, budget)
             except ValueError:  # an example larger than this row shape
@@ -93,14 +92,16 @@ class BatchShapes:
         """One row of its own for an example larger than a full row: the budget grown by whole quarters
         (tokens, crops, pooled tokens) and responses to a multiple of 8, so that similar records share
         a program."""
-        counts, b = _counts(example), self.budget
-        grow = lambda need, unit: max(unit, -(-need // unit) * unit)
+        counts, b = packing.media_counts(example), self.budget
+        grow = lambda need, unit: max(unit, -(-need // unit) * unit) if unit else need
+        quarter = lambda size, multiple=1: multiple * -(-size // (4 * multiple))
         budget = dataclasses.replace(
-            b, row_tokens=grow(counts["tokens"], -(-b.row_tokens // 4)), row_crops=grow(counts["crops"], -(-b.row_crops // 4)),
-            row_pooled=grow(counts["pooled"], -(-b.row_pooled // 4)), row_examples=1,
-            max_responses=grow(counts["responses"], 8))
-        if not counts["crops"]:
-            budget = dataclasses.replace(budget, row_crops=0, row_pooled=0)
+            b, row_tokens=grow(example["tokens"].shape[1], quarter(b.row_tokens)),
+            row_crops=grow(counts["crops"], quarter(b.row_crops)), row_pooled=grow(counts["pooled"], quarter(b.row_pooled)),
+            row_patches=grow(counts["patches"], quarter(b.row_patches, 4)), row_examples=1,
+            max_responses=grow(example["read_positions"].shape[1], 8))
+        if not _has_media(example):
+            budget = dataclasses.replace(budget, row_crops=0, row_pooled=0, row_patches=0)
         return Layout(budget, [[0]], self.devices)
 
     def split(self, examples: list[dict]) -> list[tuple[list[int], Layout]]:
@@ -124,12 +125,13 @@ class BatchShapes:
     def pack(self, examples: list[dict], layout: Layout) -> dict:
         """The model batch of `examples` placed as `layout` says (empty rows to `num_rows`)."""
         budget = layout.budget
-        packed = [packing.pack_row([examples[i] for i in row], budget, self.patch_dim) for row in layout.rows]
-        packed += [packing.pack_row([], budget, self.patch_dim)] * (layout.num_rows - len(packed))
+        packed = [packing.pack_row([examples[i] for i in row], budget, self.media) for row in layout.rows]
+        packed += [packing.pack_row([], budget, self.media)] * (layout.num_rows - len(packed))
         batch = {name: np.concatenate([row[name] for row in packed]) for name in packed[0]
                  if name not in _TRAINING_ONLY}
-        if not budget.row_crops:  # a text-only program: no ViT at all
-            del batch["crops"], batch["pooling"]
+        if not (budget.row_crops or budget.row_patches):  # a text-only program: no ViT at all
+            for name in self.media.layout(budget):
+                del batch[name]
         return batch
 
     @staticmethod

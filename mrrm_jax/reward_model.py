@@ -49,8 +49,7 @@ class RewardModel:
         self.params, self.head_params = jax.device_put((params, head_params), replicated)
         self.processor, self.programs, self.vision_crops = processor, set(), vision_crops
         budget = batch_shapes.row_budget(processor.options, row_tokens, row_crops, row_examples=16, max_responses=16)
-        patch_dim = (self.config.vision.num_patches, self.config.vision.patch_dim)
-        self.shapes = batch_shapes.BatchShapes(budget, patch_dim, rows, self.mesh.size)
+        self.shapes = batch_shapes.BatchShapes(budget, backbones.media(self.config), rows, self.mesh.size)
         self._rows = NamedSharding(self.mesh, P("data"))
         self._scores = jax.jit(self._forward)
 

@@ -77,7 +77,7 @@ def batch_shapes(spec: RunSpec) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
     """{name: (shape, dtype)} of one optimizer step's batch, [micro-steps, rows, ...], all processes
     together; host-side keys (counts, media kinds) left out."""
     config = spec.model
-    layout = packing.row_layout(spec.row, (config.vision.num_patches, config.vision.patch_dim))
+    layout = packing.row_layout(spec.row, backbones.media(config))
     lead = (spec.train.grad_accum, spec.micro_rows)
     return {k: ((*lead, *shape), dtype) for k, (shape, dtype, _) in layout.items() if k != "media_kind"}
 

@@ -202,8 +202,7 @@ def workdir_files(spec: RunSpec, workdir: pathlib.Path) -> tuple:
 
 def packing_config(spec: RunSpec, rows: int) -> pipeline.PackingConfig:
     """Batches of `rows` packed rows shaped for the spec's model."""
-    vision = spec.model.vision
-    return pipeline.PackingConfig(spec.row, (vision.num_patches, vision.patch_dim), rows, spec.window)
+    return pipeline.PackingConfig(spec.row, backbones.media(spec.model), rows, spec.window)
 
 
 class _Run:

@@ -13,7 +13,8 @@ from transformers import Qwen3VLConfig as HFQwen3VLConfig
 from transformers import Qwen3VLForConditionalGeneration
 
 from mrrm_jax import convert
-from mrrm_jax.models.qwen3_vl import vision_layout
+from mrrm_jax.data import packing
+from mrrm_jax.data.qwen3_vl_positions import vision_layout
 
 # Qwen/Qwen3-VL-4B-Instruct's config.json as released (transformers 4.57 keys: `rope_scaling`, flat `rope_theta`).
 QWEN3_VL_4B_CONFIG = {
@@ -135,33 +136,25 @@ def hf_positions(torch_model, example: Example) -> np.ndarray:
     return positions[:, 0].numpy()
 
 
-def our_batch(torch_model, rows: list[list[Example]], vision_cfg, seq_len: int | None = None,
-              num_patches: int | None = None) -> dict:
-    """Our batch: one row per list of examples (packed, positions restarting per example), padded."""
-    seq_len = seq_len or max(sum(len(e.tokens) for e in row) for row in rows)
-    patches_of = lambda e: np.concatenate(e.patches) if e.patches else np.zeros((0, 1536), np.float32)
-    num_patches = num_patches or max(max(sum(len(patches_of(e)) for e in row) for row in rows), 4)
-    batch = {"tokens": np.zeros((len(rows), seq_len), np.int32), "positions": np.zeros((len(rows), 3, seq_len), np.int32),
-             "segment_ids": np.zeros((len(rows), seq_len), np.int32),
-             "patches": np.zeros((len(rows), num_patches, 1536), np.float32),
-             "patch_segment_ids": np.zeros((len(rows), num_patches), np.int32),
-             "patch_positions": np.zeros((len(rows), num_patches, 2), np.int32),
-             "patch_pos_index": np.zeros((len(rows), num_patches, 4), np.int32),
-             "patch_pos_weight": np.zeros((len(rows), num_patches, 4), np.float32)}
-    for b, row in enumerate(rows):
-        t = p = segments = 0
-        for s, example in enumerate(row, start=1):
-            n = len(example.tokens)
-            batch["tokens"][b, t:t + n] = example.tokens
-            batch["positions"][b, :, t:t + n] = hf_positions(torch_model, example)
-            batch["segment_ids"][b, t:t + n] = s
-            t += n
-            layout = vision_layout([grid for _, grid in example.items], vision_cfg)
-            m = len(patches_of(example))
-            batch["patches"][b, p:p + m] = patches_of(example)
-            layout["patch_segment_ids"] = layout["patch_segment_ids"] + segments
-            segments = max(segments, layout["patch_segment_ids"].max(initial=0))
-            for name, value in layout.items():
-                batch[name][b, p:p + m] = value
-            p += m
+def one_row(torch_model, example: Example) -> dict:
+    """The example as our processor's one-row batch (positions from transformers' rope index)."""
+    batch = {"tokens": example.tokens[None].astype(np.int32), "positions": hf_positions(torch_model, example)[None],
+             "segment_ids": np.ones((1, len(example.tokens)), np.int32),
+             "read_positions": np.array([[len(example.tokens) - 1]], np.int32)}
+    if example.items:
+        batch["patches"] = np.concatenate(example.patches)[None]
+        batch.update({k: v[None] for k, v in vision_layout([grid for _, grid in example.items]).items()})
     return batch
+
+
+def our_batch(torch_model, rows: list[list[Example]], seq_len: int | None = None,
+              num_patches: int | None = None) -> dict:
+    """Our batch: one row per list of examples, packed by `data/packing.py` (positions restarting per
+    example, patch segments re-based), padded."""
+    seq_len = seq_len or max(sum(len(e.tokens) for e in row) for row in rows)
+    num_patches = num_patches or max(max(sum(sum(len(p) for p in e.patches) for e in row) for row in rows), 4)
+    budget = packing.RowBudget(row_tokens=seq_len, row_crops=0, row_pooled=0, row_examples=max(map(len, rows)),
+                               max_responses=1, row_patches=num_patches)
+    packed = [packing.pack_row([one_row(torch_model, e) for e in row], budget, packing.Qwen3VLMedia(1536))
+              for row in rows]
+    return {name: np.concatenate([row[name] for row in packed]) for name in packed[0]}

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from mrrm_jax.data import packing
+from mrrm_jax.models import backbones
 from mrrm_jax.reward_model import RewardModel
 
 
@@ -30,8 +31,7 @@ def test_packed_row_scores_equal_each_example_alone(model, backend):
     budget = packing.RowBudget(row_tokens=-(-(used_tokens + 7) // 128) * 128,  # kernel blocks are 128
                                row_crops=32, row_pooled=1024, row_examples=5, max_responses=4)
     assert packing.first_fit(examples, budget) == [[0, 1, 2, 3]]
-    v = model.config.vision
-    row = packing.pack_row(examples, budget, (v.num_patches, v.patch_dim))
+    row = packing.pack_row(examples, budget, backbones.media(model.config))
     packed_model = RewardModel(model.config.replace(attention=backend), model.params, model.head.config,
                                model.head_params, model.processor)
     packed = np.asarray(packed_model._scores(model.params, model.head_params, row))[0]

@@ -17,7 +17,9 @@ from mrrm_jax import checkpoint
 from mrrm_jax.models import rope
 from mrrm_jax.models.decoder import DecoderLayer
 from mrrm_jax.models.layers import Dense
-from mrrm_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig, vision_layout
+from mrrm_jax.data.qwen3_vl_positions import vision_layout
+from mrrm_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
+from mrrm_jax.models.qwen3_vl.vision import position_corners
 from mrrm_jax.models.qwen3_vl.vision import PatchMerger, VisionBlock
 from tests import qwen3_vl_oracle as qo
 
@@ -73,7 +75,7 @@ def vision_inputs(tiny):
     tiny, cfg, _ = tiny
     grid_thw = torch.tensor(GRIDS)
     patches = np.random.RandomState(1).randn(sum(t * h * w for t, h, w in GRIDS), 1536).astype(np.float32)
-    return grid_thw, patches, vision_layout(GRIDS, cfg.vision)
+    return grid_thw, patches, vision_layout(GRIDS)
 
 
 def test_patch_embed(tiny, vision_inputs):
@@ -90,10 +92,12 @@ def test_position_embedding_interpolation(tiny, vision_inputs):
     grid_thw, _, layout = vision_inputs
     index, weight = get_vision_interpolation_indices_and_weights(grid_thw, cfg.vision.grid_side, align_corners=True,
                                                                  spatial_merge_size=2)
-    np.testing.assert_array_equal(layout["patch_pos_index"], index.numpy())
-    np.testing.assert_array_equal(layout["patch_pos_weight"], weight.numpy())  # the same float32 arithmetic
+    our_index, our_weight = (np.asarray(a)[0] for a in position_corners(
+        layout["patch_positions"][None], layout["patch_grid"][None], cfg.vision.grid_side))
+    np.testing.assert_array_equal(our_index, index.numpy())
+    np.testing.assert_array_equal(our_weight, weight.numpy())  # the same float32 arithmetic
     table = params["visual"]["pos_embed"]
-    ours = (table[layout["patch_pos_index"]] * layout["patch_pos_weight"][..., None]).sum(1)
+    ours = (table[our_index] * our_weight[..., None]).sum(1)
     # Independent oracle: torch's bilinear resize (align_corners) of the learned grid, per image, in
     # merge-block order, repeated over t.
     side, dim = cfg.vision.grid_side, cfg.vision.hidden_size
@@ -217,7 +221,7 @@ def test_final_hidden_states(tiny, case):
     inputs = qo.hf_inputs(examples)
     with torch.no_grad():
         out = tiny.torch_model(**inputs, output_hidden_states=True)
-    hidden, logits = _ours(cfg, params, qo.our_batch(tiny.torch_model, [[e] for e in examples], cfg.vision))
+    hidden, logits = _ours(cfg, params, qo.our_batch(tiny.torch_model, [[e] for e in examples]))
     real = inputs["attention_mask"].numpy().astype(bool)  # padding positions are unspecified
     _close(f"{case} hidden", hidden[real], out.hidden_states[-1].numpy()[real])
     _close(f"{case} logits", logits[real], out.logits.numpy()[real])
@@ -225,13 +229,14 @@ def test_final_hidden_states(tiny, case):
 
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
 def test_packed_row_equals_each_example_alone(tiny, backend):
-    """An image example and a video example in one row: each part equals transformers on that example
-    alone (no cross-contamination in the ViT or the LM), with the dense and the Pallas (interpret) kernels."""
+    """An image example, a text example and a video example in one row (packed by data/packing.py):
+    each part equals transformers on that example alone (no cross-contamination in the ViT or the LM),
+    with the dense and the Pallas (interpret) kernels."""
     tiny, cfg, params = tiny
     rng = np.random.RandomState(7)
-    examples = [qo.build_example(rng, [4, ("image", (1, 4, 6)), 7]),
+    examples = [qo.build_example(rng, [4, ("image", (1, 4, 6)), 7]), qo.build_example(rng, [12]),
                 qo.build_example(rng, [3, ("video", (2, 4, 4)), 9])]
-    batch = qo.our_batch(tiny.torch_model, [examples], cfg.vision, seq_len=128)
+    batch = qo.our_batch(tiny.torch_model, [examples], seq_len=128)
     hidden, _ = _ours(cfg.replace(attention=backend), params, batch)
     start = 0
     for example in examples:

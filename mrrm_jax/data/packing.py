@@ -19,6 +19,16 @@ Scores come out [rows, row_examples, max_responses], -inf where a read position 
 The pooled rows of a later example are shifted by the crops before it, so the k-th `<im_patch>`
 of the row still takes the row's k-th pooled feature. grain's own packers pack 1-D features
 without re-basing index-valued ones (pooling, read positions), so rows are assembled here.
+
+A Qwen3-VL row (`Qwen3VLMedia`) has M-RoPE positions [3, T] instead (each example's from its own
+rope index, so they restart at 0 too) and, instead of crops and pooling, `row_patches` ViT patches:
+the examples' patches one after another, so the row's k-th vision pad takes its k-th merged token
+(4 patches); the ViT's attention segments (one per media item and temporal patch) are re-based like
+the token segments:
+
+    patches            [patches of example 1 | patches of example 2 | zero padding]
+    patch_segment_ids  [1 1 1 1 2 2 2 2      | 3 3 3 3             | 0 0 0 0]   two video frames, an image
+    patch_positions, patch_grid: each example's, as `vision_layout` gives them
 """
 
 from __future__ import annotations
@@ -38,32 +48,43 @@ class RowBudget:
     # Patches pooled per image token: 4 for Molmo2's 2x2 image pooling, 9 for its 3x3 video pooling.
     # Fixed, so rows with and without video have one shape.
     pool_slots: int = 9
+    row_patches: int = 0  # Qwen3-VL's ViT patches (a multiple of 4: whole merged tokens); 0 for Molmo2
 
     def fits(self, used: dict, example: dict) -> bool:
+        counts = media_counts(example)
         return (used["tokens"] + example["tokens"].shape[1] <= self.row_tokens
-                and used["crops"] + _num(example, "crops") <= self.row_crops
-                and used["pooled"] + _num(example, "pooling") <= self.row_pooled
+                and all(used[name] + counts[name] <= self.capacity(name) for name in counts)
                 and used["examples"] < self.row_examples)
+
+    def capacity(self, resource: str) -> int:
+        return {"crops": self.row_crops, "pooled": self.row_pooled, "patches": self.row_patches}[resource]
 
     def fullness(self, examples: list[dict]) -> float:
         """The largest share of any row budget that `examples` use together: 1.0 is a row nothing more fits."""
+        totals = {name: sum(media_counts(e)[name] for e in examples) for name in MEDIA_RESOURCES}
         return max(sum(e["tokens"].shape[1] for e in examples) / self.row_tokens,
-                   sum(_num(e, "crops") for e in examples) / max(self.row_crops, 1),
-                   sum(_num(e, "pooling") for e in examples) / max(self.row_pooled, 1),
+                   *(totals[name] / max(self.capacity(name), 1) for name in totals),
                    len(examples) / self.row_examples)
 
 
-def _num(example: dict, field: str) -> int:
-    return example[field].shape[1] if field in example else 0
+# Media resources of a row, each counted by the first axis of one example array: Molmo2's ViT crops
+# and pooled image tokens, Qwen3-VL's ViT patches.
+MEDIA_RESOURCES = {"crops": "crops", "pooled": "pooling", "patches": "patches"}
+
+
+def media_counts(example: dict) -> dict[str, int]:
+    return {name: example[field].shape[1] if field in example else 0 for name, field in MEDIA_RESOURCES.items()}
 
 
 def exceeds(example: dict, budget: RowBudget) -> list[str]:
     """What of `example` an empty row of `budget` cannot hold, with the numbers ([] when it fits)."""
-    counts = {"tokens": example["tokens"].shape[1], "crops": _num(example, "crops"),
-              "pooled image tokens": _num(example, "pooling"), "responses": example["read_positions"].shape[1],
+    media = media_counts(example)
+    counts = {"tokens": example["tokens"].shape[1], "crops": media["crops"], "pooled image tokens": media["pooled"],
+              "patches": media["patches"], "responses": example["read_positions"].shape[1],
               "pooled patches per token": example["pooling"].shape[2] if "pooling" in example else 0}
     limits = {"tokens": budget.row_tokens, "crops": budget.row_crops, "pooled image tokens": budget.row_pooled,
-              "responses": budget.max_responses, "pooled patches per token": budget.pool_slots}
+              "patches": budget.row_patches, "responses": budget.max_responses,
+              "pooled patches per token": budget.pool_slots}
     return [f"{counts[name]} {name} (limit {limits[name]})" for name in counts if counts[name] > limits[name]]
 
 
@@ -78,47 +99,86 @@ def first_fit(examples: list[dict], budget: RowBudget) -> list[list[int]]:
             if budget.fits(counts, example):
                 break
         else:
-            row, counts = [], {"tokens": 0, "crops": 0, "pooled": 0, "examples": 0}
+            row, counts = [], {"tokens": 0, "examples": 0, **dict.fromkeys(MEDIA_RESOURCES, 0)}
             rows.append(row)
             used.append(counts)
         row.append(index)
         counts["tokens"] += example["tokens"].shape[1]
-        counts["crops"] += _num(example, "crops")
-        counts["pooled"] += _num(example, "pooling")
+        for name, count in media_counts(example).items():
+            counts[name] += count
         counts["examples"] += 1
     return rows
 
 
-def row_layout(budget: RowBudget, patch_dim: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], type, int]]:
+@dataclasses.dataclass(frozen=True)
+class Molmo2Media:
+    """Molmo2's row media: ViT crops, and per pooled image token the indices of its patches into the
+    row's flattened crops (re-based: a later example's indices shift by the crops before it)."""
+
+    patch_dim: tuple[int, int]  # (patches per crop, values per patch)
+    position_rows: int = 1  # positions [T]: 1-D rope
+
+    def layout(self, budget: RowBudget) -> dict:
+        return {"crops": ((budget.row_crops, *self.patch_dim), np.float32, 0),
+                "pooling": ((budget.row_pooled, budget.pool_slots), np.int32, -1)}
+
+    def place(self, row: dict, example: dict, used: dict) -> None:
+        if "crops" not in example:
+            return
+        crops, pooling, crop, pooled = example["crops"][0], example["pooling"][0], used["crops"], used["pooled"]
+        row["crops"][0, crop: crop + len(crops)] = crops
+        row["pooling"][0, pooled: pooled + len(pooling), : pooling.shape[1]] = np.where(
+            pooling >= 0, pooling + crop * self.patch_dim[0], -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3VLMedia:
+    """Qwen3-VL's row media: ViT patches with their per-patch arrays (`data/qwen3_vl_positions.vision_layout`); the
+    patch segment ids (one per media item and temporal patch) of a later example shift by those before."""
+
+    patch_dim: int  # values per patch (C * T * p * p)
+    position_rows: int = 3  # positions [3, T]: M-RoPE (t, h, w)
+
+    def layout(self, budget: RowBudget) -> dict:
+        patches = budget.row_patches
+        # Padding patches: grid (1, 1), so resampling the position table divides by nothing odd.
+        return {"patches": ((patches, self.patch_dim), np.float32, 0), "patch_segment_ids": ((patches,), np.int32, 0),
+                "patch_positions": ((patches, 2), np.int32, 0), "patch_grid": ((patches, 2), np.int32, 1)}
+
+    def place(self, row: dict, example: dict, used: dict) -> None:
+        if "patches" not in example:
+            return
+        start, count = used["patches"], example["patches"].shape[1]
+        segments_before = row["patch_segment_ids"][0, :start].max(initial=0)
+        for field in ("patches", "patch_segment_ids", "patch_positions", "patch_grid"):
+            values = example[field][0]
+            row[field][0, start: start + count] = values + segments_before if field == "patch_segment_ids" else values
+
+
+def row_layout(budget: RowBudget, media) -> dict[str, tuple[tuple[int, ...], type, int]]:
     """{field: (shape of one row without its leading 1, dtype, fill value)}: the packed row's arrays.
 
-    `patch_dim` = (patches per crop, values per patch). `media_kind` indexes `pipeline.MEDIA_KINDS`.
+    `media`: the backbone's `Molmo2Media` or `Qwen3VLMedia`. `media_kind` indexes `pipeline.MEDIA_KINDS`.
     """
     tokens, slots = (budget.row_tokens,), (budget.row_examples, budget.max_responses)
-    return {"tokens": (tokens, np.int32, 0), "positions": (tokens, np.int32, 0), "segment_ids": (tokens, np.int32, 0),
-            "crops": ((budget.row_crops, *patch_dim), np.float32, 0),
-            "pooling": ((budget.row_pooled, budget.pool_slots), np.int32, -1),
+    positions = tokens if media.position_rows == 1 else (media.position_rows, *tokens)
+    return {"tokens": (tokens, np.int32, 0), "positions": (positions, np.int32, 0), "segment_ids": (tokens, np.int32, 0),
+            **media.layout(budget),
             "read_positions": (slots, np.int32, -1), "response_starts": (slots, np.int32, -1),
             "order": (slots, np.int32, -1),
             "labels": ((budget.row_examples,), np.int32, -1), "media_kind": ((budget.row_examples,), np.int32, -1)}
 
 
-def pack_row(examples: list[dict], budget: RowBudget, patch_dim: tuple[int, int]) -> dict:
+def pack_row(examples: list[dict], budget: RowBudget, media) -> dict:
     """One packed row (a batch of 1) from one-row examples; see the module docstring for the arrays."""
-    patches = patch_dim[0]
-    row = {name: np.full((1, *shape), fill, dtype) for name, (shape, dtype, fill) in row_layout(budget, patch_dim).items()}
-    token, crop, pooled = 0, 0, 0
+    row = {name: np.full((1, *shape), fill, dtype) for name, (shape, dtype, fill) in row_layout(budget, media).items()}
+    used = {"tokens": 0, **dict.fromkeys(MEDIA_RESOURCES, 0)}
     for slot, example in enumerate(examples):
-        length = example["tokens"].shape[1]
+        token, length = used["tokens"], example["tokens"].shape[1]
         row["tokens"][0, token: token + length] = example["tokens"][0]
-        row["positions"][0, token: token + length] = example["positions"][0]
+        row["positions"][0, ..., token: token + length] = example["positions"][0]
         row["segment_ids"][0, token: token + length] = slot + 1
-        if "crops" in example:
-            crops, pooling = example["crops"][0], example["pooling"][0]
-            row["crops"][0, crop: crop + len(crops)] = crops
-            row["pooling"][0, pooled: pooled + len(pooling), : pooling.shape[1]] = np.where(
-                pooling >= 0, pooling + crop * patches, -1)
-            crop, pooled = crop + len(crops), pooled + len(pooling)
+        media.place(row, example, used)
         for field in ("read_positions", "response_starts"):
             indices = example[field][0] if field in example else np.full(example["read_positions"].shape[1], -1)
             row[field][0, slot, : len(indices)] = np.where(indices >= 0, indices + token, -1)
@@ -126,5 +186,7 @@ def pack_row(examples: list[dict], budget: RowBudget, patch_dim: tuple[int, int]
             row["order"][0, slot, : example["order"].shape[1]] = example["order"][0]
         for field in ("labels", "media_kind"):
             row[field][0, slot] = example.get(field, np.array([-1]))[0]
-        token += length
+        used["tokens"] += length
+        for name, count in media_counts(example).items():
+            used[name] += count
     return row

@@ -150,7 +150,7 @@ class PrepareExample:
 @dataclasses.dataclass(frozen=True)
 class PackingConfig:
     row: packing.RowBudget
-    patch_dim: tuple[int, int]  # (patches per crop, values per patch)
+    media: object  # the backbone's media layout (`packing.Molmo2Media` / `packing.Qwen3VLMedia`)
     rows_per_batch: int
     window: int = 64  # examples read and packed together (first-fit decreasing); larger packs tighter, holds more
     # More than this share of a window's records failing with an unexpected error (an exception that is not
@@ -278,7 +278,7 @@ class _PackedBatchIterator(grain.DatasetIterator):
         rows = []
         while len(rows) < self.config.rows_per_batch:
             if self._next_row < len(self._rows):
-                row = packing.pack_row(self._rows[self._next_row], self.config.row, self.config.patch_dim)
+                row = packing.pack_row(self._rows[self._next_row], self.config.row, self.config.media)
                 first = self._next_row == 0
                 row["counts"] = self._counts if first else np.zeros_like(self._counts)
                 row["skips"] = self._skips if first else []
@@ -326,7 +326,7 @@ def most_common(skips: list[Skipped], field: str) -> str:
 
 
 def _empty_row(config: PackingConfig) -> dict:
-    return {**packing.pack_row([], config.row, config.patch_dim), "counts": np.zeros(len(COUNT_KEYS), np.int64),
+    return {**packing.pack_row([], config.row, config.media), "counts": np.zeros(len(COUNT_KEYS), np.int64),
             "skips": []}
 
 

@@ -1,4 +1,5 @@
-"""Qwen3-VL's M-RoPE positions (temporal, height, width) for one example, on the host.
+"""Qwen3-VL's host-side positions of one example: the LM's M-RoPE positions (temporal, height, width)
+and the ViT's per-patch arrays (`vision_layout`).
 
 The same numbers as transformers' `Qwen3VLModel.get_rope_index`, for one unpadded example: a text run
 of length L takes `p, p+1, .., p+L-1` on all three rows, where p is the next free position. A run of
@@ -76,3 +77,50 @@ def rope_index(tokens_t, image_grids_thw=None, video_grids_thw=None, *, spatial_
 
 def _grids(grids_thw) -> np.ndarray:
     return np.asarray(grids_thw if grids_thw is not None else [], np.int64).reshape(-1, 3)
+
+
+# -- the ViT's per-patch arrays ----------------------------------------------------------------------
+
+# Host-side per-patch arrays of the Qwen3-VL ViT, from the media grids of one example.
+#
+# transformers derives them inside the model from `grid_thw` with per-image loops
+# (`vision_utils.get_vision_interpolation_indices_and_weights`, `get_vision_position_ids`,
+# `get_vision_cu_seqlens`); here they are data, so the device program has static shapes. For an
+# image of 4 x 4 patches (grid (1, 4, 4)) followed by a 2-frame video of 2 x 2 patches (grid (2, 2, 2)):
+#
+#     patch_segment_ids  1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 | 2 2 2 2 | 3 3 3 3
+#     patch_positions    (0,0) (0,1) (1,0) (1,1) (0,2) (0,3) (1,2) ... | (0,0) (0,1) (1,0) (1,1) | same
+#                        (merge-block order: each 2 x 2 block of patches is contiguous)
+#     patch_grid         (4,4) for each of the first 16               | (2,2) ...          | (2,2) ...
+#
+# One segment per (media item, temporal patch): the ViT attends within a frame, never across.
+
+
+def _merge_block_order(height: int, width: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of each patch of an h x w grid, in the processor's merge-block order."""
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    blocks = lambda x: x.reshape(height // merge, merge, width // merge, merge).transpose(0, 2, 1, 3).reshape(-1)
+    return blocks(rows), blocks(cols)
+
+
+def vision_layout(grids_thw, merge_size: int = 2) -> dict[str, np.ndarray]:
+    """Per-patch arrays for one example's media, in token order; grids_thw [N, 3] in patches.
+
+    Returns, for P = sum(t * h * w) patches:
+        patch_segment_ids [P] int32    1, 2, ... per (item, temporal patch); add an offset when packing
+        patch_positions   [P, 2] int32 (row, col) in its frame: the 2-D rope and the position-table lookup
+        patch_grid        [P, 2] int32 (h, w) of its frame: the learned position table is resampled to it
+    """
+    # Empty first parts, so an example without media gives empty arrays of the right shapes.
+    segments, positions, grids = [np.zeros(0, np.int32)], [np.zeros((0, 2), np.int32)], [np.zeros((0, 2), np.int32)]
+    for t, h, w in np.asarray(grids_thw, np.int64).reshape(-1, 3).tolist():
+        if h % merge_size or w % merge_size:
+            raise ValueError(f"grid {(t, h, w)}: h and w must be multiples of the merge size {merge_size}")
+        rows, cols = _merge_block_order(h, w, merge_size)
+        for _ in range(t):
+            segments.append(np.full(h * w, len(segments)))
+            positions.append(np.stack([rows, cols], axis=-1))
+            grids.append(np.tile([h, w], (h * w, 1)))
+    return {"patch_segment_ids": np.concatenate(segments).astype(np.int32),
+            "patch_positions": np.concatenate(positions).astype(np.int32),
+            "patch_grid": np.concatenate(grids).astype(np.int32)}

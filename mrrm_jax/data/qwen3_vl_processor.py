@@ -37,7 +37,7 @@ from mrrm_jax.data.preprocess import rgb_array
 from mrrm_jax.data.processor import (CHAT_TEMPLATE_FILE, IMAGE_CONFIG, PROCESSOR_CONFIG, VIDEO_CONFIG,
                                      plain_tokenizer, processor_class, read_chat_template, read_json,
                                      video_metadata_dict)
-from mrrm_jax.data.qwen3_vl_positions import rope_index
+from mrrm_jax.data.qwen3_vl_positions import rope_index, vision_layout
 
 PROCESSOR_CLASS = "Qwen3VLProcessor"
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
@@ -148,8 +148,9 @@ class Qwen3VLProcessor:
 
     def model_batch(self, outputs: dict) -> dict:
         """`media_head` outputs (with the formatted ids) of ONE example -> its one-row model batch: tokens,
-        M-RoPE positions [1, 3, T], segment ids and the patches of its images, then its video (the order
-        of their pads in the text: our formatting puts images before the video)."""
+        M-RoPE positions [1, 3, T], segment ids, and the patches of its images, then its video (the order
+        of their pads in the text: our formatting puts images before the video), with their per-patch
+        arrays (`data/qwen3_vl_positions.vision_layout`)."""
         ids_t = np.asarray(outputs["input_ids"])[0].astype(np.int32)
         image_grids, video_grids = outputs.get("image_grid_thw"), outputs.get("video_grid_thw")
         positions_3t = rope_index(ids_t, image_grids, video_grids, spatial_merge_size=self.options.merge_size,
@@ -157,8 +158,13 @@ class Qwen3VLProcessor:
         batch = {"tokens": ids_t[None], "positions": positions_3t[None], "segment_ids": np.ones((1, len(ids_t)), np.int32)}
         patches = [outputs[k] for k in ("pixel_values", "pixel_values_videos") if k in outputs]
         if patches:
+            grids_thw = np.concatenate([g for g in (image_grids, video_grids) if g is not None])
+            if image_grids is not None and video_grids is not None and \
+                    np.flatnonzero(ids_t == self.image_token_id).max() > np.flatnonzero(ids_t == self.video_token_id).min():
+                raise ValueError("an image after the video: the patches would not follow their pads' order")
             batch["patches"] = np.concatenate(patches)[None].astype(np.float32)
-            batch["grids_thw"] = np.concatenate([g for g in (image_grids, video_grids) if g is not None])[None]
+            layout = vision_layout(grids_thw, self.options.merge_size)
+            batch.update({name: value[None] for name, value in layout.items()})
         return batch
 
     def save_pretrained(self, out_dir) -> pathlib.Path:

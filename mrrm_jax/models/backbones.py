@@ -13,6 +13,7 @@ from typing import Callable
 
 import flax.linen as nn
 
+from mrrm_jax.data import packing
 from mrrm_jax.models import molmo2, qwen3_vl
 from mrrm_jax.models.molmo2 import model as molmo2_model
 
@@ -24,6 +25,7 @@ class Backbone:
     # (module, params, batch, vision_chunk) -> hidden states: the forward pass scoring runs, which may
     # run the vision tower `vision_chunk` crops/frames at a time.
     hidden_states: Callable
+    media: Callable  # config -> the packed rows' media layout (`data.packing.Molmo2Media` / `Qwen3VLMedia`)
 
 
 def _whole(model: nn.Module, params: dict, batch: dict, vision_chunk: int):
@@ -31,8 +33,10 @@ def _whole(model: nn.Module, params: dict, batch: dict, vision_chunk: int):
 
 
 BACKBONES = {
-    "molmo2": Backbone(molmo2.Molmo2Config, molmo2.Molmo2, molmo2_model.hidden_states),
-    "qwen3_vl": Backbone(qwen3_vl.Qwen3VLConfig, qwen3_vl.Qwen3VL, _whole),
+    "molmo2": Backbone(molmo2.Molmo2Config, molmo2.Molmo2, molmo2_model.hidden_states,
+                       lambda c: packing.Molmo2Media((c.vision.num_patches, c.vision.patch_dim))),
+    "qwen3_vl": Backbone(qwen3_vl.Qwen3VLConfig, qwen3_vl.Qwen3VL, _whole,
+                         lambda c: packing.Qwen3VLMedia(c.vision.patch_dim)),
 }
 
 
@@ -46,6 +50,11 @@ def model_type(config_json: dict) -> str:
 
 def module(config) -> nn.Module:
     return BACKBONES[config.model_type].module_class(config)
+
+
+def media(config):
+    """How `config`'s media sit in a packed row (`data/packing.py`)."""
+    return BACKBONES[config.model_type].media(config)
 
 
 def init_batch(config) -> dict:

@@ -21,6 +21,7 @@ import time
 
 from mrrm_jax.batch_shapes import BatchShapes
 from mrrm_jax.data import packing
+from mrrm_jax.models import backbones
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,7 @@ class Batcher:
     def __init__(self, model, budget: packing.RowBudget, max_rows: int, max_wait_s: float, on_batch=None,
                  length_buckets: int = 3):
         self.model, self.budget, self.max_wait_s = model, budget, max_wait_s
-        patch_dim = (model.config.vision.num_patches, model.config.vision.patch_dim)
-        self.shapes = BatchShapes(budget, patch_dim, max_rows, model.mesh.size, length_buckets)
+        self.shapes = BatchShapes(budget, backbones.media(model.config), max_rows, model.mesh.size, length_buckets)
         self.row_buckets = self.shapes.row_buckets
         self.on_batch = on_batch or (lambda groups, rows, fill, seconds: None)
         self._queue: queue.Queue[_Job | None] = queue.Queue()

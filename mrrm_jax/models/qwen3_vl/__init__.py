@@ -1,7 +1,6 @@
 """Flax port of the Qwen3-VL vision-language model (transformers' `Qwen3VLModel`)."""
 
 from mrrm_jax.models.qwen3_vl.config import Qwen3VLConfig, TextConfig, VisionConfig
-from mrrm_jax.models.qwen3_vl.layout import vision_layout
 from mrrm_jax.models.qwen3_vl.model import Qwen3VL
 
-__all__ = ["Qwen3VL", "Qwen3VLConfig", "TextConfig", "VisionConfig", "vision_layout"]
+__all__ = ["Qwen3VL", "Qwen3VLConfig", "TextConfig", "VisionConfig"]

@@ -9,11 +9,10 @@ The batch is a dict of fixed-shape arrays, one row per packed sequence:
     patches           [B, P, C*T*p*p]  (optional) the row's patches: its images and video frames in
                                        token order, each in merge-block order; P a multiple of 4
     patch_segment_ids [B, P] int32     one id per (media item, temporal patch) of the row; 0: padding
-    patch_positions   [B, P, 2] int32  (row, col) of each patch (2-D rope)
-    patch_pos_index   [B, P, 4] int32  bilinear corners into the learned position grid
-    patch_pos_weight  [B, P, 4] float  their weights
+    patch_positions   [B, P, 2] int32  (row, col) of each patch in its frame (2-D rope, learned positions)
+    patch_grid        [B, P, 2] int32  (h, w) of each patch's frame
 
-The patch arrays come from `layout.vision_layout`. The k-th placeholder token of a row takes the
+The patch arrays come from `data/qwen3_vl_positions.vision_layout`. The k-th placeholder token of a row takes the
 row's k-th merged token (4 patches), so the placeholders must be in the patches' order.
 """
 
@@ -48,13 +47,12 @@ class Qwen3VL(nn.Module):
                 "patches": np.zeros((1, patches, config.vision.patch_dim), np.float32),
                 "patch_segment_ids": np.ones((1, patches), np.int32),
                 "patch_positions": np.zeros((1, patches, 2), np.int32),
-                "patch_pos_index": np.zeros((1, patches, 4), np.int32),
-                "patch_pos_weight": np.zeros((1, patches, 4), np.float32)}
+                "patch_grid": np.full((1, patches, 2), 2, np.int32)}
 
     def vision_tokens(self, batch: dict):
         """(merged tokens [B, P / 4, D], deepstack features [K, B, P / 4, D]) of the row's patches."""
         return self.visual(batch["patches"], batch["patch_segment_ids"], batch["patch_positions"],
-                           batch["patch_pos_index"], batch["patch_pos_weight"])
+                           batch["patch_grid"])
 
     def __call__(self, batch: dict):
         """Final-norm hidden states [B, T, D]."""

@@ -1,7 +1,7 @@
 """The Qwen3-VL ViT: patch embedding, resampled learned positions, 2-D rope, pre-LN blocks with
 attention inside each (media item, temporal patch), the 2x2 patch merger and the deepstack mergers.
 
-Every input is per patch (see `layout.vision_layout`), so one compiled program serves any mix of
+Every input is per patch (see `data/qwen3_vl_positions.vision_layout`), so one compiled program serves any mix of
 images and videos in a row: the row's patches are one sequence whose `patch_segment_ids` keep
 images and frames apart, as transformers' `cu_seqlens` does.
 """
@@ -17,6 +17,22 @@ from mrrm_jax.models.attention import segment_attention
 from mrrm_jax.models.layers import Dense
 from mrrm_jax.models.qwen3_vl.config import Qwen3VLConfig
 from mrrm_jax.sharding import constrain_rows
+
+
+def position_corners(positions_bp2, grid_bp2, side: int):
+    """(index [B, P, 4] into the learned side x side table, weight [B, P, 4]): bilinear resampling
+    (align_corners) of the table to each patch's frame grid, as transformers'
+    `get_vision_interpolation_indices_and_weights`: source = i * (side - 1) / (size - 1) in float32, in
+    that order (not torch.linspace's arithmetic, which rounds differently)."""
+    sizes_bp2 = jnp.maximum(grid_bp2 - 1, 1).astype(jnp.float32)
+    source_bp2 = positions_bp2.astype(jnp.float32) * jnp.float32(side - 1) / sizes_bp2
+    floor_bp2 = jnp.floor(source_bp2)
+    offsets = jnp.arange(2, dtype=jnp.float32)
+    taps_bp22 = jnp.clip(floor_bp2.astype(jnp.int32)[..., None] + jnp.arange(2), 0, side - 1)
+    weights_bp22 = jnp.maximum(1 - jnp.abs(source_bp2[..., None] - floor_bp2[..., None] - offsets), 0)
+    index_bp4 = (taps_bp22[:, :, 0, :, None] * side + taps_bp22[:, :, 1, None, :]).reshape(*positions_bp2.shape[:2], 4)
+    weight_bp4 = (weights_bp22[:, :, 0, :, None] * weights_bp22[:, :, 1, None, :]).reshape(*positions_bp2.shape[:2], 4)
+    return index_bp4, weight_bp4
 
 
 def _layer_norm(cfg: Qwen3VLConfig, name: str):
@@ -95,14 +111,14 @@ class VisionTower(nn.Module):
     """A row's patches -> (LM tokens [B, P / 4, out], deepstack features [K, B, P / 4, out]).
 
     patches_bpx [B, P, C*T*p*p]; segment_ids_bp [B, P] (0: padding); positions_bp2 [B, P, 2] (row, col);
-    pos_index_bp4 / pos_weight_bp4 [B, P, 4]: bilinear corners into the learned position grid.
+    grid_bp2 [B, P, 2]: (h, w) of each patch's frame, to which the learned position grid is resampled.
     P must be a multiple of 4 (whole merge blocks).
     """
 
     config: Qwen3VLConfig
 
     @nn.compact
-    def __call__(self, patches_bpx, segment_ids_bp, positions_bp2, pos_index_bp4, pos_weight_bp4):
+    def __call__(self, patches_bpx, segment_ids_bp, positions_bp2, grid_bp2):
         cfg, dt, pdt = self.config.vision, self.config.dtype, self.config.param_dtype
         if patches_bpx.shape[1] % cfg.merge_unit:
             raise ValueError(f"{patches_bpx.shape[1]} patches per row: pad to a multiple of {cfg.merge_unit}")
@@ -110,6 +126,7 @@ class VisionTower(nn.Module):
         h_bpd = Dense(cfg.hidden_size, use_bias=True, dtype=dt, param_dtype=pdt, name="patch_embed")(patches_bpx)
         table_gd = self.param("pos_embed", nn.initializers.normal(0.02), (cfg.num_position_embeddings, cfg.hidden_size),
                               pdt)
+        pos_index_bp4, pos_weight_bp4 = position_corners(positions_bp2, grid_bp2, cfg.grid_side)
         corners_bp4d = table_gd.astype(dt)[pos_index_bp4] * pos_weight_bp4[..., None].astype(dt)
         h_bpd = h_bpd + corners_bp4d.sum(axis=2)
 
