@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
                                           "min_frames": 2})
     c.packing = ml_collections.ConfigDict({"row_tokens": 24576, "row_crops": 64, "row_pooled": 16384,
                                            "row_examples": 16, "max_responses": 8, "pool_slots": 9,
-                                           "window": 64})
+                                           "row_patches": 0, "window": 64})  # row_patches: Qwen3-VL's ViT patches
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 1000

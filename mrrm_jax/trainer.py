@@ -24,7 +24,7 @@ from mrrm_jax.data import pipeline, training_data
 from mrrm_jax.metrics import MetricsWriter, SkipLog
 from mrrm_jax.models import backbones
 from mrrm_jax.run_checkpoints import RunCheckpoints
-from mrrm_jax.run_spec import ConfigError, RunSpec, check_mesh, check_row_crops
+from mrrm_jax.run_spec import ConfigError, RunSpec, check_mesh, check_row_media
 
 log = logging.getLogger(__name__)
 REWARD_MODEL_DIR = "reward_model"
@@ -212,7 +212,7 @@ class _Run:
         self.spec, self.workdir, self.mesh = spec, workdir, mesh
         workdir.mkdir(parents=True, exist_ok=True)
         self.train_file, self.eval_file, self.processor, processor = workdir_files(spec, workdir)
-        check_row_crops(spec, processor.options.max_crops)
+        check_row_media(spec, processor)
         self.local_rows = spec.train.rows_per_step // jax.process_count()
         self.train_iter = iter(self._batches(self.train_file, train=True, rows=self.local_rows))
         self.counts = np.zeros(len(pipeline.COUNT_KEYS), np.int64)

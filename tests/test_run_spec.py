@@ -68,12 +68,13 @@ def test_rows_must_divide_over_processes_and_devices():
 def test_a_row_without_room_for_one_image_or_one_video_is_a_config_error():
     """Checked once the processor is loaded: its max_crops is in its files, not in the config."""
     spec = run_spec.parse(demo.get_config())
-    run_spec.check_row_crops(spec, max_crops=8)
+    processor = lambda max_crops: types.SimpleNamespace(options=types.SimpleNamespace(max_crops=max_crops))
+    run_spec.check_row_media(spec, processor(8))
     with pytest.raises(run_spec.ConfigError, match="packing.row_crops=40 holds neither an image of the processor's "
                                                    "max_crops=40 .* raise row_crops to 41"):
-        run_spec.check_row_crops(spec, max_crops=40)
+        run_spec.check_row_media(spec, processor(40))
     with pytest.raises(run_spec.ConfigError, match="budget.max_frames=64"):
-        run_spec.check_row_crops(run_spec.parse(_config({"budget.max_frames": 64})), max_crops=1)
+        run_spec.check_row_media(run_spec.parse(_config({"budget.max_frames": 64})), processor(1))
 
 
 def test_the_cli_reports_a_config_error_in_one_line(tmp_path):

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 
 from mrrm_jax import reward
-from mrrm_jax.data import formatting, preprocess
+from mrrm_jax.data import formatting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,28 +38,13 @@ class Skip(Exception):
         self.reason = reason
 
 
-def _media_attempts(budget: Budget, images, video, max_crops: int = 0) -> list[dict]:
-    """The media settings tried in turn until the vision tokens fit: the processor's own `max_crops`
-    first (as scoring uses it), then the budget's smaller fallbacks; for a video, halved frame counts."""
-    if video is not None:
-        frames, options = budget.max_frames, []
-        while frames >= budget.min_frames:
-            options.append({"num_frames": frames})
-            frames //= 2
-        return options
-    if not images:
-        return [{}]
-    return [{"max_crops": crops} for crops in (max_crops, *(c for c in budget.crop_fallback if c < max_crops))]
-
-
 def frames_to_keep(budget: Budget, processor) -> Callable[[dict], np.ndarray]:
     """`media.load_video`'s `keep`: from a video's metadata, every frame that any of the budget's video
     attempts can sample, i.e. all a decoder needs to keep."""
-    options = processor.options
-    frame_counts = [attempt["num_frames"] for attempt in _media_attempts(budget, None, video=True)]
+    attempts = processor.media_attempts(budget, None, video=True)
 
     def keep(metadata: dict) -> np.ndarray:
-        return np.unique(np.concatenate([preprocess.sample_frame_indices(metadata, options, n) for n in frame_counts]))
+        return np.unique(np.concatenate([processor.frame_indices(metadata, **attempt) for attempt in attempts]))
 
     return keep
 
@@ -79,20 +64,22 @@ def training_example(record: dict, media: dict, processor, budget: Budget,
     except ValueError as error:
         raise Skip("bad_rankings", str(error)) from error
 
+    if media.get("images") and media.get("video") is not None and not processor.images_with_video:
+        raise Skip("image_and_video", f"{record_id}: this model takes images or one video per example, not both")
     order = rng.permutation(len(responses))
     responses, rankings = [responses[i] for i in order], rankings[order]
-    attempts = _media_attempts(budget, media.get("images"), media.get("video"), processor.options.max_crops)
+    attempts = processor.media_attempts(budget, media.get("images"), media.get("video"))
     media_cache = {}  # the media preprocessed once per attempt, reused while responses are dropped
     for attempt, options in enumerate(attempts):
         formatted = formatting.format_example(processor, record.get("prompt", ""), responses, **media,
                                               media_cache=media_cache, **options)
-        vision_tokens = int(formatted.processor_outputs["mm_token_type_ids"].sum())
+        vision_tokens = int((formatted.processor_outputs["mm_token_type_ids"] > 0).sum())
         if vision_tokens <= budget.max_vision_tokens:
             break
     else:
         raise Skip("vision_too_long", f"{record_id}: {vision_tokens} vision tokens even with {options}")
     if attempt:
-        counts["frames_reduced" if "num_frames" in options else "crops_reduced"] += 1
+        counts["frames_reduced" if media.get("video") is not None else "crops_reduced"] += 1
 
     while len(formatted.input_ids) > budget.max_tokens:
         if len(responses) == 2:

@@ -97,6 +97,24 @@ class Molmo2Processor:
         types_bt[np.asarray(input_ids_bt) == video_id] = 2
         return types_bt
 
+    # transformers' Molmo2 refuses pixel_values and pixel_values_videos together.
+    images_with_video = False
+
+    def media_attempts(self, budget, images, video) -> list[dict]:
+        """The `media_head` settings tried in turn until an example's vision tokens fit `budget`
+        (`examples.Budget`): for images the processor's own `max_crops` (as scoring uses it), then the
+        budget's smaller fallbacks; for a video, the budget's frame counts."""
+        if video is not None:
+            return [{"num_frames": frames} for frames in budget_frame_counts(budget)]
+        if not images:
+            return [{}]
+        max_crops = self.options.max_crops
+        return [{"max_crops": crops} for crops in (max_crops, *(c for c in budget.crop_fallback if c < max_crops))]
+
+    def frame_indices(self, metadata: dict, num_frames: int | None = None) -> np.ndarray:
+        """The source frames `media_head` samples from a video of `metadata` with these settings."""
+        return preprocess.sample_frame_indices(metadata, self.options, num_frames)
+
     def media_head(self, text: str, images, video, video_metadata, max_crops=None, num_frames=None) -> dict:
         """What `Molmo2Processor(text=text, images=..., videos=...)` returns (numpy, batch of 1), computed
         by our preprocessing: media arrays, and the ids of `text` with its `<|image|>` / `<|video|>`
@@ -184,6 +202,16 @@ def vision_options(image: dict, video: dict, flags: dict, source="image settings
                          overlap_margins=tuple(image["overlap_margins"]), max_crops=image["max_crops"],
                          num_frames=video["num_frames"], max_fps=video["max_fps"],
                          mean=tuple(image["image_mean"]), std=tuple(image["image_std"]), **flags)
+
+
+def budget_frame_counts(budget) -> list[int]:
+    """The frame counts a video is tried with until it fits `budget` (`examples.Budget`): its first,
+    halved down to its least."""
+    counts, frames = [], budget.max_frames
+    while frames >= budget.min_frames:
+        counts.append(frames)
+        frames //= 2
+    return counts
 
 
 def processor_class(model_dir) -> str:

@@ -35,8 +35,8 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from mrrm_jax.data import media, qwen3_vl_preprocess
 from mrrm_jax.data.preprocess import rgb_array
 from mrrm_jax.data.processor import (CHAT_TEMPLATE_FILE, IMAGE_CONFIG, PROCESSOR_CONFIG, VIDEO_CONFIG,
-                                     plain_tokenizer, processor_class, read_chat_template, read_json,
-                                     video_metadata_dict)
+                                     budget_frame_counts, plain_tokenizer, processor_class, read_chat_template,
+                                     read_json, video_metadata_dict)
 from mrrm_jax.data.qwen3_vl_positions import rope_index, vision_layout
 
 PROCESSOR_CLASS = "Qwen3VLProcessor"
@@ -118,12 +118,45 @@ class Qwen3VLProcessor:
                                                             video_grids[:, 0])
         return np.repeat(ids_t, repeats_t)
 
-    def media_head(self, text: str, images, video, video_metadata, num_frames: int | None = None) -> dict:
+    images_with_video = True  # one example may hold images and a video
+
+    def media_attempts(self, budget, images, video) -> list[dict]:
+        """The `media_head` settings tried in turn until an example's vision tokens fit `budget`
+        (`examples.Budget`): for images the processor's own pixel budget, then a quarter of the largest
+        image's pixels (half its sides), and again, down to the least the processor allows; for a video,
+        at most the budget's frame counts, sampled at the processor's fps."""
+        if video is not None:  # with images too: those keep their size
+            return [{"max_frames": frames} for frames in budget_frame_counts(budget)]
+        attempts = [{}]
+        if images:
+            pixels = min(max(im.width * im.height for im in images), self.options.image_max_pixels) // 4
+            while pixels >= self.options.image_min_pixels:
+                attempts.append({"image_max_pixels": pixels})
+                pixels //= 4
+        return attempts
+
+    def _options(self, image_max_pixels=None, max_frames=None, num_frames=None):
+        options = self.options
+        if image_max_pixels is not None:
+            options = dataclasses.replace(options, image_max_pixels=image_max_pixels)
+        if max_frames is not None:
+            options = dataclasses.replace(options, max_frames=max_frames)
+        if num_frames is not None:
+            options = dataclasses.replace(options, fps=None, num_frames=num_frames)
+        return options
+
+    def frame_indices(self, metadata: dict, **attempt) -> np.ndarray:
+        """The source frames `media_head` samples from a video of `metadata` with these settings."""
+        options = self._options(**attempt)
+        return qwen3_vl_preprocess.video_frame_indices(metadata["total_num_frames"], metadata.get("fps"), options)
+
+    def media_head(self, text: str, images, video, video_metadata, **attempt) -> dict:
         """What `transformers.Qwen3VLProcessor(text=[text], images=..., videos=...)` returns (numpy, batch
         of 1), from our numpy pixels: `input_ids`, `attention_mask`, `pixel_values` + `image_grid_thw`,
         `pixel_values_videos` + `video_grid_thw`. `video_metadata` needs the fps (and `frames_indices`
-        when `video` holds only those frames); `num_frames` samples that many frames instead of by fps."""
-        options, outputs = self.options, {}
+        when `video` holds only those frames). `attempt`: settings of `media_attempts` (or `num_frames`:
+        that many frames instead of sampling by fps)."""
+        options, outputs = self._options(**attempt), {}
         image_grids, video_grids, timestamps = [], [], []
         if images:
             patches, image_grids = zip(*(qwen3_vl_preprocess.image_patches(rgb_array(im), options) for im in images))
@@ -131,8 +164,6 @@ class Qwen3VLProcessor:
         if video is not None:
             frames = np.asarray(video) if isinstance(video, np.ndarray) else np.stack([rgb_array(f) for f in video])
             metadata = video_metadata_dict(video_metadata, len(frames))
-            if num_frames is not None:
-                options = dataclasses.replace(options, fps=None, num_frames=num_frames)
             picked = qwen3_vl_preprocess.video_frame_indices(metadata["total_num_frames"], metadata["fps"], options)
             patches, grid = qwen3_vl_preprocess.video_patches(media.picked_frames(frames, metadata, picked), options)
             video_grids, timestamps = [grid], [qwen3_vl_preprocess.video_timestamps(picked, metadata["fps"], options)]

@@ -101,8 +101,6 @@ def load_media(record: dict, record_id: str, files, keep_frames=None, pick_files
     if images:
         loaded["images"] = images
     if record.get("video") is not None:
-        if images:  # as transformers' Molmo2, which refuses pixel_values and pixel_values_videos together
-            raise Skip("image_and_video", f"{record_id}: Molmo2 takes images or one video per example, not both")
         source = files.open(record["video"], record_id, "video")
         fps = record.get("fps") or (1 / record["sampling_interval"] if record.get("sampling_interval") else None)
         try:
