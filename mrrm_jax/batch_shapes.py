@@ -35,15 +35,10 @@ class Layout:
     num_rows: int  # rows in the batch: len(rows) rounded up to a row bucket
 
 
-def row_budget(options, row_tokens: int, row_crops: int, row_examples: int, max_responses: int) -> packing.RowBudget:
-    """A packed row's capacity; pooled tokens and pooling slots follow from the processor's `options`."""
-    side = options.crop_size // options.patch_size
-    pools = (options.image_pooling, options.video_pooling)
-    # A crop pools to at most ceil(side / pool_h) x ceil(side / pool_w) tokens.
-    pooled_per_crop = max(-(-side // h) * -(-side // w) for h, w in pools)
-    return packing.RowBudget(row_tokens=row_tokens, row_crops=row_crops, row_pooled=row_crops * pooled_per_crop,
-                             row_examples=row_examples, max_responses=max_responses,
-                             pool_slots=max(h * w for h, w in pools))
+def row_budget(processor, row_tokens: int, row_crops: int, row_examples: int, max_responses: int) -> packing.RowBudget:
+    """A packed row's capacity; its media room follows from the processor (`row_media`)."""
+    return packing.RowBudget(row_tokens=row_tokens, row_examples=row_examples, max_responses=max_responses,
+                             **processor.row_media(row_tokens, row_crops))
 
 
 def _scaled(budget: packing.RowBudget, fraction: float, with_media: bool) -> packing.RowBudget:

@@ -325,19 +325,23 @@ def check_plan(target_plan: Plan, shards: SafetensorsShards, cfg) -> None:
                              f"(from {[k for k, _ in parts]})")
 
 
+def hf_model_config(hf_dir: pathlib.Path):
+    """Our config of a Hugging Face checkpoint directory, of the backbone its config.json names."""
+    path = pathlib.Path(hf_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no config.json; pass a Hugging Face checkpoint directory")
+    hf_config = json.loads(path.read_text())
+    return backbones.BACKBONES[backbones.model_type(hf_config)].config_class.from_hf_dict(hf_config)
+
+
 def convert_dir(hf_dir, out_dir, dtype=None):
     """A Hugging Face Molmo2 or Qwen3-VL directory -> a converted base checkpoint (what
     tools/convert_checkpoint.py runs)."""
     from mrrm_jax import checkpoint
 
     hf_dir = pathlib.Path(hf_dir)
-    path = hf_dir / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no config.json; pass a Hugging Face checkpoint directory")
-    hf_config = json.loads(path.read_text())
-    model_type = backbones.model_type(hf_config)
-    table = CONVERSIONS[model_type]
-    cfg = backbones.BACKBONES[model_type].config_class.from_hf_dict(hf_config)
+    cfg = hf_model_config(hf_dir)
+    table = CONVERSIONS[cfg.model_type]
     shards = SafetensorsShards(hf_dir)
     has_lm_head = any(native_name(k, table.renames) == "lm_head.weight" for k in shards.entries)
     cfg = cfg.replace(with_lm_head=has_lm_head and not table.skipped("lm_head.weight", [], cfg))

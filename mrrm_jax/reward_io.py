@@ -32,7 +32,6 @@ import safetensors.numpy
 from mrrm_jax import checkpoint, convert, reward, torch_files
 from mrrm_jax.data import formatting
 from mrrm_jax.lora import LoraSpec
-from mrrm_jax.models.molmo2.config import Molmo2Config
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 HEAD_SAFETENSORS, HEAD_PT, REWARD_MODEL_CONFIG = "value_head.safetensors", "value_head.pt", "reward_model_config.json"
@@ -79,7 +78,7 @@ class _Part:
     shape: tuple[int, int]  # the kernel's [in, out]
 
 
-def _lora_parts(modules, cfg: Molmo2Config) -> dict[str, list[_Part]]:
+def _lora_parts(modules, cfg) -> dict[str, list[_Part]]:
     """PEFT module name (either layout) -> its parts, ordered by rows: the weight the module adapts,
     mapped by `convert.plan` exactly as the base conversion maps that weight."""
     weights = {module + ".weight": module for module in modules}
@@ -108,11 +107,11 @@ def _lora_parts(modules, cfg: Molmo2Config) -> dict[str, list[_Part]]:
 # -- import ----------------------------------------------------------------------------------------
 
 def import_peft(base_hf_dir, adapter_dir, out_dir) -> pathlib.Path:
-    """A release-layout reward model (Molmo2 base + PEFT adapter dir) -> our reward-model directory
+    """A release-layout reward model (Molmo2 or Qwen3-VL base + PEFT adapter dir) -> our reward-model directory
     (`checkpoint.save_trainable` layout). Everything is read and checked before anything is written."""
     base_hf_dir, adapter_dir, out_dir = (pathlib.Path(p) for p in (base_hf_dir, adapter_dir, out_dir))
     try:
-        cfg = Molmo2Config.from_hf_dir(base_hf_dir)
+        cfg = convert.hf_model_config(base_hf_dir)
     except ValueError as error:  # e.g. another architecture: say which directory
         raise ValueError(f"base checkpoint {base_hf_dir}: {error}") from error
     factors, lora_spec = _read_lora(adapter_dir, cfg)
@@ -140,7 +139,7 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     return {key: shards.read(key).astype(np.float32) for key, entry in shards.entries.items() if entry[0].name == path.name}
 
 
-def _read_lora(adapter_dir: pathlib.Path, cfg: Molmo2Config) -> tuple[dict, LoraSpec]:
+def _read_lora(adapter_dir: pathlib.Path, cfg) -> tuple[dict, LoraSpec]:
     """Stacked factors {kernel path: {"a" [L, in, r], "b" [L, r, out]}} and the LoraSpec."""
     peft_config = _read_json(adapter_dir / ADAPTER_CONFIG)
     changed = {k: peft_config[k] for k, plain in _PLAIN_LORA.items() if (peft_config.get(k) or plain) != plain}
@@ -250,13 +249,17 @@ def _processor_source(adapter_dir: pathlib.Path, base_hf_dir: pathlib.Path) -> p
 
 def export_peft(reward_dir, out_dir, layout: str = "native") -> pathlib.Path:
     """Our reward-model directory -> the release's layout (see the module docstring), with the module
-    names of `layout`: "native" (transformers) or "original" (fused att_proj / ff_proj, as released)."""
+    names of `layout`: "native" (transformers; Molmo2 and Qwen3-VL name the LM's projections alike) or
+    "original" (Molmo2's fused att_proj / ff_proj, as released)."""
     if layout not in EXPORT_MODULES:
         raise ValueError(f"layout={layout!r}; expected one of {sorted(EXPORT_MODULES)}")
     reward_dir, out_dir = pathlib.Path(reward_dir), pathlib.Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty; choose a new --out directory")
     cfg = checkpoint.load_config(reward_dir / checkpoint.BASE_DIR)
+    if layout == "original" and cfg.model_type != "molmo2":
+        raise ValueError(f"layout='original' is the Molmo2 release's module names; a {cfg.model_type} model "
+                         "exports with layout='native'")
     trainable, head_config, lora_spec = checkpoint.load_trainable(reward_dir)
     if not trainable["lora"]:
         raise ValueError(f"{reward_dir} has no LoRA factors: a PEFT adapter needs some")
@@ -292,7 +295,7 @@ def export_peft(reward_dir, out_dir, layout: str = "native") -> pathlib.Path:
     return out_dir
 
 
-def _export_lora(factors: dict, cfg: Molmo2Config, layout: str) -> tuple[dict[str, np.ndarray], list[str]]:
+def _export_lora(factors: dict, cfg, layout: str) -> tuple[dict[str, np.ndarray], list[str]]:
     """PEFT tensors {key: array} and the module templates written. A fused module needs one A for all
     its parts (its B is the parts' B stacked by rows); anything else is an error that says why."""
     factors = {kernel: {k: np.asarray(v) for k, v in ab.items()} for kernel, ab in factors.items()}

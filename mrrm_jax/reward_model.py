@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import functools
 import json
 import os
 import pathlib
@@ -25,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mrrm_jax import batch_shapes, checkpoint, lora, reward
-from mrrm_jax.data import formatting, preprocess, records
+from mrrm_jax.data import formatting, records
 from mrrm_jax.models import backbones
 
 
@@ -48,7 +47,7 @@ class RewardModel:
         replicated = NamedSharding(self.mesh, P())
         self.params, self.head_params = jax.device_put((params, head_params), replicated)
         self.processor, self.programs, self.vision_crops = processor, set(), vision_crops
-        budget = batch_shapes.row_budget(processor.options, row_tokens, row_crops, row_examples=16, max_responses=16)
+        budget = batch_shapes.row_budget(processor, row_tokens, row_crops, row_examples=16, max_responses=16)
         self.shapes = batch_shapes.BatchShapes(budget, backbones.media(self.config), rows, self.mesh.size)
         self._rows = NamedSharding(self.mesh, P("data"))
         self._scores = jax.jit(self._forward)
@@ -141,7 +140,7 @@ def score_file(model: RewardModel, input_path: pathlib.Path, output_path: pathli
     formatted by `workers` threads ahead of the model."""
     lines = input_path.read_text().splitlines()
     media_files = records.MediaDir(input_path.parent)
-    keep_frames = functools.partial(preprocess.sample_frame_indices, options=model.processor.options)
+    keep_frames = model.processor.frame_indices
 
     def prepare(index: int) -> tuple[dict, list[dict] | str]:
         """(output line so far, the record's examples or its error)."""

@@ -72,7 +72,7 @@ def main(argv) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     metrics = ServerMetrics()
-    budget = batch_shapes.row_budget(model.processor.options, _ROW_TOKENS.value, _ROW_CROPS.value, _ROW_GROUPS.value,
+    budget = batch_shapes.row_budget(model.processor, _ROW_TOKENS.value, _ROW_CROPS.value, _ROW_GROUPS.value,
                                      _MAX_RESPONSES.value)
     batcher = Batcher(model, budget, _MAX_BATCH_TOKENS.value // _ROW_TOKENS.value, _MAX_WAIT_MS.value / 1000,
                       metrics.on_batch, _LENGTH_BUCKETS.value)

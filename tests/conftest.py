@@ -32,6 +32,14 @@ def tiny_models(tmp_path_factory) -> oracle.TinyModels:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory):
+    """One tiny Qwen3-VL (the real config shrunk, deepstack on 2 ViT blocks), saved and converted by our tool."""
+    from tests import qwen3_vl_oracle
+
+    return qwen3_vl_oracle.make_tiny_qwen(pathlib.Path(tmp_path_factory.mktemp("qwen")))
+
+
+@pytest.fixture(scope="session")
 def processor_dir(tmp_path_factory) -> pathlib.Path:
     from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
 

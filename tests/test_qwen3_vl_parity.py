@@ -28,10 +28,9 @@ GRIDS = [(1, 4, 6), (2, 6, 4), (1, 16, 14)]  # an image, a 2-frame video, an ima
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    tiny = qo.make_tiny_qwen(tmp_path_factory.mktemp("qwen"))
-    cfg, params = checkpoint.load_base(tiny.converted)
-    return tiny, cfg, params
+def tiny(tiny_qwen):
+    cfg, params = checkpoint.load_base(tiny_qwen.converted)
+    return tiny_qwen, cfg, params
 
 
 def _close(name, ours, theirs):

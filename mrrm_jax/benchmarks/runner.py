@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from mrrm_jax.benchmarks import formats, metrics, report
-from mrrm_jax.data import preprocess, records
+from mrrm_jax.data import records
 from mrrm_jax.data.examples import Skip
 from mrrm_jax.reward_model import prefetch
 
@@ -168,8 +168,7 @@ def run(model, spec: formats.Benchmark, items: list, out_dir: pathlib.Path, sett
     done_indices = {line["index"] for line in done}
     todo = [item for item in items if item.index not in done_indices]
 
-    keep = functools.partial(preprocess.sample_frame_indices,
-                             options=model.processor.options)
+    keep = model.processor.frame_indices
     prepared = functools.partial(prepare, model=model, order=order, seed=seed, mode=mode, keep_frames=keep)
     start, progress = time.time(), report.Progress(len(items), len(done))
     examples_of = lambda result: [] if isinstance(result, formats.RecordError) else result[2]

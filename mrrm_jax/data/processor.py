@@ -111,6 +111,17 @@ class Molmo2Processor:
         max_crops = self.options.max_crops
         return [{"max_crops": crops} for crops in (max_crops, *(c for c in budget.crop_fallback if c < max_crops))]
 
+    def row_media(self, row_tokens: int, row_crops: int) -> dict:
+        """A scoring row's media room (`packing.RowBudget` fields): `row_crops` crops, and the pooled
+        tokens and pooling slots they can need (a crop pools to at most ceil(side / pool_h) x
+        ceil(side / pool_w) tokens)."""
+        options = self.options
+        side = options.crop_size // options.patch_size
+        pools = (options.image_pooling, options.video_pooling)
+        pooled_per_crop = max(-(-side // h) * -(-side // w) for h, w in pools)
+        return {"row_crops": row_crops, "row_pooled": row_crops * pooled_per_crop,
+                "pool_slots": max(h * w for h, w in pools)}
+
     def frame_indices(self, metadata: dict, num_frames: int | None = None) -> np.ndarray:
         """The source frames `media_head` samples from a video of `metadata` with these settings."""
         return preprocess.sample_frame_indices(metadata, self.options, num_frames)

@@ -135,6 +135,12 @@ class Qwen3VLProcessor:
                 pixels //= 4
         return attempts
 
+    def row_media(self, row_tokens: int, row_crops: int) -> dict:
+        """A scoring row's media room (`packing.RowBudget` fields): as many ViT patches as the row has
+        tokens, i.e. up to a quarter of its tokens may be vision tokens (4 patches each). `row_crops` is
+        Molmo2's and not used."""
+        return {"row_crops": 0, "row_pooled": 0, "row_patches": row_tokens}
+
     def _options(self, image_max_pixels=None, max_frames=None, num_frames=None):
         options = self.options
         if image_max_pixels is not None:

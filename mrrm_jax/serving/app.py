@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import functools
 import time
 from typing import Any
 
@@ -20,7 +19,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from mrrm_jax.data import preprocess
 from mrrm_jax.serving import groups as groups_lib
 from mrrm_jax.serving import media_refs
 from mrrm_jax.serving.batcher import Batcher, TooLarge
@@ -127,8 +125,7 @@ def create_app(model, batcher: Batcher, settings: ServeSettings, metrics: Server
     app = FastAPI(title="mrrm_jax reward server")
     app.state.ready = False
     prep_pool = concurrent.futures.ThreadPoolExecutor(settings.workers, thread_name_prefix="prepare")
-    keep_frames = functools.partial(preprocess.sample_frame_indices,
-                                    options=model.processor.options)
+    keep_frames = model.processor.frame_indices
     special = groups_lib.special_token_pattern(model.processor.tokenizer)
     metrics.queue_depth.set_function(batcher.queue_depth)
     metrics.programs.set_function(lambda: len(model.programs))
