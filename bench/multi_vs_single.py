@@ -57,9 +57,10 @@ from PIL import Image
 from bench.measure import busy_cpu_seconds
 from mrrm_jax import checkpoint, convert, lora, reward
 from mrrm_jax.data import collate, formatting
-from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
-from mrrm_jax.hf_interop import batch_from_processor
+from mrrm_jax.data.tokenizer import write_molmo2_processor_dir, write_qwen3_vl_processor_dir
+from mrrm_jax.models import backbones
 from mrrm_jax.models.molmo2 import Molmo2, Molmo2Config
+from mrrm_jax.models.qwen3_vl import Qwen3VLConfig
 
 # Paper, "Efficiency claim": N single passes / one multi pass, forward FLOPs at Molmo2-4B dims,
 # row "640x480 image, prompt 40" (responses ~100 tokens).
@@ -122,10 +123,10 @@ def make_inputs(tokenizer, prompt_tokens: int, response_tokens: int, num: int, s
     return image, prompt, responses
 
 
-def example(processor, cfg: Molmo2Config, prompt, responses, image) -> dict:
+def example(processor, prompt, responses, image) -> dict:
     """What `RewardModel.example` builds: a one-row batch with read positions."""
     formatted = formatting.format_example(processor, prompt, responses, [image])
-    batch = batch_from_processor(formatted.processor_outputs, cfg.image_patch_id)
+    batch = processor.model_batch(formatted.processor_outputs)
     batch["read_positions"] = formatted.read_positions[None].astype(np.int32)
     if getattr(formatted, "response_starts", None) is not None:
         batch["response_starts"] = formatted.response_starts[None].astype(np.int32)
@@ -141,20 +142,24 @@ def _signature(batch: dict) -> tuple:
 
 
 def _describe(batch: dict) -> str:
-    crops = batch["crops"].shape[1] if "crops" in batch else 0
-    return f"{batch['tokens'].shape[0]}x{batch['tokens'].shape[1]} tokens, {crops} crops"
+    media = "patches" if "patches" in batch else "crops"
+    return f"{batch['tokens'].shape[0]}x{batch['tokens'].shape[1]} tokens, {batch[media].shape[1]} {media}"
 
 
-# -- 1. FLOPs at Molmo2-4B dims ----------------------------------------------------------------
+# -- 1. FLOPs at 4B dims ------------------------------------------------------------------------
+
+# --backbone -> (the 4B config, its processor directory at the checkpoint's default settings)
+BACKBONES = {"molmo2": (lambda: Molmo2Config.molmo2_4b(with_lm_head=False), write_molmo2_processor_dir),
+             "qwen3_vl": (lambda: Qwen3VLConfig.qwen3_vl_4b(with_lm_head=False), write_qwen3_vl_processor_dir)}
+
 
 class FlopCounter:
-    """Compiled (and lowered) XLA flop counts of the reward forward at Molmo2-4B dims, per batch shape."""
+    """Compiled (and lowered) XLA flop counts of the reward forward at 4B dims, per batch shape."""
 
-    def __init__(self):
-        base = Molmo2Config.molmo2_4b(with_lm_head=False)
+    def __init__(self, base):
         unroll = max(base.vision.num_layers, base.text.num_layers)
         self.cfg = base.replace(scan_unroll=unroll)
-        self.model, self.head = Molmo2(self.cfg), reward.ValueHead(reward.HeadConfig())
+        self.model, self.head = backbones.module(self.cfg), reward.ValueHead(reward.HeadConfig())
         self.params = None
         self.head_params = jax.eval_shape(
             lambda: self.head.init(jax.random.key(0), jnp.zeros((1, self.cfg.text.hidden_size)))["params"])
@@ -165,7 +170,7 @@ class FlopCounter:
         if self.params is None:  # abstract: shapes only, no 4B weights in memory
             self.params = jax.eval_shape(lambda b: self.model.init(jax.random.key(0), b)["params"], _abstract(batch))
             count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
-            print(f"Molmo2-4B without LM head: {count / 1e9:.3f}B parameters (abstract), "
+            print(f"{self.cfg.model_type} 4B without LM head: {count / 1e9:.3f}B parameters (abstract), "
                   f"scan_unroll={self.cfg.scan_unroll}")
         return self.params
 
@@ -194,20 +199,17 @@ class FlopCounter:
         return self.compiled[key]
 
 
-def run_flops(processor, sizes, prompt_tokens, response_tokens):
-    print("\n== 1. Forward FLOPs at Molmo2-4B dims (XLA cost_analysis of the compiled reward forward) ==")
-    counter = FlopCounter()
-    cfg = counter.cfg
+def run_flops(processor, config, sizes, prompt_tokens, response_tokens):
+    print(f"\n== 1. Forward FLOPs at {config.model_type} 4B dims (XLA cost_analysis of the compiled reward forward) ==")
+    counter = FlopCounter(config)
     image, prompt, responses = make_inputs(processor.tokenizer, prompt_tokens, response_tokens, max(sizes))
     rows, as_run = [], []
     for n in sizes:
-        multi = example(processor, cfg, prompt, responses[:n], image)
-        singles = [example(processor, cfg, prompt, [r], image) for r in responses[:n]]
+        multi = example(processor, prompt, responses[:n], image)
+        singles = [example(processor, prompt, [r], image) for r in responses[:n]]
         if n == sizes[0]:
-            vision = int(np.isin(multi["tokens"], cfg.vision_token_ids).sum())
-            print(f"one {n}-response sequence: {multi['tokens'].shape[1]} tokens = {vision} image-block "
-                  f"({int((multi['tokens'] == cfg.image_patch_id).sum())} <im_patch>) + "
-                  f"{multi['tokens'].shape[1] - vision} others; {multi['crops'].shape[1]} crops")
+            vision = int((processor.create_mm_token_type_ids(multi["tokens"]) > 0).sum())
+            print(f"one {n}-response sequence: {_describe(multi)}, of which {vision} vision tokens")
             lengths = [len(processor.tokenizer(r, add_special_tokens=False)['input_ids']) for r in responses]
             print(f"prompt {len(processor.tokenizer(prompt, add_special_tokens=False)['input_ids'])} tokens; "
                   f"responses {min(lengths)}..{max(lengths)} tokens each (standalone)")
@@ -215,10 +217,10 @@ def run_flops(processor, sizes, prompt_tokens, response_tokens):
         flops_single = sum(counter.compiled_flops(s) for s in singles)
         tokens_single = sum(s["tokens"].shape[1] for s in singles)
         rows.append((n, multi["tokens"].shape[1], tokens_single, flops_multi, flops_single))
-        # What the library runs: score() = collate([multi]); score_single() = collate(singles).
-        padded_multi, padded_single = collate.collate([multi]), collate.collate(singles)
-        as_run.append((n, padded_multi, padded_single, counter.lowered_flops(padded_multi),
-                       counter.lowered_flops(padded_single)))
+        if config.model_type == "molmo2":  # what the library runs: collate([multi]) and collate(singles)
+            padded_multi, padded_single = collate.collate([multi]), collate.collate(singles)
+            as_run.append((n, padded_multi, padded_single, counter.lowered_flops(padded_multi),
+                           counter.lowered_flops(padded_single)))
 
     print(f"\nexact shapes (no padding); single = sum over the N one-response sequences; "
           f"{len(counter.compiled)} compiles, {sum(counter.compile_seconds):.0f} s\n")
@@ -226,12 +228,14 @@ def run_flops(processor, sizes, prompt_tokens, response_tokens):
           f"{'single/multi':>14}{'paper':>8}{'ours/paper':>12}")
     for n, tokens_multi, tokens_single, flops_multi, flops_single in rows:
         ratio = flops_single / flops_multi
-        paper = PAPER_RATIOS.get(n)
+        paper = PAPER_RATIOS.get(n) if config.model_type == "molmo2" else None
         print(f"{n:>3}{tokens_multi:>14}{tokens_single:>15}{flops_multi / 1e9:>15,.1f}{flops_single / 1e9:>15,.1f}"
               f"{ratio:>13.2f}x" + (f"{paper:>7.2f}x{ratio / paper:>12.3f}" if paper else f"{'-':>8}{'-':>12}"))
     agreement = max(abs(counter.lowered[k] - v) / v for k, v in counter.compiled.items())
     print(f"(lowered-HLO vs compiled count, max relative difference over these shapes: {agreement:.1e})")
 
+    if not as_run:
+        return
     print("\nas the library runs them (collate padding: tokens to x128, crops and pooled tokens to 2^k; "
           "single = ONE batch of N rows); lowered-HLO counts\n")
     print(f"{'N':>3}{'multi shape':>28}{'single shape':>30}{'GFLOPs multi':>15}{'GFLOPs single':>15}"
@@ -371,6 +375,8 @@ def run_wallclock(processor_dir, sizes, repeats, prompt_tokens, response_tokens,
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="molmo2", choices=sorted(BACKBONES),
+                        help="FLOPs at this 4B model's dims (the wall clock is Molmo2's small model)")
     parser.add_argument("--sizes", default="1,2,4,8,16", help="numbers of responses N, comma-separated")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip_flops", action="store_true")
@@ -387,13 +393,15 @@ def main():
     start = time.perf_counter()
     print(f"jax {jax.__version__}, {os.cpu_count()} cores; N = {sizes}")
     with tempfile.TemporaryDirectory() as tmp:
-        processor_dir = write_molmo2_processor_dir(pathlib.Path(tmp) / "processor")  # default Molmo2 settings
+        config, write_processor = BACKBONES[args.backbone]
+        # The checkpoint's default processor settings.
+        processor_dir = write_processor(pathlib.Path(tmp) / args.backbone)
         processor = formatting.load_processor(processor_dir)
-        print(f"processor: {processor.image_processor.size['height']} px crops, max_crops "
-              f"{processor.image_processor.max_crops}, pooling {processor.image_processor.pooling_size}")
+        print(f"processor: {processor.image_config}")
         if not args.skip_flops:
-            run_flops(processor, sizes, args.prompt_tokens, args.response_tokens)
-        if not args.skip_wallclock:
+            run_flops(processor, config(), sizes, args.prompt_tokens, args.response_tokens)
+        if not args.skip_wallclock and args.backbone == "molmo2":
+            processor_dir = write_molmo2_processor_dir(pathlib.Path(tmp) / "processor")
             run_wallclock(processor_dir, sizes, args.repeats, args.prompt_tokens, args.response_tokens,
                           args.lm_layers, args.hidden, args.forward_only)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")

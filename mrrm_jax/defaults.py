@@ -94,3 +94,22 @@ def molmo2_4b(mesh: dict, grad_accum: int, remat: str = "full", rows_per_step: i
     c.eval.every_steps = 1000
     c.eval.controls = ()
     return c
+
+
+def qwen3vl_4b(mesh: dict, grad_accum: int, remat: str = "full", rows_per_step: int = 8,
+               max_vision_tokens: int = 8192, max_frames: int = 64) -> ml_collections.ConfigDict:
+    """The paper's recipe on Qwen3-VL-4B for a TPU slice (configs/qwen3vl_4b_*.py set the mesh): as
+    `molmo2_4b` (LoRA r 64 on the LM's seven projections, AdamW 1e-4, bf16, rows of 24,576 tokens, 3
+    epochs), with Qwen3-VL's media room: `max_vision_tokens` merged vision tokens per example and 4 ViT
+    patches each per row (`packing.row_patches`); the processor is the checkpoint's own (its pixel
+    budgets and 2 fps video sampling), which a record over the budget falls back from
+    (`Qwen3VLProcessor.media_attempts`)."""
+    c = molmo2_4b(mesh, grad_accum, remat, rows_per_step, max_frames=max_frames)
+    c.model.type = "qwen3_vl"
+    c.model.preset = "qwen3_vl_4b"
+    c.processor.kwargs = ml_collections.ConfigDict({})  # unused: the processor comes with the base checkpoint
+    c.budget.max_vision_tokens = max_vision_tokens
+    c.packing = ml_collections.ConfigDict({"row_tokens": 24576, "row_crops": 0, "row_pooled": 0,
+                                           "row_patches": 4 * max_vision_tokens, "row_examples": 16,
+                                           "max_responses": 8, "pool_slots": 9, "window": 128})
+    return c

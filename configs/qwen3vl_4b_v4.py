@@ -1,0 +1,15 @@
+"""Qwen3-VL-4B reward model on a TPU v4-8 slice (4 chips, each one megacore device), the paper's recipe.
+
+    python -m mrrm_jax.train --config=configs/qwen3vl_4b_v4.py \
+        --config.model.base_dir=CONVERTED_DIR --config.processor.dir=HF_CHECKPOINT_DIR \
+        --config.data.train=TRAIN.jsonl --workdir=RUN_DIR
+    python tools/aot_compile.py --config=configs/qwen3vl_4b_v4.py --topology=v4:2x2x1   # fits? (from a CPU host)
+
+Multi-host slices add --config.distributed=True.
+"""
+
+from mrrm_jax import defaults
+
+
+def get_config():
+    return defaults.qwen3vl_4b(mesh=dict(data=1, fsdp=-1, tensor=1), grad_accum=2)
