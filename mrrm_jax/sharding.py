@@ -32,8 +32,8 @@ CPU_THREADS_PER_DEVICE = 4
 _MATRIX_AXES = (
     (r".*embed_tokens/embedding", ("vocab", "embed")),
     (r".*lm_head/kernel", ("embed", "vocab")),
-    (r".*(o_proj|down_proj|fc2)/kernel", ("mlp", "embed")),  # back into the residual stream
-    (r"(language_model|vision_tower|multi_modal_projector)/.*kernel", ("embed", "mlp")),
+    (r".*(o_proj|down_proj|fc2|attn/proj)/kernel", ("mlp", "embed")),  # back into the residual stream
+    (r"(language_model|vision_tower|multi_modal_projector|visual)/.*kernel", ("embed", "mlp")),
 )
 
 
@@ -104,7 +104,7 @@ def tree_shardings(tree, mesh: Mesh):
     """
     def spec(key_path, leaf):
         path = tree_paths.name(key_path).replace("|", "/")
-        path = re.sub(r"^.*?(?=(language_model|vision_tower|multi_modal_projector|lm_head)/)", "", path)
+        path = re.sub(r"^.*?(?=(language_model|vision_tower|multi_modal_projector|visual|lm_head)/)", "", path)
         return NamedSharding(mesh, param_spec(path, leaf.shape, mesh))
     return jax.tree_util.tree_map_with_path(spec, tree)
 

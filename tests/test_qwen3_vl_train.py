@@ -10,17 +10,11 @@ import pytest
 
 from configs import demo_qwen3vl
 from mrrm_jax import reward_model, run_spec, trainer
+from tests.test_train import override
 
 
 def _config(**overrides):
-    cfg = demo_qwen3vl.get_config()
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return override(demo_qwen3vl.get_config(), **overrides)
 
 
 def test_the_qwen3_vl_demo_trains_exports_and_scores(tmp_path):

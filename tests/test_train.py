@@ -24,6 +24,11 @@ def small_config(**overrides):
     cfg.train.num_steps, cfg.train.warmup_steps, cfg.log_every = 8, 2, 1
     cfg.checkpoint.every_steps, cfg.eval.every_steps = 4, 1000  # step 8: a periodic and the final save meet
     cfg.packing.window = 16
+    return override(cfg, **overrides)
+
+
+def override(cfg, **overrides):
+    """`cfg` with dotted keys set, as `--config.a.b=v` would."""
     for key, value in overrides.items():
         node = cfg
         *parents, leaf = key.split(".")

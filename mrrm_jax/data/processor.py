@@ -158,13 +158,9 @@ class Molmo2Processor:
 
     def save_pretrained(self, out_dir) -> pathlib.Path:
         """A directory that `load` and transformers' `AutoProcessor` both read."""
-        out_dir = pathlib.Path(out_dir)
-        self.tokenizer.save_pretrained(out_dir)
         settings = {**self.flags, "processor_class": "Molmo2Processor",
                     "image_processor": self.image_config, "video_processor": self.video_config}
-        (out_dir / PROCESSOR_CONFIG).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-        (out_dir / CHAT_TEMPLATE_FILE).write_text(self.chat_template)
-        return out_dir
+        return write_processor_dir(out_dir, self.tokenizer, settings, self.chat_template)
 
 
 def load(model_dir, tokenizer: TokenizersBackend | None = None) -> Molmo2Processor:
@@ -223,6 +219,16 @@ def budget_frame_counts(budget) -> list[int]:
         counts.append(frames)
         frames //= 2
     return counts
+
+
+def write_processor_dir(out_dir, tokenizer: TokenizersBackend, settings: dict, chat_template: str) -> pathlib.Path:
+    """A processor directory as transformers 5's `save_pretrained` writes it: the tokenizer files, one
+    processor_config.json (the sub-processors' settings nested) and chat_template.jinja."""
+    out_dir = pathlib.Path(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / PROCESSOR_CONFIG).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    (out_dir / CHAT_TEMPLATE_FILE).write_text(chat_template)
+    return out_dir
 
 
 def processor_class(model_dir) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
 import re
 
@@ -36,7 +35,7 @@ from mrrm_jax.data import media, qwen3_vl_preprocess
 from mrrm_jax.data.preprocess import rgb_array
 from mrrm_jax.data.processor import (CHAT_TEMPLATE_FILE, IMAGE_CONFIG, PROCESSOR_CONFIG, VIDEO_CONFIG,
                                      budget_frame_counts, plain_tokenizer, processor_class, read_chat_template,
-                                     read_json, video_metadata_dict)
+                                     read_json, video_metadata_dict, write_processor_dir)
 from mrrm_jax.data.qwen3_vl_positions import rope_index, vision_layout
 
 PROCESSOR_CLASS = "Qwen3VLProcessor"
@@ -206,13 +205,9 @@ class Qwen3VLProcessor:
 
     def save_pretrained(self, out_dir) -> pathlib.Path:
         """A directory that `load` and transformers' `AutoProcessor` both read (transformers 5's layout)."""
-        out_dir = pathlib.Path(out_dir)
-        self.tokenizer.save_pretrained(out_dir)
         settings = {"processor_class": PROCESSOR_CLASS, "image_processor": self.image_config,
                     "video_processor": self.video_config}
-        (out_dir / PROCESSOR_CONFIG).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-        (out_dir / CHAT_TEMPLATE_FILE).write_text(self.chat_template)
-        return out_dir
+        return write_processor_dir(out_dir, self.tokenizer, settings, self.chat_template)
 
 
 def load(model_dir, tokenizer: TokenizersBackend | None = None) -> Qwen3VLProcessor:
