@@ -342,7 +342,7 @@ def test_bad_adapter_is_a_clear_error(case, releases, tmp_path):
 def test_other_architecture_is_a_clear_error(releases, tmp_path):
     (tmp_path / "qwen").mkdir()
     (tmp_path / "qwen" / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
-    with pytest.raises(ValueError, match=r"qwen.*model_type='qwen2'.*Molmo2 only"):
+    with pytest.raises(ValueError, match=r"qwen: config.json has model_type='qwen2'; supported: \['molmo2', 'qwen3_vl'\]"):
         reward_io.import_peft(tmp_path / "qwen", releases["native"].adapter_dir, tmp_path / "out")
 
 
