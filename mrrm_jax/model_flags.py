@@ -6,6 +6,8 @@ import pathlib
 
 from absl import flags
 
+from mrrm_jax import host_malloc
+
 _ROWS = flags.DEFINE_integer("batch_size", 4, "Packed rows per forward pass (over all local devices).")
 _ROW_TOKENS = flags.DEFINE_integer("row_tokens", 4096, "Tokens of one packed row; a longer record gets a row of "
                                    "its own.")
@@ -20,6 +22,7 @@ _CACHE = flags.DEFINE_string("compilation_cache", "~/.cache/mrrm_jax/xla", "Wher
 
 def load_reward_model(checkpoint: str):
     """The `RewardModel` in `checkpoint`, shaped by these flags."""
+    host_malloc.keep_freed_memory()  # before jax starts its threads
     import jax
 
     from mrrm_jax.reward_model import RewardModel  # after flag parsing: jax starts with the model

@@ -17,7 +17,7 @@ import threading
 from absl import app, flags
 from absl import logging as absl_logging
 
-from mrrm_jax import batch_shapes
+from mrrm_jax import batch_shapes, host_malloc
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Reward-model directory (trained here or imported).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind; loopback unless told otherwise.")
@@ -47,6 +47,7 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute and 
 
 
 def main(argv) -> None:
+    host_malloc.keep_freed_memory()  # before jax starts its threads
     import uvicorn
 
     from mrrm_jax.reward_model import RewardModel
