@@ -34,9 +34,9 @@ class RewardModel:
     Examples are scored as segments of packed rows, in batches of `rows` rows of `row_tokens` tokens and
     `row_crops` ViT crops (or a fraction of that: `batch_shapes`). Scoring is data-parallel over every
     local device: the parameters are replicated and a batch's rows are split over a 1-D ('data',) mesh.
-    The ViT runs `vision_crops` crops at a time (its memory is bounded by one pass), and a pass whose
-    crop slots no row fills is skipped (packed rows leave their last slots empty). `programs` holds the
-    batch shapes met so far: one compiled program each.
+    The ViT runs only the crops that pooled tokens read, `vision_crops` at a time (its memory is bounded
+    by one pass; each device runs its own rows' crops). `programs` holds the batch shapes met so far:
+    one compiled program each.
     """
 
     def __init__(self, config, params, head_config, head_params, processor, devices=None, rows: int = 4,
@@ -69,7 +69,7 @@ class RewardModel:
         return cls(config, params, head_config, trainable["head"], processor, **shape)
 
     def _forward(self, params, head_params, batch: dict):
-        hidden_btd = backbones.hidden_states(self.backbone, params, batch, self.vision_crops)
+        hidden_btd = backbones.hidden_states(self.backbone, params, batch, self.vision_crops, self.mesh.size)
         return reward.scores(self.head, head_params, hidden_btd, batch)
 
     def example(self, prompt, responses, images=None, video=None, video_metadata=None, media_cache=None) -> dict:

@@ -22,13 +22,14 @@ from mrrm_jax.models.molmo2 import model as molmo2_model
 class Backbone:
     config_class: type
     module_class: Callable[..., nn.Module]
-    # (module, params, batch, vision_chunk) -> hidden states: the forward pass scoring runs, which may
-    # run the vision tower `vision_chunk` crops/frames at a time.
+    # (module, params, batch, vision_chunk, groups) -> hidden states: the forward pass scoring runs, which
+    # may run the vision tower `vision_chunk` crops/frames at a time, over `groups` groups of rows (one
+    # per device).
     hidden_states: Callable
     media: Callable  # config -> the packed rows' media layout (`data.packing.Molmo2Media` / `Qwen3VLMedia`)
 
 
-def _whole(model: nn.Module, params: dict, batch: dict, vision_chunk: int):
+def _whole(model: nn.Module, params: dict, batch: dict, vision_chunk: int, groups: int):
     return model.apply({"params": params}, batch)
 
 
@@ -62,6 +63,6 @@ def init_batch(config) -> dict:
     return BACKBONES[config.model_type].module_class.init_batch(config)
 
 
-def hidden_states(model: nn.Module, params: dict, batch: dict, vision_chunk: int):
+def hidden_states(model: nn.Module, params: dict, batch: dict, vision_chunk: int, groups: int = 1):
     """Final-norm hidden states of `batch` as scoring computes them (see `Backbone.hidden_states`)."""
-    return BACKBONES[model.config.model_type].hidden_states(model, params, batch, vision_chunk)
+    return BACKBONES[model.config.model_type].hidden_states(model, params, batch, vision_chunk, groups)

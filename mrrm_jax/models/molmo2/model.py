@@ -84,31 +84,43 @@ class Molmo2(nn.Module):
         return self.lm_head(hidden_btd)
 
 
-def hidden_states(model: Molmo2, params: dict, batch: dict, vision_crops: int) -> jax.Array:
-    """`model.apply(params, batch)`, with the ViT run `vision_crops` crops a pass (its memory is bounded
-    by one pass), and a pass whose crop slots no row reads skipped (packed rows leave their last slots
-    empty): what scoring runs."""
+def hidden_states(model: Molmo2, params: dict, batch: dict, vision_crops: int, groups: int = 1) -> jax.Array:
+    """`model.apply(params, batch)` as scoring runs it: the ViT runs only the crops that pooled tokens
+    read, `vision_crops` at a time (its memory is bounded by one pass). Packed rows fill their crop
+    slots unevenly, so the read crops of each of `groups` groups of rows (one group per device: no crop
+    moves between devices) are gathered to the front, and the passes past the last are skipped."""
     if "crops" not in batch:
         return model.apply({"params": params}, batch)
     crops_bcpx, pooling_bks = batch["crops"], batch["pooling"]
     rows, crops, patches, patch_dim = crops_bcpx.shape
-    per_row = max(1, min(crops, vision_crops // rows))
-    passes = -(-crops // per_row)
-    crops_bcpx = jnp.pad(crops_bcpx, [(0, 0), (0, passes * per_row - crops), (0, 0), (0, 0)])
-    # Crop slot of every pooled patch; a -1 (empty) index goes to a slot past the end, then dropped.
-    slot_bks = jnp.where(pooling_bks >= 0, pooling_bks // patches, passes * per_row)
-    read_bc = jnp.zeros((rows, passes * per_row + 1), bool).at[jnp.arange(rows)[:, None, None], slot_bks].set(True)
-    read_s = read_bc[:, :-1].reshape(rows, passes, per_row).any((0, 2))
-    crops_sbcpx = crops_bcpx.reshape(rows, passes, per_row, patches, patch_dim).swapaxes(0, 1)
-    run = lambda c_bcpx: model.apply({"params": params}, c_bcpx.reshape(-1, patches, patch_dim),
-                                     method=Molmo2.vision_features).reshape(rows, per_row, patches, -1)
-    width = jax.eval_shape(run, crops_sbcpx[0]).shape[-1]
+    slots = rows // groups * crops  # crop slots of a group
+    per_pass = max(1, min(slots, vision_crops // groups))  # crops of a group in one pass
+    passes = -(-slots // per_pass)
+    # The crop slot of every pooled patch; a -1 (empty) index goes to a slot past the end, then dropped.
+    slot_bks = jnp.where(pooling_bks >= 0, pooling_bks // patches, crops)
+    read_bc = jnp.zeros((rows, crops + 1), bool).at[jnp.arange(rows)[:, None, None], slot_bks].set(True)[:, :-1]
+    read_gn = read_bc.reshape(groups, slots)
+    order_gn = jnp.argsort(~read_gn, axis=1, stable=True)  # read slots first
+    # The last pass may reach past the slots: it repeats slot 0, whose output is never put back.
+    padded_order_gn = jnp.pad(order_gn, [(0, 0), (0, passes * per_pass - slots)])
+    last_read = read_gn.sum(1).max()
+    crops_gnpx = crops_bcpx.reshape(groups, slots, patches, patch_dim)
+    vit = lambda c_gkpx: model.apply({"params": params}, c_gkpx.reshape(-1, patches, patch_dim),
+                                     method=Molmo2.vision_features).reshape(groups, per_pass, patches, -1)
 
-    def one_pass(_, inputs):
-        c_bcpx, read = inputs
-        zeros = lambda c: jnp.zeros((rows, per_row, patches, width), model.config.dtype)
-        return None, jax.lax.cond(read, run, zeros, c_bcpx)
+    def run(index_gk):
+        return vit(jnp.take_along_axis(crops_gnpx, index_gk[:, :, None, None], axis=1))
 
-    _, features_sbcpd = jax.lax.scan(one_pass, None, (crops_sbcpx, read_s))
-    features_bpd = features_sbcpd.swapaxes(0, 1).reshape(rows, passes * per_row * patches, width)[:, : crops * patches]
-    return model.apply({"params": params}, batch, features_bpd)
+    width = jax.eval_shape(run, padded_order_gn[:, :per_pass]).shape[-1]
+
+    def one_pass(_, first):
+        index_gk = jax.lax.dynamic_slice_in_dim(padded_order_gn, first, per_pass, axis=1)
+        zeros = lambda _: jnp.zeros((groups, per_pass, patches, width), model.config.dtype)
+        return None, jax.lax.cond(first < last_read, run, zeros, index_gk)
+
+    _, features_sgkpd = jax.lax.scan(one_pass, None, jnp.arange(passes) * per_pass)
+    features_gnpd = features_sgkpd.swapaxes(0, 1).reshape(groups, passes * per_pass, patches, width)
+    # Back to slot order: slot order_gn[g, i] was computed at position i.
+    position_gn = jnp.argsort(order_gn, axis=1)
+    features_gnpd = jnp.take_along_axis(features_gnpd, position_gn[:, :, None, None], axis=1)
+    return model.apply({"params": params}, batch, features_gnpd.reshape(rows, crops * patches, width))
