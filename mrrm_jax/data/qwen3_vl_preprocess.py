@@ -82,10 +82,7 @@ class Qwen3VLVisionOptions:
         refused, naming the file and key."""
         image = _checked("preprocessor_config.json", {**IMAGE_CLASS_DEFAULTS, **image_cfg}, _IMAGE_VALUED)
         video = _checked("video_preprocessor_config.json", {**VIDEO_CLASS_DEFAULTS, **video_cfg}, _VIDEO_VALUED)
-        # Qwen2VLImageProcessor's backward compatibility: min_pixels / max_pixels override size.
-        image_size = dict(image["size"])
-        image_size["shortest_edge"] = image.get("min_pixels", image_size.get("shortest_edge"))
-        image_size["longest_edge"] = image.get("max_pixels", image_size.get("longest_edge"))
+        image_size = legacy_sizes_moved(image)["size"]
         for key in _SHARED:
             if _as_tuple(image[key]) != _as_tuple(video[key]):
                 raise ValueError(f"preprocessor_config.json and video_preprocessor_config.json differ in {key!r} "
@@ -124,6 +121,16 @@ _FIXED = {"do_resize": True, "resample": BICUBIC, "do_rescale": True, "rescale_f
 _INERT = {"image_processor_type", "video_processor_type", "processor_class", "return_metadata", "default_to_square",
           "max_image_size", "max_duration"}
 # Settings read into the options.
+def legacy_sizes_moved(image_cfg: dict) -> dict:
+    """`image_cfg` with Qwen2-VL-era `min_pixels` / `max_pixels` moved into `size`, as
+    `Qwen2VLImageProcessor.__init__` moves them (the video processor has no such rule)."""
+    image_cfg, size = dict(image_cfg), dict(image_cfg["size"])
+    for key, size_key in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+        if key in image_cfg:
+            size[size_key] = image_cfg.pop(key)
+    return {**image_cfg, "size": size}
+
+
 _IMAGE_VALUED = {"image_mean", "image_std", "size", "patch_size", "temporal_patch_size", "merge_size", "min_pixels",
                  "max_pixels"}
 _VIDEO_VALUED = {"image_mean", "image_std", "size", "patch_size", "temporal_patch_size", "merge_size", "fps",

@@ -49,9 +49,6 @@ IMAGE_DEFAULTS = {**qwen3_vl_preprocess.IMAGE_CLASS_DEFAULTS, "image_processor_t
 # Unset (None) settings are left out, as `save_pretrained` leaves them out.
 VIDEO_DEFAULTS = {**{k: v for k, v in qwen3_vl_preprocess.VIDEO_CLASS_DEFAULTS.items() if v is not None},
                   "return_metadata": False, "video_processor_type": "Qwen3VLVideoProcessor"}
-# Qwen2-VL-era image keys that `Qwen2VLImageProcessor.__init__` moves into `size` (the video processor
-# does not).
-LEGACY_IMAGE_SIZE_KEYS = {"min_pixels": "shortest_edge", "max_pixels": "longest_edge"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,21 +215,18 @@ def load(model_dir, tokenizer: TokenizersBackend | None = None) -> Qwen3VLProces
     named = processor_class(model_dir)
     if named != PROCESSOR_CLASS:
         raise ValueError(f"{model_dir}: processor_class={named!r}; expected {PROCESSOR_CLASS}")
-    image_config = _settings(IMAGE_DEFAULTS, settings.get("image_processor", image_file), LEGACY_IMAGE_SIZE_KEYS)
-    video_config = _settings(VIDEO_DEFAULTS, settings.get("video_processor", video_file), {})
+    image_config = _settings(IMAGE_DEFAULTS, settings.get("image_processor", image_file))
+    image_config = qwen3_vl_preprocess.legacy_sizes_moved(image_config)
+    video_config = _settings(VIDEO_DEFAULTS, settings.get("video_processor", video_file))
     tokenizer = tokenizer or TokenizersBackend.from_pretrained(model_dir)
     chat_template = read_chat_template(model_dir, settings, tokenizer)
     return Qwen3VLProcessor(tokenizer, chat_template, image_config, video_config)
 
 
-def _settings(defaults: dict, read: dict, legacy_size_keys: dict) -> dict:
+def _settings(defaults: dict, read: dict) -> dict:
     config = {**defaults, **read}
     config.pop("processor_class", None)  # the split layout's files name their processor; not a setting
-    size = dict(config["size"])
-    for key, size_key in legacy_size_keys.items():
-        if key in config:
-            size[size_key] = config.pop(key)
-    return {**config, "size": size}
+    return config
 
 
 def _grids(grids_thw) -> np.ndarray:

@@ -60,5 +60,21 @@ class RMSNorm(nn.Module):
         return scale.astype(x.dtype) * x32.astype(x.dtype)
 
 
+class GeluMLP(nn.Module):
+    """The ViT MLP of both backbones: Dense, gelu_pytorch_tanh, Dense, with biases. `names`: the two
+    layers' names, as each checkpoint spells them."""
+
+    intermediate_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    names: tuple[str, str] = ("fc1", "fc2")
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda n, name: Dense(n, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        hidden = jax.nn.gelu(dense(self.intermediate_size, self.names[0])(x), approximate=True)
+        return dense(x.shape[-1], self.names[1])(hidden)
+
+
 def swiglu(gate, up):
     return jax.nn.silu(gate) * up

@@ -11,20 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from mrrm_jax.models.attention import dense_attention
-from mrrm_jax.models.layers import Dense
+from mrrm_jax.models.layers import Dense, GeluMLP
 from mrrm_jax.models.molmo2.config import Molmo2Config
 from mrrm_jax.sharding import constrain_rows
-
-
-class VisionMLP(nn.Module):
-    config: Molmo2Config
-
-    @nn.compact
-    def __call__(self, x):
-        cfg, dt, pdt = self.config.vision, self.config.dtype, self.config.param_dtype
-        x = Dense(cfg.intermediate_size, use_bias=True, dtype=dt, param_dtype=pdt, name="fc1")(x)
-        x = jax.nn.gelu(x, approximate=True)  # gelu_pytorch_tanh
-        return Dense(cfg.hidden_size, use_bias=True, dtype=dt, param_dtype=pdt, name="fc2")(x)
 
 
 class VisionAttention(nn.Module):
@@ -55,7 +44,8 @@ class VisionLayer(nn.Module):
         norm = lambda name: nn.LayerNorm(cfg.layer_norm_eps, dtype=self.config.dtype,
                                          param_dtype=self.config.param_dtype, name=name)
         h_npd = h_npd + VisionAttention(self.config, name="self_attn")(norm("layer_norm1")(h_npd))
-        h_npd = h_npd + VisionMLP(self.config, name="mlp")(norm("layer_norm2")(h_npd))
+        mlp = GeluMLP(cfg.intermediate_size, self.config.dtype, self.config.param_dtype, name="mlp")
+        h_npd = h_npd + mlp(norm("layer_norm2")(h_npd))
         wanted_f = jnp.asarray(self.config.adapter.feature_layers) == layer_index
         features_fnpd = jnp.where(wanted_f[:, None, None, None], h_npd[None], features_fnpd)
         return (h_npd, features_fnpd), None

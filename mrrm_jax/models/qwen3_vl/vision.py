@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from mrrm_jax.models import rope
 from mrrm_jax.models.attention import segment_attention
-from mrrm_jax.models.layers import Dense
+from mrrm_jax.models.layers import Dense, GeluMLP
 from mrrm_jax.models.qwen3_vl.config import Qwen3VLConfig
 from mrrm_jax.sharding import constrain_rows
 
@@ -60,17 +60,6 @@ class VisionAttention(nn.Module):
         return proj("proj")(out_bpnh.reshape(*x_bpd.shape[:-1], -1))
 
 
-class VisionMLP(nn.Module):
-    config: Qwen3VLConfig
-
-    @nn.compact
-    def __call__(self, x):
-        cfg, dt, pdt = self.config.vision, self.config.dtype, self.config.param_dtype
-        x = Dense(cfg.intermediate_size, use_bias=True, dtype=dt, param_dtype=pdt, name="linear_fc1")(x)
-        x = jax.nn.gelu(x, approximate=True)  # gelu_pytorch_tanh
-        return Dense(cfg.hidden_size, use_bias=True, dtype=dt, param_dtype=pdt, name="linear_fc2")(x)
-
-
 class VisionBlock(nn.Module):
     """One pre-LN block; the carry also holds the outputs of the deepstack layers seen so far."""
 
@@ -82,7 +71,9 @@ class VisionBlock(nn.Module):
         h_bpd = constrain_rows(h_bpd)
         attention = VisionAttention(self.config, name="attn")
         h_bpd = h_bpd + attention(_layer_norm(self.config, "norm1")(h_bpd), cos_bph, sin_bph, segment_ids_bp)
-        h_bpd = h_bpd + VisionMLP(self.config, name="mlp")(_layer_norm(self.config, "norm2")(h_bpd))
+        mlp = GeluMLP(self.config.vision.intermediate_size, self.config.dtype, self.config.param_dtype,
+                      ("linear_fc1", "linear_fc2"), name="mlp")
+        h_bpd = h_bpd + mlp(_layer_norm(self.config, "norm2")(h_bpd))
         wanted_k = jnp.asarray(self.config.vision.deepstack_layers) == layer_index
         deepstack_kbpd = jnp.where(wanted_k[:, None, None, None], h_bpd[None], deepstack_kbpd)
         return (h_bpd, deepstack_kbpd), None
