@@ -123,4 +123,10 @@ def hidden_states(model: Molmo2, params: dict, batch: dict, vision_crops: int, g
     # Back to slot order: slot order_gn[g, i] was computed at position i.
     position_gn = jnp.argsort(order_gn, axis=1)
     features_gnpd = jnp.take_along_axis(features_gnpd, position_gn[:, :, None, None], axis=1)
-    return model.apply({"params": params}, batch, features_gnpd.reshape(rows, crops * patches, width))
+    features_bpd = features_gnpd.reshape(rows, crops * patches, width)
+    # The language model runs one row of each group at a time: its dense attention's [T, T] buffers are
+    # then one row's (4x less memory at the default 4 rows), and no row moves between devices.
+    by_step = lambda x: x.reshape(groups, rows // groups, *x.shape[1:]).swapaxes(0, 1)
+    hidden_sgtd = jax.lax.map(lambda inputs: model.apply({"params": params}, *inputs),
+                              (jax.tree.map(by_step, batch), by_step(features_bpd)))
+    return hidden_sgtd.swapaxes(0, 1).reshape(rows, *hidden_sgtd.shape[2:])
