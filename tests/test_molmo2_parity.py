@@ -117,6 +117,7 @@ def test_olmo_qk_norm_and_norm_after(tmp_path):
     _compare(tiny, inputs)
 
 
+@pytest.mark.slow
 def test_bfloat16_forward_stays_close_to_float32(tiny_models, processor):
     inputs = _chat(processor, [{"type": "image"}, {"type": "text", "text": "Describe."}], images=[_image(8, 200, 160)])
     cfg, params = checkpoint.load_base(tiny_models.converted_native)

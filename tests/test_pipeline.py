@@ -84,6 +84,7 @@ def _skips(batches: list[dict]) -> list[pipeline.Skipped]:
     return [skip for b in batches for skip in b["skips"]]
 
 
+@pytest.mark.slow
 def test_restored_iterator_continues_with_identical_batches(corpus, processor_dir, tiny_models):
     dataset = _batches(corpus, processor_dir, tiny_models, num_epochs=3, window=5)
     reference = list(dataset)
@@ -105,6 +106,7 @@ def test_restored_iterator_continues_with_identical_batches(corpus, processor_di
         assert _skips(emitted + rest) == named  # none lost, none named twice
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches(corpus, processor_dir, tiny_models):
     in_process = list(_batches(corpus, processor_dir, tiny_models, num_epochs=1))
     workers = list(_batches(corpus, processor_dir, tiny_models, num_epochs=1, num_workers=2))

@@ -69,6 +69,7 @@ def _reward_setup(num_layers=2):
     return backbone, head, base, trainable, batch, spec
 
 
+@pytest.mark.slow
 def test_gradients_reach_only_lora_factors_and_the_head():
     backbone, head, base, trainable, batch, spec = _reward_setup()
     grad_fn = jax.grad(lambda b, t: reward.loss(backbone, head, b, t, batch, spec, jax.random.key(3))[0],
