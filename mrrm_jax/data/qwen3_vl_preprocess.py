@@ -121,6 +121,13 @@ _FIXED = {"do_resize": True, "resample": BICUBIC, "do_rescale": True, "rescale_f
 _INERT = {"image_processor_type", "video_processor_type", "processor_class", "return_metadata", "default_to_square",
           "max_image_size", "max_duration"}
 # Settings read into the options.
+_IMAGE_VALUED = {"image_mean", "image_std", "size", "patch_size", "temporal_patch_size", "merge_size", "min_pixels",
+                 "max_pixels"}
+_VIDEO_VALUED = {"image_mean", "image_std", "size", "patch_size", "temporal_patch_size", "merge_size", "fps",
+                 "num_frames", "min_frames", "max_frames", "cap_pixels_per_frame", "max_video_tokens"}
+_SHARED = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
+
+
 def legacy_sizes_moved(image_cfg: dict) -> dict:
     """`image_cfg` with Qwen2-VL-era `min_pixels` / `max_pixels` moved into `size`, as
     `Qwen2VLImageProcessor.__init__` moves them (the video processor has no such rule)."""
@@ -129,13 +136,6 @@ def legacy_sizes_moved(image_cfg: dict) -> dict:
         if key in image_cfg:
             size[size_key] = image_cfg.pop(key)
     return {**image_cfg, "size": size}
-
-
-_IMAGE_VALUED = {"image_mean", "image_std", "size", "patch_size", "temporal_patch_size", "merge_size", "min_pixels",
-                 "max_pixels"}
-_VIDEO_VALUED = {"image_mean", "image_std", "size", "patch_size", "temporal_patch_size", "merge_size", "fps",
-                 "num_frames", "min_frames", "max_frames", "cap_pixels_per_frame", "max_video_tokens"}
-_SHARED = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
 
 
 def _checked(file: str, config: dict, valued: set) -> dict:

@@ -85,12 +85,24 @@ class Molmo2(nn.Module):
 
 
 def hidden_states(model: Molmo2, params: dict, batch: dict, vision_crops: int, groups: int = 1) -> jax.Array:
-    """`model.apply(params, batch)` as scoring runs it: the ViT runs only the crops that pooled tokens
-    read, `vision_crops` at a time (its memory is bounded by one pass). Packed rows fill their crop
-    slots unevenly, so the read crops of each of `groups` groups of rows (one group per device: no crop
-    moves between devices) are gathered to the front, and the passes past the last are skipped."""
-    if "crops" not in batch:
-        return model.apply({"params": params}, batch)
+    """`model.apply(params, batch)` as scoring runs it: the ViT over the read crops only
+    (`_read_crop_features`), then the language model one row of each of `groups` groups of rows (one
+    group per device) at a time: its dense attention's [T, T] buffers are then one row's (4x less memory
+    at the default 4 rows), and no row moves between devices."""
+    rows = batch["tokens"].shape[0]
+    by_step = lambda x: x.reshape(groups, rows // groups, *x.shape[1:]).swapaxes(0, 1)
+    inputs = (jax.tree.map(by_step, batch),)
+    if "crops" in batch:
+        inputs += (by_step(_read_crop_features(model, params, batch, vision_crops, groups)),)
+    hidden_sgtd = jax.lax.map(lambda step: model.apply({"params": params}, *step), inputs)
+    return hidden_sgtd.swapaxes(0, 1).reshape(rows, *hidden_sgtd.shape[2:])
+
+
+def _read_crop_features(model: Molmo2, params: dict, batch: dict, vision_crops: int, groups: int) -> jax.Array:
+    """ViT features [B, C * P, width] of the batch's crop slots, computed only for the crops that pooled
+    tokens read, `vision_crops` at a time (its memory is bounded by one pass). Packed rows fill their
+    crop slots unevenly, so the read crops of each group of rows (no crop moves between devices) are
+    gathered to the front, and the passes past the last are skipped; unread slots hold garbage."""
     crops_bcpx, pooling_bks = batch["crops"], batch["pooling"]
     rows, crops, patches, patch_dim = crops_bcpx.shape
     slots = rows // groups * crops  # crop slots of a group
@@ -123,10 +135,4 @@ def hidden_states(model: Molmo2, params: dict, batch: dict, vision_crops: int, g
     # Back to slot order: slot order_gn[g, i] was computed at position i.
     position_gn = jnp.argsort(order_gn, axis=1)
     features_gnpd = jnp.take_along_axis(features_gnpd, position_gn[:, :, None, None], axis=1)
-    features_bpd = features_gnpd.reshape(rows, crops * patches, width)
-    # The language model runs one row of each group at a time: its dense attention's [T, T] buffers are
-    # then one row's (4x less memory at the default 4 rows), and no row moves between devices.
-    by_step = lambda x: x.reshape(groups, rows // groups, *x.shape[1:]).swapaxes(0, 1)
-    hidden_sgtd = jax.lax.map(lambda inputs: model.apply({"params": params}, *inputs),
-                              (jax.tree.map(by_step, batch), by_step(features_bpd)))
-    return hidden_sgtd.swapaxes(0, 1).reshape(rows, *hidden_sgtd.shape[2:])
+    return features_gnpd.reshape(rows, crops * patches, width)
