@@ -83,8 +83,10 @@ def save_params(out_dir: str | pathlib.Path, cfg: Molmo2Config | Qwen3VLConfig, 
     return save_base(out_dir, cfg, [leaves])
 
 
-def load_base(base_dir: str | pathlib.Path, shardings=None, dtype=None) -> tuple[Molmo2Config | Qwen3VLConfig, dict]:
-    """(config, params) with params in the model's (stacked) layout.
+def load_base(base_dir: str | pathlib.Path, shardings=None, dtype=None,
+              skip: tuple[str, ...] = ()) -> tuple[Molmo2Config | Qwen3VLConfig, dict]:
+    """(config, params) with params in the model's (stacked) layout, without the top-level groups named
+    in `skip` (never read: the reward path skips "lm_head", 1.5 GB in float32 at Molmo2-4B).
 
     `shardings`: optional pytree of `jax.sharding.Sharding` matching the params: every layer slice
     is restored by Orbax straight into its shard of the stacked leaf's sharding (no host copy of
@@ -93,7 +95,7 @@ def load_base(base_dir: str | pathlib.Path, shardings=None, dtype=None) -> tuple
     base_dir = pathlib.Path(base_dir).absolute()
     cfg = load_config(base_dir)
     stored = flatten(ocp.metadata(base_dir / PARAMS_DIR).metadata)
-    stacked_names = sorted({re.sub(r"/layers/\d+/", "/layers/", n) for n in stored})
+    stacked_names = sorted({re.sub(r"/layers/\d+/", "/layers/", n) for n in stored if n.split("/")[0] not in skip})
     if shardings is None:
         shardings_by_name = {n: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for n in stacked_names}
     else:
@@ -112,7 +114,8 @@ def load_base(base_dir: str | pathlib.Path, shardings=None, dtype=None) -> tuple
             meta = stored[part]
             abstract[part] = jax.ShapeDtypeStruct(meta.shape, leaf_dtype(meta),
                                                   sharding=_layer_sharding(shardings_by_name[name]))
-    restored = flatten(ocp.load(base_dir / PARAMS_DIR, nest(abstract)))
+    skipped = {name: ocp.PLACEHOLDER for name in stored if name.split("/")[0] in skip}
+    restored = flatten(ocp.load(base_dir / PARAMS_DIR, nest({**abstract, **skipped})))
     flat = {}
     for name in stacked_names:
         parts = _per_layer(name, cfg)

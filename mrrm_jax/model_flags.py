@@ -14,7 +14,8 @@ _ROW_TOKENS = flags.DEFINE_integer("row_tokens", 4096, "Tokens of one packed row
 _ROW_CROPS = flags.DEFINE_integer("row_crops", 32, "ViT crops (image crops or video frames) of one packed row.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute and parameter dtype.")
 _ATTENTION = flags.DEFINE_enum("attention", None, ["xla", "blockwise", "pallas", "cudnn"],
-                               "Attention backend (default: the saved model's).")
+                               "Attention backend (default: the saved model's, with "
+                               "its dense 'xla' reference run as 'blockwise').")
 _CACHE = flags.DEFINE_string("compilation_cache", "~/.cache/mrrm_jax/xla", "Where compiled programs are kept for "
                              "the next run (JAX's persistent compilation cache); '' = compile anew every run.")
 

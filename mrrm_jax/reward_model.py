@@ -55,16 +55,19 @@ class RewardModel:
     @classmethod
     def load(cls, reward_dir: str | pathlib.Path, dtype: str | None = None, attention: str | None = None,
              **shape) -> RewardModel:
-        """`dtype`, `attention`: override the saved model's; `shape`: `rows`, `row_tokens`, `row_crops`."""
+        """`dtype`, `attention`: override the saved model's; `shape`: `rows`, `row_tokens`, `row_crops`.
+
+        Without `attention`, a model saved with the dense "xla" reference scores with "blockwise": the
+        same mask and float32 softmax, but each example's tiles only, not the whole packed row's [T, T]
+        (3.5x faster per layer at 4096-token rows on CPU, and one tile in memory)."""
         reward_dir = pathlib.Path(reward_dir)
-        config, base = checkpoint.load_base(reward_dir / checkpoint.BASE_DIR, dtype=dtype)
+        # The reward path never uses the LM head (design decision 8).
+        config, base = checkpoint.load_base(reward_dir / checkpoint.BASE_DIR, dtype=dtype, skip=("lm_head",))
         trainable, head_config, spec = checkpoint.load_trainable(reward_dir)
         params = lora.merge(base, trainable["lora"], spec) if trainable["lora"] else base
-        params.pop("lm_head", None)  # the reward path never uses it (design decision 8)
         if dtype is not None:
             config = config.replace(dtype=dtype, param_dtype=dtype)
-        if attention is not None:
-            config = config.replace(attention=attention)
+        config = config.replace(attention=attention or ("blockwise" if config.attention == "xla" else config.attention))
         processor = formatting.load_processor(reward_dir / checkpoint.PROCESSOR_DIR)
         return cls(config, params, head_config, trainable["head"], processor, **shape)
 

@@ -41,10 +41,8 @@ def load_base(spec: RunSpec, mesh) -> dict:
     config = spec.model
     shardings = sharding.tree_shardings(step.abstract_base(config), mesh)
     if spec.base_dir:
-        stored = sharding.tree_shardings(step.abstract_base(config.replace(with_lm_head=True)), mesh)
-        _, base = checkpoint.load_base(spec.base_dir, shardings=stored, dtype=config.param_dtype)
-        base.pop("lm_head", None)  # the reward path never uses it (design decision 8)
-        return base
+        # The reward path never uses the LM head (design decision 8).
+        return checkpoint.load_base(spec.base_dir, shardings=shardings, dtype=config.param_dtype, skip=("lm_head",))[1]
     init = jax.jit(lambda key: fan_in_init(backbones.module(config).init(key, backbones.init_batch(config))["params"], key),
                    out_shardings=shardings)
     return init(jax.random.key(spec.seed))

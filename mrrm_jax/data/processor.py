@@ -114,12 +114,12 @@ class Molmo2Processor:
     def row_media(self, row_tokens: int, row_crops: int) -> dict:
         """A scoring row's media room (`packing.RowBudget` fields): `row_crops` crops, and the pooled
         tokens and pooling slots they can need (a crop pools to at most ceil(side / pool_h) x
-        ceil(side / pool_w) tokens)."""
+        ceil(side / pool_w) tokens, and each pooled token is one of the row's tokens)."""
         options = self.options
         side = options.crop_size // options.patch_size
         pools = (options.image_pooling, options.video_pooling)
         pooled_per_crop = max(-(-side // h) * -(-side // w) for h, w in pools)
-        return {"row_crops": row_crops, "row_pooled": row_crops * pooled_per_crop,
+        return {"row_crops": row_crops, "row_pooled": min(row_crops * pooled_per_crop, row_tokens),
                 "pool_slots": max(h * w for h, w in pools)}
 
     def frame_indices(self, metadata: dict, num_frames: int | None = None) -> np.ndarray:

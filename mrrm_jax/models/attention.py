@@ -90,12 +90,29 @@ def active_blocks(codes_bt, block_q: int, block_k: int):
     return (overlap & (causal | vision)).astype(jnp.int32).reshape(-1)
 
 
-def _blockwise(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt, block: int = 256):
-    """Flash-style attention in plain XLA: [block x block] tiles, online softmax, and a `cond` that skips
-    every tile `active_blocks` rules out (other examples; the future, unless both hold vision tokens).
+def key_bounds(segment_ids_bt, is_vision_bt):
+    """Per query token, the first and the last key index the mask may allow ([B, T] each): the start of
+    its segment, and itself or, for a vision query, the last vision token of its segment."""
+    batch, seq_len = segment_ids_bt.shape
+    index_t = jnp.arange(seq_len)
+    changes_bt = segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]
+    starts_bt = jnp.pad(changes_bt, [(0, 0), (1, 0)], constant_values=True)
+    ends_bt = jnp.pad(changes_bt, [(0, 0), (0, 1)], constant_values=True)
+    first_bt = jax.lax.cummax(jnp.where(starts_bt, index_t, 0), axis=1)
+    segment_end_bt = jax.lax.cummin(jnp.where(ends_bt, index_t, seq_len - 1), axis=1, reverse=True)
+    # The last vision token up to the segment's end; a vision query is one itself, so it is in the segment.
+    last_vision_bt = jax.lax.cummax(jnp.where(is_vision_bt, index_t, -1), axis=1)
+    last_bt = jnp.where(is_vision_bt, jnp.take_along_axis(last_vision_bt, segment_end_bt, axis=1), index_t)
+    return first_bt, last_bt
 
-    Same layouts and bias as `dense_attention`; the loops are unrolled at trace time, so reverse-mode
-    autodiff goes through them (and through the `cond`s) as through any other ops.
+
+def _tiled(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt, block: int, differentiable: bool):
+    """Flash-style attention in plain XLA: [block x block] tiles with an online softmax. Query block i
+    visits only the key blocks [lo_i, hi_i) that `key_bounds` allows any of its queries (over the batch):
+    a while loop over that dynamic range, or, when `differentiable` (reverse-mode autodiff cannot go
+    through a dynamic trip count), all key blocks with a `cond` that skips those outside it.
+
+    Same layouts and bias as `dense_attention`.
     """
     batch, seq_len, heads, head_dim = q_btnh.shape
     kv_heads = k_btkh.shape[2]
@@ -105,30 +122,33 @@ def _blockwise(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt, block: int 
     # Padding is one more segment (-1), so padded keys are masked for every real query.
     segment_ids_bt, is_vision_bt = padded(segment_ids_bt, -1), padded(is_vision_bt, False)
     blocks = (seq_len + pad) // block
-    active_qk = active_blocks(2 * segment_ids_bt + is_vision_bt, block, block).reshape(batch, blocks, blocks).any(0)
+    first_bnq, last_bnq = (x.reshape(batch, blocks, block) for x in key_bounds(segment_ids_bt, is_vision_bt))
+    lo_n, hi_n = first_bnq.min((0, 2)) // block, last_bnq.max((0, 2)) // block + 1
     q_bkgth = padded(q_btnh, 0).reshape(batch, -1, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
     k_bksh, v_bksh = padded(k_btkh, 0).transpose(0, 2, 1, 3), padded(v_btkh, 0).transpose(0, 2, 1, 3)
     scale = jnp.float32(head_dim ** -0.5)
-    tile = lambda x, i, axis: jax.lax.slice_in_dim(x, i * block, (i + 1) * block, axis=axis)
+    tile = lambda x, start, axis: jax.lax.dynamic_slice_in_dim(x, start, block, axis=axis)
 
     out_blocks = []
     for i in range(blocks):
-        q_bkmh = tile(q_bkgth, i, 3).reshape(batch, kv_heads, group * block, head_dim)
-        seg_q, vis_q, index_q = tile(segment_ids_bt, i, 1), tile(is_vision_bt, i, 1), jnp.arange(block) + i * block
+        q_bkmh = tile(q_bkgth, i * block, 3).reshape(batch, kv_heads, group * block, head_dim)
+        seg_q, vis_q = tile(segment_ids_bt, i * block, 1), tile(is_vision_bt, i * block, 1)
+        index_q = jnp.arange(block) + i * block
 
-        def update(carry, j):
+        def update(j, carry):
             max_bkm1, sum_bkm1, acc_bkmh = carry
-            seg_k, vis_k, index_k = tile(segment_ids_bt, j, 1), tile(is_vision_bt, j, 1), jnp.arange(block) + j * block
+            seg_k, vis_k, index_k = tile(segment_ids_bt, j * block, 1), tile(is_vision_bt, j * block, 1), \
+                jnp.arange(block) + j * block
             allowed_bqk = (seg_q[:, :, None] == seg_k[:, None, :]) & (
                 (index_k[None, None, :] <= index_q[None, :, None]) | (vis_q[:, :, None] & vis_k[:, None, :]))
             bias_bqk = jnp.where(allowed_bqk, jnp.float32(0), jnp.float32(MASK_VALUE))
-            logits_bkmk = jnp.einsum("bkmh,bksh->bkms", q_bkmh, tile(k_bksh, j, 2),
+            logits_bkmk = jnp.einsum("bkmh,bksh->bkms", q_bkmh, tile(k_bksh, j * block, 2),
                                      preferred_element_type=jnp.float32) * scale
             logits_bkmk = logits_bkmk + jnp.tile(bias_bqk, (1, group, 1))[:, None]
             new_max_bkm1 = jnp.maximum(max_bkm1, logits_bkmk.max(-1, keepdims=True))
             probs_bkmk = jnp.exp(logits_bkmk - new_max_bkm1)
             rescale_bkm1 = jnp.exp(max_bkm1 - new_max_bkm1)
-            pv_bkmh = jnp.einsum("bkms,bksh->bkmh", probs_bkmk.astype(v_bksh.dtype), tile(v_bksh, j, 2),
+            pv_bkmh = jnp.einsum("bkms,bksh->bkmh", probs_bkmk.astype(v_bksh.dtype), tile(v_bksh, j * block, 2),
                                  preferred_element_type=jnp.float32)
             return new_max_bkm1, sum_bkm1 * rescale_bkm1 + probs_bkmk.sum(-1, keepdims=True), \
                 acc_bkmh * rescale_bkm1 + pv_bkmh
@@ -138,12 +158,35 @@ def _blockwise(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt, block: int 
         carry = (jnp.full((batch, kv_heads, group * block, 1), MASK_VALUE, jnp.float32),
                  jnp.zeros((batch, kv_heads, group * block, 1), jnp.float32),
                  jnp.zeros((batch, kv_heads, group * block, head_dim), jnp.float32))
-        for j in range(blocks):
-            carry = jax.lax.cond(active_qk[i, j], functools.partial(update, j=j), lambda c: c, carry)
-        _, sum_bkm1, acc_bkmh = carry
+        if differentiable:
+            in_range = lambda j, c: jax.lax.cond((lo_n[i] <= j) & (j < hi_n[i]), update, lambda _, c: c, j, c)
+            _, sum_bkm1, acc_bkmh = jax.lax.fori_loop(0, blocks, in_range, carry)
+        else:
+            _, sum_bkm1, acc_bkmh = jax.lax.fori_loop(lo_n[i], hi_n[i], update, carry)
         out_blocks.append((acc_bkmh / sum_bkm1).astype(q_btnh.dtype).reshape(batch, kv_heads, group, block, head_dim))
     out_bkgth = jnp.concatenate(out_blocks, axis=3)
     return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(batch, -1, heads, head_dim)[:, :seq_len]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _blockwise(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt, block: int = 256):
+    """`_tiled` with the fast forward (dynamic key ranges); its gradients recompute through the
+    differentiable form."""
+    return _tiled(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt, block, differentiable=False)
+
+
+def _blockwise_forward(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt, block):
+    inputs = (q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt)
+    return _blockwise(*inputs, block), inputs
+
+
+def _blockwise_backward(block, inputs, d_out_btnh):
+    q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt = inputs
+    tiled = lambda q, k, v: _tiled(q, k, v, segment_ids_bt, is_vision_bt, block, differentiable=True)
+    return (*jax.vjp(tiled, q_btnh, k_btkh, v_btkh)[1](d_out_btnh), None, None)
+
+
+_blockwise.defvjp(_blockwise_forward, _blockwise_backward)
 
 
 def _xla(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt):
@@ -163,8 +206,9 @@ def _cudnn(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt):
 
 
 # "xla": dense reference, anywhere. "blockwise": the same mask in skipped tiles, plain XLA (CPU, and a
-# GPU fallback); faster than "xla" from ~1k tokens, forward and backward. "pallas": block-sparse flash
-# kernel for TPU (interpret mode elsewhere, for tests). "cudnn": GPU.
+# GPU fallback); faster than "xla" from ~1k tokens, forward and backward (scoring's default for models
+# saved with "xla"). "pallas": block-sparse flash kernel for TPU (interpret mode elsewhere, for tests).
+# "cudnn": GPU.
 BACKENDS = {"xla": _xla, "blockwise": _blockwise, "pallas": _pallas, "cudnn": _cudnn}
 
 
