@@ -58,6 +58,18 @@ def test_block_table_skips_other_examples_and_the_future():
     np.testing.assert_array_equal(active, [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]])
 
 
+def test_key_bounds_of_the_module_example():
+    """The module docstring's row (segments 1 1 1 1 2 2 2 0, vision at 1, 2 and 5): each query's first
+    and last allowed key, read off its mask row."""
+    from mrrm_jax.models.attention import key_bounds
+
+    segment_ids = jnp.asarray([[1, 1, 1, 1, 2, 2, 2, 0]])
+    is_vision = jnp.asarray([[0, 1, 1, 0, 0, 1, 0, 0]], bool)
+    first, last = key_bounds(segment_ids, is_vision)
+    np.testing.assert_array_equal(first, [[0, 0, 0, 0, 4, 4, 4, 7]])
+    np.testing.assert_array_equal(last, [[0, 2, 2, 3, 4, 5, 6, 7]])
+
+
 @pytest.mark.parametrize("seq_len, block", [(256, 64), (250, 64)])
 def test_blockwise_xla_matches_dense_forward_and_backward(seq_len, block):
     """The tile-skipping XLA path (also a length that is not a multiple of the tile) == the dense mask."""
