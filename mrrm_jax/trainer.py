@@ -42,7 +42,8 @@ def load_base(spec: RunSpec, mesh) -> dict:
     shardings = sharding.tree_shardings(step.abstract_base(config), mesh)
     if spec.base_dir:
         # The reward path never uses the LM head (design decision 8).
-        return checkpoint.load_base(spec.base_dir, shardings=shardings, dtype=config.param_dtype, skip=("lm_head",))[1]
+        _, base = checkpoint.load_base(spec.base_dir, shardings=shardings, dtype=config.param_dtype, skip=("lm_head",))
+        return base
     init = jax.jit(lambda key: fan_in_init(backbones.module(config).init(key, backbones.init_batch(config))["params"], key),
                    out_shardings=shardings)
     return init(jax.random.key(spec.seed))

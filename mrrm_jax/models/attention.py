@@ -129,8 +129,7 @@ def _tiled(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt, block: int, dif
     scale = jnp.float32(head_dim ** -0.5)
     tile = lambda x, start, axis: jax.lax.dynamic_slice_in_dim(x, start, block, axis=axis)
 
-    out_blocks = []
-    for i in range(blocks):
+    def query_block(i):
         q_bkmh = tile(q_bkgth, i * block, 3).reshape(batch, kv_heads, group * block, head_dim)
         seg_q, vis_q = tile(segment_ids_bt, i * block, 1), tile(is_vision_bt, i * block, 1)
         index_q = jnp.arange(block) + i * block
@@ -163,9 +162,11 @@ def _tiled(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt, block: int, dif
             _, sum_bkm1, acc_bkmh = jax.lax.fori_loop(0, blocks, in_range, carry)
         else:
             _, sum_bkm1, acc_bkmh = jax.lax.fori_loop(lo_n[i], hi_n[i], update, carry)
-        out_blocks.append((acc_bkmh / sum_bkm1).astype(q_btnh.dtype).reshape(batch, kv_heads, group, block, head_dim))
-    out_bkgth = jnp.concatenate(out_blocks, axis=3)
-    return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(batch, -1, heads, head_dim)[:, :seq_len]
+        return (acc_bkmh / sum_bkm1).astype(q_btnh.dtype).reshape(batch, kv_heads, group, block, head_dim)
+
+    # One loop body for all query blocks (a Python loop would compile one per block).
+    out_nbkgqh = jax.lax.map(query_block, jnp.arange(blocks))
+    return out_nbkgqh.transpose(1, 0, 4, 2, 3, 5).reshape(batch, -1, heads, head_dim)[:, :seq_len]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
