@@ -153,7 +153,7 @@ class Group:
 
 def make_group(rng: np.random.Generator, sizes: Sizes, prompt_tokens: int) -> Group:
     image = Image.fromarray(rng.integers(0, 256, (sizes.image_px, sizes.image_px, 3), dtype=np.uint8))
-    media = preprocess.image_inputs([image], sizes.vision)
+    media = preprocess.image_inputs([image], sizes.vision, normalized=False)  # uint8 pixels, as our processor's
     image_ids = [EXTRA_IDS[t] for t in re.findall(r"<[^<>]+>", preprocess.image_tokens(media["image_grids"][0],
                                                                                           sizes.vision))]
     text = prompt_tokens - len(image_ids)
@@ -199,8 +199,10 @@ def ours_row(examples: list[Example], config: Molmo2Config, row_tokens: int) -> 
     return row
 
 
-def hf_inputs(examples: list[Example]) -> dict:
-    """transformers' Molmo2 inputs (numpy) for a right-padded batch of the examples."""
+def hf_inputs(examples: list[Example], vision: preprocess.VisionOptions | None = None) -> dict:
+    """transformers' Molmo2 inputs (numpy) for a right-padded batch of the examples; `vision`: normalise
+    the pixels with its mean and std, as transformers' processor does (None: keep the uint8 pixels,
+    which our model normalises)."""
     length = max(len(e.ids) for e in examples)
     ids = np.zeros((len(examples), length), np.int64)
     mask = np.zeros_like(ids)
@@ -210,8 +212,9 @@ def hf_inputs(examples: list[Example]) -> dict:
         pooling.append(np.where(e.pooling >= 0, e.pooling + offset, -1))  # indices over the whole batch's patches
         offset += e.pixel_values.shape[0] * e.pixel_values.shape[1]
     vision_bt = np.isin(ids, [EXTRA_IDS[t] for t in VISION_BLOCK_TOKENS]) & (mask > 0)
+    pixels = np.concatenate([e.pixel_values for e in examples])
     return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": vision_bt.astype(np.int64),
-            "pixel_values": np.concatenate([e.pixel_values for e in examples]),
+            "pixel_values": pixels if vision is None else preprocess.normalize(pixels, vision.mean, vision.std),
             "image_token_pooling": np.concatenate(pooling), "image_grids": np.stack([e.grid for e in examples]),
             "image_num_crops": np.asarray([e.pixel_values.shape[0] for e in examples], np.int64)}
 
@@ -540,7 +543,7 @@ def torch_side(args, sizes: Sizes, results: Results, deadline: float) -> None:
         return torch.nn.Sequential(torch.nn.Linear(hidden, 1024), torch.nn.SiLU(), torch.nn.Linear(1024, 1)).to(device)
 
     def to_device(examples: list[Example]) -> tuple[dict, torch.Tensor]:
-        inputs = {k: torch.from_numpy(v).to(device) for k, v in hf_inputs(examples).items()}
+        inputs = {k: torch.from_numpy(v).to(device) for k, v in hf_inputs(examples, sizes.vision).items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
         reads = torch.from_numpy(padded([e.read_positions for e in examples])).long().to(device)
         return inputs, reads

@@ -74,7 +74,7 @@ def fake_example(rng) -> dict:
                "read_positions": np.sort(rng.choice(tokens, responses, replace=False))[None].astype(np.int32),
                "labels": np.zeros(1, np.int32), "media_kind": np.zeros(1, np.int32)}
     if crops:
-        example["crops"] = np.zeros((1, crops, 1, 1), np.float32)
+        example["crops"] = np.zeros((1, crops, 1, 1), np.uint8)
         example["pooling"] = np.zeros((1, pooled, 9), np.int32)
     return {"example": example, "counts": np.zeros(len(pipeline.COUNT_KEYS), np.int64), "skip": None}
 

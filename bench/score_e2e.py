@@ -245,8 +245,11 @@ def main():
         parser.error(f"--modes={args.modes}: expected multi, single or both")
 
     start = time.perf_counter()
+    # JAX_PLATFORMS=cpu: a CPU machine's install (`pip install -e .`) has no TPU runtime; the `[tpu]` extra's
+    # libtpu, probed when present, costs ~100 MB of RSS and a few tenths of a second on a machine without a TPU.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads),
+           "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
     with tempfile.TemporaryDirectory(prefix="score_e2e_") as tmp:
         tmp = pathlib.Path(tmp)
         dirs = dict(zip(("base", "adapter"), build_release(tmp, args.lm_layers, args.hidden)))

@@ -44,7 +44,7 @@ def batch_from_processor(inputs: dict, image_patch_id: int) -> dict:
         crop_start, token_start = crop_start + n_crops, token_start + n_tokens
     max_crops = max(sum(len(c) for c in r) for r in row_crops)
     max_tokens = max(patch_tokens_per_row)
-    crops = np.zeros((len(tokens), max_crops, patches, pixels.shape[2]), np.float32)
+    crops = np.zeros((len(tokens), max_crops, patches, pixels.shape[2]), pixels.dtype)
     pool = np.full((len(tokens), max_tokens, pooling.shape[1]), -1, np.int32)
     for b in range(len(tokens)):
         if row_crops[b]:

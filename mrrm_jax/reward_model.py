@@ -69,7 +69,8 @@ class RewardModel:
             config = config.replace(dtype=dtype, param_dtype=dtype)
         config = config.replace(attention=attention or ("blockwise" if config.attention == "xla" else config.attention))
         processor = formatting.load_processor(reward_dir / checkpoint.PROCESSOR_DIR)
-        return cls(config, params, head_config, trainable["head"], processor, **shape)
+        return cls(backbones.with_processor(config, processor), params, head_config, trainable["head"], processor,
+                   **shape)
 
     def _forward(self, params, head_params, batch: dict):
         hidden_btd = backbones.hidden_states(self.backbone, params, batch, self.vision_crops, self.mesh.size)

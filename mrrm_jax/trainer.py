@@ -7,6 +7,7 @@ process agrees on when, so multi-host runs stop together.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import pathlib
@@ -208,10 +209,11 @@ class _Run:
     """One training run in a workdir: everything `train` sets up, then `run`."""
 
     def __init__(self, spec: RunSpec, workdir: pathlib.Path, mesh):
-        self.spec, self.workdir, self.mesh = spec, workdir, mesh
         workdir.mkdir(parents=True, exist_ok=True)
         self.train_file, self.eval_file, self.processor, processor = workdir_files(spec, workdir)
         check_row_media(spec, processor)
+        spec = dataclasses.replace(spec, model=backbones.with_processor(spec.model, processor))
+        self.spec, self.workdir, self.mesh = spec, workdir, mesh
         self.local_rows = spec.train.rows_per_step // jax.process_count()
         self.train_iter = iter(self._batches(self.train_file, train=True, rows=self.local_rows))
         self.counts = np.zeros(len(pipeline.COUNT_KEYS), np.int64)

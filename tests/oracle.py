@@ -12,6 +12,7 @@ from transformers import Molmo2Config as HFMolmo2Config
 from transformers import Molmo2ForConditionalGeneration
 
 from mrrm_jax import convert
+from mrrm_jax.data import preprocess
 
 # torch's bilinear resize takes another kernel, which rounds differently, when it runs on one thread;
 # our exact port follows the multi-threaded one (torch's default on any machine with 2+ cores).
@@ -29,6 +30,14 @@ def hf_processor(processor, tmp_dir: pathlib.Path):
     """transformers' own `Molmo2Processor` (torchvision image/video processors) on the files of our
     `processor`, `<|resp_sep|>` included: the oracle for our torch-free processor and preprocessing."""
     return AutoProcessor.from_pretrained(processor.save_pretrained(tmp_dir))
+
+
+def as_transformers(processor, outputs: dict) -> dict:
+    """Our processor's outputs as transformers' `Molmo2Processor` returns them: its uint8 pixels
+    normalised (our model batches keep the pixels and the ViT normalises them)."""
+    options = processor.options
+    return {k: preprocess.normalize(v, options.mean, options.std) if k.startswith("pixel_values") else v
+            for k, v in outputs.items()}
 
 
 def tiny_hf_config(**text_overrides) -> HFMolmo2Config:

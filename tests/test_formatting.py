@@ -3,16 +3,20 @@ the `<|resp_sep|>` id, special-token text inside responses staying plain, bad in
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 from transformers import AutoProcessor
 from transformers.video_utils import VideoMetadata
 
-from mrrm_jax.data import processor as processor_lib
+from mrrm_jax.data import preprocess, processor as processor_lib
 from mrrm_jax.data.formatting import RESP_SEP, SEPARATOR_TEXT, format_example, load_processor
 from mrrm_jax.hf_interop import batch_from_processor
 from mrrm_jax.models.molmo2.config import Molmo2Config
+from mrrm_jax.models.molmo2.vision import normalized_pixels
 from tests import oracle
 
 SEP_ID = 151946  # the next id after Molmo2's last token, <|video|> = 151945
@@ -93,11 +97,27 @@ def test_ids_and_media_equal_the_processor_on_the_whole_text(processor, hf_proce
     reference = _processor_on_whole_text(hf_processor, prompt, responses, **media)
 
     np.testing.assert_array_equal(example.input_ids, reference["input_ids"][0])
-    assert sorted(example.processor_outputs) == sorted(reference)
+    outputs = oracle.as_transformers(processor, example.processor_outputs)
+    assert sorted(outputs) == sorted(reference)
     for key, value in reference.items():
-        assert example.processor_outputs[key].dtype == value.dtype, key
-        np.testing.assert_array_equal(example.processor_outputs[key], value, err_msg=key)
+        assert outputs[key].dtype == value.dtype, key
+        np.testing.assert_array_equal(outputs[key], value, err_msg=key)
     _check_read_positions(processor, example, responses)
+
+
+@pytest.mark.parametrize("mean, std", [((0.5,) * 3, (0.5,) * 3),
+                                       ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+def test_model_normalises_uint8_pixels_as_transformers(processor, hf_processor, mean, std):
+    """Our batches carry uint8 pixels; the ViT's normalisation of them (compiled) equals transformers'
+    float32 pixel_values bit for bit, also at a mean and std whose division is not exact."""
+    images = MEDIA["two_images"]["images"]
+    ours = preprocess.image_inputs(images, dataclasses.replace(processor.options, mean=mean, std=std), normalized=False)
+    reference = hf_processor.image_processor(images=images, image_mean=list(mean), image_std=list(std),
+                                             return_tensors="np")["pixel_values"]
+    config = dataclasses.replace(Molmo2Config().vision, image_mean=mean, image_std=std)
+    normalized = np.asarray(jax.jit(lambda pixels: normalized_pixels(pixels, config))(ours["pixel_values"]))
+    assert normalized.dtype == reference.dtype == np.float32
+    np.testing.assert_array_equal(normalized, reference)
 
 
 def test_processor_outputs_feed_batch_from_processor(processor):
@@ -138,7 +158,8 @@ def test_special_token_text_in_responses_and_prompt_stays_plain(processor, hf_pr
     assert (ids == 151941).sum() == 0  # no <|image|> placeholder survives the processor's expansion
     reference = _processor_on_whole_text(hf_processor, "Describe.", ["x"], **MEDIA["one_image"])
     assert (ids == 151938).sum() == (reference["input_ids"] == 151938).sum()  # <im_patch>: the image's only
-    np.testing.assert_array_equal(example.processor_outputs["pixel_values"], reference["pixel_values"])
+    np.testing.assert_array_equal(oracle.as_transformers(processor, example.processor_outputs)["pixel_values"],
+                                  reference["pixel_values"])
     _check_read_positions(processor, example, responses)
     text = processor.tokenizer.decode(ids)
     assert prompt in text and all(r in text for r in responses)

@@ -47,7 +47,7 @@ def test_first_fit_respects_every_budget():
     def example(tokens, crops, responses=2):
         e = {"tokens": np.zeros((1, tokens), np.int32), "read_positions": np.zeros((1, responses), np.int32)}
         if crops:
-            e.update(crops=np.zeros((1, crops, 4, 3), np.float32), pooling=np.zeros((1, crops, 2), np.int32))
+            e.update(crops=np.zeros((1, crops, 4, 3), np.uint8), pooling=np.zeros((1, crops, 2), np.int32))
         return e
 
     budget = packing.RowBudget(row_tokens=100, row_crops=4, row_pooled=4, row_examples=3, max_responses=4)
@@ -60,7 +60,7 @@ def test_first_fit_respects_every_budget():
 def test_fullness_is_the_fullest_budget():
     budget = packing.RowBudget(row_tokens=100, row_crops=4, row_pooled=8, row_examples=4, max_responses=4)
     text = {"tokens": np.zeros((1, 30), np.int32)}
-    image = {"tokens": np.zeros((1, 20), np.int32), "crops": np.zeros((1, 3, 4, 3)), "pooling": np.zeros((1, 2, 9))}
+    image = {"tokens": np.zeros((1, 20), np.int32), "crops": np.zeros((1, 3, 4, 3), np.uint8), "pooling": np.zeros((1, 2, 9))}
     assert budget.fullness([text]) == 0.3  # tokens 0.3, one example of 4: 0.25
     assert budget.fullness([text, image]) == 0.75  # crops 3 of 4 bind before tokens (0.5)
     assert budget.fullness([]) == 0.0

@@ -120,7 +120,7 @@ def _sized(number: int, tokens: int, crops: int = 0) -> dict:
                "read_positions": np.array([[tokens - 1]], np.int32), "labels": np.array([number], np.int32),
                "media_kind": np.zeros(1, np.int32)}
     if crops:
-        example.update(crops=np.zeros((1, crops, 1, 1), np.float32), pooling=np.zeros((1, crops, 9), np.int32))
+        example.update(crops=np.zeros((1, crops, 1, 1), np.uint8), pooling=np.zeros((1, crops, 9), np.int32))
     return {"example": example, "counts": pipeline.count_vector({}), "skip": None}
 
 

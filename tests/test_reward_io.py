@@ -33,6 +33,7 @@ from mrrm_jax.data.formatting import RESP_SEP, format_example, load_processor
 from mrrm_jax.hf_interop import batch_from_processor
 from mrrm_jax.lora import LoraSpec
 from mrrm_jax.models.molmo2 import Molmo2
+from tests import oracle
 
 TOLERANCE = 1e-4  # max abs score error, float32
 RANK, ALPHA = 4, 8
@@ -152,14 +153,18 @@ def imported(releases, tmp_path_factory) -> dict[str, pathlib.Path]:
 
 
 @pytest.fixture(scope="module")
-def examples(imported):
-    processor = load_processor(imported["native"] / checkpoint.PROCESSOR_DIR)
+def processor(imported):
+    return load_processor(imported["native"] / checkpoint.PROCESSOR_DIR)
+
+
+@pytest.fixture(scope="module")
+def examples(processor):
     return {(media, n): format_example(processor, "Which answer is best?", RESPONSES[:n], **MEDIA[media])
             for media in MEDIA for n in (2, 4)}
 
 
-def _torch_scores(peft_model, head, example) -> np.ndarray:
-    inputs = {k: torch.from_numpy(v) for k, v in example.processor_outputs.items()}
+def _torch_scores(peft_model, head, example, processor) -> np.ndarray:
+    inputs = {k: torch.from_numpy(v) for k, v in oracle.as_transformers(processor, example.processor_outputs).items()}
     with torch.no_grad():
         hidden_td = peft_model(**inputs, output_hidden_states=True).hidden_states[-1][0]
         scores_n = head(hidden_td[torch.from_numpy(example.read_positions).long()])[:, 0]
@@ -224,9 +229,9 @@ def _our_scores(model: Imported, batch, num_responses) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def reference(releases, examples) -> dict[tuple, np.ndarray]:
+def reference(releases, examples, processor) -> dict[tuple, np.ndarray]:
     """PyTorch scores per (layout, media, N)."""
-    return {(layout, *key): _torch_scores(release.peft_model, release.head, example)
+    return {(layout, *key): _torch_scores(release.peft_model, release.head, example, processor)
             for layout, release in releases.items() for key, example in examples.items()}
 
 
@@ -242,10 +247,10 @@ def test_scores_match_peft_and_torch(layout, media, num_responses, reference, lo
 
 
 @pytest.mark.parametrize("layout", ["native", "original"])
-def test_the_lora_changes_the_scores_far_beyond_the_tolerance(layout, releases, examples, reference):
+def test_the_lora_changes_the_scores_far_beyond_the_tolerance(layout, releases, examples, reference, processor):
     release = releases[layout]
     with release.peft_model.disable_adapter():
-        without_lora = _torch_scores(release.peft_model, release.head, examples["image", 4])
+        without_lora = _torch_scores(release.peft_model, release.head, examples["image", 4], processor)
     assert np.abs(reference[layout, "image", 4] - without_lora).min() > 100 * TOLERANCE
 
 
@@ -261,14 +266,15 @@ def test_imported_directory(imported, loaded):
         assert saved.token_to_id(RESP_SEP) == 151946
 
 
-def test_export_then_peft_from_pretrained_gives_the_same_scores(tiny_models, imported, examples, reference, tmp_path):
+def test_export_then_peft_from_pretrained_gives_the_same_scores(tiny_models, imported, examples, reference, processor,
+                                                                 tmp_path):
     exported = reward_io.export_peft(imported["native"], tmp_path / "peft")
     model = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_models.torch_model), exported).eval()
     head = _value_head(tiny_models.torch_model.config.text_config.hidden_size, seed=0)
     head.load_state_dict(safetensors.torch.load_file(exported / "value_head.safetensors"))
     assert json.loads((exported / "reward_model_config.json").read_text()) == _release_config(head[0].in_features)
     for media in MEDIA:
-        error = np.abs(_torch_scores(model, head, examples[media, 4]) - reference["native", media, 4]).max()
+        error = np.abs(_torch_scores(model, head, examples[media, 4], processor) - reference["native", media, 4]).max()
         print(f"round trip {media}: max abs error {error:.2e}")
         assert error <= TOLERANCE, error
 

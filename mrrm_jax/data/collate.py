@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 # field -> padding value; every field is [1, ...] per example, padded on its axes >= 1.
-PAD_VALUES = {"tokens": 0, "positions": 0, "segment_ids": 0, "crops": 0.0, "pooling": -1,
+PAD_VALUES = {"tokens": 0, "positions": 0, "segment_ids": 0, "crops": 0, "pooling": -1,
               "read_positions": -1, "response_starts": -1, "labels": -1}
 
 

@@ -119,13 +119,15 @@ class Molmo2Media:
     position_rows: int = 1  # positions [T]: 1-D rope
 
     def layout(self, budget: RowBudget) -> dict:
-        return {"crops": ((budget.row_crops, *self.patch_dim), np.float32, 0),
+        return {"crops": ((budget.row_crops, *self.patch_dim), np.uint8, 0),
                 "pooling": ((budget.row_pooled, budget.pool_slots), np.int32, -1)}
 
     def place(self, row: dict, example: dict, used: dict) -> None:
         if "crops" not in example:
             return
         crops, pooling, crop, pooled = example["crops"][0], example["pooling"][0], used["crops"], used["pooled"]
+        if crops.dtype != np.uint8:  # normalised floats would be cast to garbage pixels
+            raise ValueError(f"example crops are {crops.dtype}; packed rows hold uint8 pixels (Molmo2Processor.media_head)")
         row["crops"][0, crop: crop + len(crops)] = crops
         row["pooling"][0, pooled: pooled + len(pooling), : pooling.shape[1]] = np.where(
             pooling >= 0, pooling + crop * self.patch_dim[0], -1)

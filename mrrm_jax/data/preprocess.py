@@ -20,7 +20,9 @@ Exactness notes (where our code mirrors the reference's arithmetic):
   count (measured: a few values in a million, one grey level apart); the parity tests run torch with
   its default, all cores.
 - normalise: (x - 255 * mean) / (255 * std) in float32 (transformers fuses the rescale into the
-  normalisation that way).
+  normalisation that way). Our model batches carry the uint8 pixels instead (4x fewer bytes through
+  packing and onto the device); the model looks each value up in `pixel_table`, the same arithmetic
+  done once for the 256 values, so its inputs are bit-identical to these.
 - frame sampling: `arange(0, total, total / target)` evaluated in float64, stored as float32, then
   truncated to int; timestamps index / fps in float32.
 """
@@ -146,19 +148,31 @@ def resize(image_hwc: np.ndarray, height: int, width: int) -> np.ndarray:
     return out.reshape(height, width, channels)
 
 
-def _normalized_patches(crops_nhwc: np.ndarray, options: VisionOptions) -> np.ndarray:
-    """uint8 [N, H, W, C] -> float32 [N, (H / patch) * (W / patch), patch * patch * C]: patches in
-    row-major order, normalised as (x - 255 * mean) / (255 * std)."""
+def _patches(crops_nhwc: np.ndarray, patch: int) -> np.ndarray:
+    """uint8 [N, H, W, C] -> uint8 [N, (H / patch) * (W / patch), patch * patch * C]: patches in
+    row-major order, channels innermost."""
     n, h, w, c = crops_nhwc.shape
-    patch = options.patch_size
     patches = crops_nhwc.reshape(n, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
-    patches = patches.reshape(n, (h // patch) * (w // patch), patch * patch * c)
-    # Per value of a patch (channels innermost), so numpy's inner loops run a whole patch long.
-    mean = np.tile(np.asarray(options.mean, np.float32) * np.float32(255), patch * patch)
-    std = np.tile(np.asarray(options.std, np.float32) * np.float32(255), patch * patch)
-    out = np.subtract(patches, mean, dtype=np.float32)
-    out /= std
+    return patches.reshape(n, (h // patch) * (w // patch), patch * patch * c)
+
+
+def normalize(pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """uint8 [..., D] (channels innermost, D a multiple of the channels) -> float32
+    (x - 255 * mean) / (255 * std), as transformers computes it."""
+    reps = pixels.shape[-1] // len(mean)
+    # Per value of a patch, so numpy's inner loops run a whole patch long.
+    mean_d = np.tile(np.asarray(mean, np.float32) * np.float32(255), reps)
+    std_d = np.tile(np.asarray(std, np.float32) * np.float32(255), reps)
+    out = np.subtract(pixels, mean_d, dtype=np.float32)
+    out /= std_d
     return out
+
+
+def pixel_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """float32 [256, C]: `normalize` of every uint8 value in every channel. The model normalises uint8
+    crops by looking them up here: XLA compiles a division by a constant into a multiplication by its
+    reciprocal, which differs from transformers' float32 division in the last bit."""
+    return normalize(np.repeat(np.arange(256, dtype=np.uint8)[:, None], len(mean), axis=1), mean, std)
 
 
 def _pooling_windows(index_grid: np.ndarray, pool_h: int, pool_w: int) -> tuple[np.ndarray, int, int]:
@@ -217,9 +231,10 @@ def _image_inputs_one(rgb_hwc: np.ndarray, options: VisionOptions, max_crops: in
     return crops, np.concatenate([pooling_l, pooling_h]), np.asarray([rows_l, cols_l, rows_h, cols_h], np.int64)
 
 
-def image_inputs(images: list[Image.Image], options: VisionOptions, max_crops: int | None = None) -> dict:
+def image_inputs(images: list[Image.Image], options: VisionOptions, max_crops: int | None = None,
+                 normalized: bool = True) -> dict:
     """`Molmo2ImageProcessor` outputs (numpy) for a list of images: `pixel_values` float32
-    [crops, P, D], `image_token_pooling` int32 (indices over all the images' patches),
+    [crops, P, D] (`normalized=False`: the uint8 pixels before normalisation), `image_token_pooling` int32 (indices over all the images' patches),
     `image_grids` int64 [n, 4] (low-res rows, cols, high-res rows, cols), `image_num_crops` int64 [n]."""
     max_crops = options.max_crops if max_crops is None else max_crops
     crops, pooling, grids, offset = [], [], [], 0
@@ -230,7 +245,8 @@ def image_inputs(images: list[Image.Image], options: VisionOptions, max_crops: i
         crops.append(image_crops)
         grids.append(grid)
         offset += len(image_crops) * patches_per_crop
-    return {"pixel_values": _normalized_patches(np.concatenate(crops), options),
+    pixels = _patches(np.concatenate(crops), options.patch_size)
+    return {"pixel_values": normalize(pixels, options.mean, options.std) if normalized else pixels,
             "image_token_pooling": np.concatenate(pooling), "image_grids": np.stack(grids),
             "image_num_crops": np.asarray([len(c) for c in crops], np.int64)}
 
@@ -263,11 +279,12 @@ def sample_video(frames_thwc: np.ndarray, metadata: dict, options: VisionOptions
     return media.picked_frames(frames_thwc, metadata, picked), picked.astype(np.float32) / np.float32(metadata["fps"])
 
 
-def video_inputs(frames_thwc: np.ndarray, options: VisionOptions) -> dict:
+def video_inputs(frames_thwc: np.ndarray, options: VisionOptions, normalized: bool = True) -> dict:
     """`Molmo2VideoProcessor` outputs (numpy) for one video's sampled frames: `pixel_values_videos`
-    float32 [T, P, D], `video_token_pooling` int64 [T * tokens, pool], `video_grids` int64 [1, 3]."""
+    float32 [T, P, D] (`normalized=False`: uint8 pixels), `video_token_pooling` int64 [T * tokens, pool], `video_grids` int64 [1, 3]."""
     crop, patch = options.crop_size, options.patch_size
-    patches = _normalized_patches(np.stack([resize(frame, crop, crop) for frame in frames_thwc]), options)
+    patches = _patches(np.stack([resize(frame, crop, crop) for frame in frames_thwc]), patch)
+    patches = normalize(patches, options.mean, options.std) if normalized else patches
     index = np.arange((crop // patch) ** 2, dtype=np.int32).reshape(crop // patch, crop // patch)
     windows, rows, cols = _pooling_windows(index, *options.video_pooling)
     offsets = (np.arange(len(patches), dtype=np.int64) * patches.shape[1])[:, None, None]

@@ -128,18 +128,19 @@ class Molmo2Processor:
 
     def media_head(self, text: str, images, video, video_metadata, max_crops=None, num_frames=None) -> dict:
         """What `Molmo2Processor(text=text, images=..., videos=...)` returns (numpy, batch of 1), computed
-        by our preprocessing: media arrays, and the ids of `text` with its `<|image|>` / `<|video|>`
+        by our preprocessing, but with uint8 pixels before their normalisation (the model normalises
+        them: `preprocess.pixel_table`): media arrays, and the ids of `text` with its `<|image|>` / `<|video|>`
         expanded. `max_crops` / `num_frames` override the processor's for this call (budget fallbacks)."""
         options, tokenizer = self.options, self.tokenizer
         outputs, replacements = {}, {}
         if images:
-            outputs.update(preprocess.image_inputs(images, options, max_crops))
+            outputs.update(preprocess.image_inputs(images, options, max_crops, normalized=False))
             replacements[self.image_token] = [preprocess.image_tokens(g, options) for g in outputs["image_grids"]]
         if video is not None:
             frames = np.asarray(video) if isinstance(video, np.ndarray) else np.stack([preprocess.rgb_array(f) for f in video])
             frames, timestamps = preprocess.sample_video(frames, video_metadata_dict(video_metadata, len(frames)),
                                                          options, num_frames)
-            outputs.update(preprocess.video_inputs(frames, options))
+            outputs.update(preprocess.video_inputs(frames, options, normalized=False))
             replacements[self.video_token] = [preprocess.video_tokens(outputs["video_grids"][0], timestamps, options)]
         for token, strings in replacements.items():
             pieces = text.split(token)

@@ -27,6 +27,8 @@ class Backbone:
     # per device).
     hidden_states: Callable
     media: Callable  # config -> the packed rows' media layout (`data.packing.Molmo2Media` / `Qwen3VLMedia`)
+    # (config, processor) -> the config with what the model takes from the processor that makes its batches.
+    with_processor: Callable = lambda config, processor: config
 
 
 def _whole(model: nn.Module, params: dict, batch: dict, vision_chunk: int, groups: int):
@@ -35,7 +37,9 @@ def _whole(model: nn.Module, params: dict, batch: dict, vision_chunk: int, group
 
 BACKBONES = {
     "molmo2": Backbone(molmo2.Molmo2Config, molmo2.Molmo2, molmo2_model.hidden_states,
-                       lambda c: packing.Molmo2Media((c.vision.num_patches, c.vision.patch_dim))),
+                       lambda c: packing.Molmo2Media((c.vision.num_patches, c.vision.patch_dim)),
+                       lambda c, p: c.replace(vision=dataclasses.replace(c.vision, image_mean=p.options.mean,
+                                                                         image_std=p.options.std))),
     "qwen3_vl": Backbone(qwen3_vl.Qwen3VLConfig, qwen3_vl.Qwen3VL, _whole,
                          lambda c: packing.Qwen3VLMedia(c.vision.patch_dim)),
 }
@@ -56,6 +60,12 @@ def module(config) -> nn.Module:
 def media(config):
     """How `config`'s media sit in a packed row (`data/packing.py`)."""
     return BACKBONES[config.model_type].media(config)
+
+
+def with_processor(config, processor):
+    """`config` with the settings its model takes from `processor` (Molmo2: the pixel normalisation of the
+    uint8 crops the processor makes). Every loader that pairs a model with a processor calls it."""
+    return BACKBONES[config.model_type].with_processor(config, processor)
 
 
 def init_batch(config) -> dict:

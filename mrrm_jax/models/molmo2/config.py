@@ -45,6 +45,11 @@ class VisionConfig:
     image_size: tuple[int, int] = (378, 378)
     num_channels: int = 3
     attention_bias: bool = True
+    # The processor's normalisation, which the ViT applies to uint8 crops (vision.py): not in a
+    # checkpoint's config.json but in its processor's, so the loaders set it from the processor that
+    # makes the batches (`backbones.with_processor`).
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
     @property
     def num_patches(self) -> int:

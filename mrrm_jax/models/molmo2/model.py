@@ -5,7 +5,8 @@ The batch is a dict of fixed-shape arrays, one row per packed sequence:
     tokens       [B, T] int32   token ids (padding: any id, segment 0)
     positions    [B, T] int32   rope positions, restarting at 0 for every example
     segment_ids  [B, T] int32   1, 2, ... per example in the row; 0 for padding
-    crops        [B, C, P, 588] float  (optional) the row's image crops / video frames, patchified
+    crops        [B, C, P, 588] uint8  (optional) the row's image crops / video frames, patchified pixels
+                                       (the ViT normalises them; float crops: normalised already)
     pooling      [B, K, S] int32       (optional) for the row's k-th `<im_patch>` token, the indices of
                                        the S patches it pools, into the row's flattened C * P patches;
                                        -1 = empty slot; rows past the last patch token are all -1
@@ -46,7 +47,7 @@ class Molmo2(nn.Module):
         """One token and one crop: enough to create every parameter."""
         return {"tokens": np.zeros((1, 1), np.int32), "positions": np.zeros((1, 1), np.int32),
                 "segment_ids": np.ones((1, 1), np.int32),
-                "crops": np.zeros((1, 1, config.vision.num_patches, config.vision.patch_dim), np.float32),
+                "crops": np.zeros((1, 1, config.vision.num_patches, config.vision.patch_dim), np.uint8),
                 "pooling": np.zeros((1, 1, 4), np.int32)}
 
     def vision_features(self, crops_npx):
@@ -102,7 +103,7 @@ def _read_crop_features(model: Molmo2, params: dict, batch: dict, vision_crops: 
     """ViT features [B, C * P, width] of the batch's crop slots, computed only for the crops that pooled
     tokens read, `vision_crops` at a time (its memory is bounded by one pass). Packed rows fill their
     crop slots unevenly, so the read crops of each group of rows (no crop moves between devices) are
-    gathered to the front, and the passes past the last are skipped; unread slots hold garbage."""
+    gathered to the front, and the passes past the last are skipped; unread slots hold zeros or garbage."""
     crops_bcpx, pooling_bks = batch["crops"], batch["pooling"]
     rows, crops, patches, patch_dim = crops_bcpx.shape
     slots = rows // groups * crops  # crop slots of a group
@@ -113,26 +114,28 @@ def _read_crop_features(model: Molmo2, params: dict, batch: dict, vision_crops: 
     read_bc = jnp.zeros((rows, crops + 1), bool).at[jnp.arange(rows)[:, None, None], slot_bks].set(True)[:, :-1]
     read_gn = read_bc.reshape(groups, slots)
     order_gn = jnp.argsort(~read_gn, axis=1, stable=True)  # read slots first
-    # The last pass may reach past the slots: it repeats slot 0, whose output is never put back.
-    padded_order_gn = jnp.pad(order_gn, [(0, 0), (0, passes * per_pass - slots)])
+    # The last pass may reach past the slots: its extra entries name slot `slots`, which the gather
+    # clips to the last slot and the scatter drops.
+    padded_order_gn = jnp.pad(order_gn, [(0, 0), (0, passes * per_pass - slots)], constant_values=slots)
     last_read = read_gn.sum(1).max()
     crops_gnpx = crops_bcpx.reshape(groups, slots, patches, patch_dim)
     vit = lambda c_gkpx: model.apply({"params": params}, c_gkpx.reshape(-1, patches, patch_dim),
                                      method=Molmo2.vision_features).reshape(groups, per_pass, patches, -1)
 
     def run(index_gk):
-        return vit(jnp.take_along_axis(crops_gnpx, index_gk[:, :, None, None], axis=1))
+        return vit(jnp.take_along_axis(crops_gnpx, index_gk[:, :, None, None], axis=1, mode="clip"))
 
     width = jax.eval_shape(run, padded_order_gn[:, :per_pass]).shape[-1]
+    group_g1 = jnp.arange(groups)[:, None]
 
-    def one_pass(_, first):
+    def one_pass(features_gnpd, first):
+        # Each pass's features go straight to their slots: one buffer of the batch's features, not
+        # the passes' outputs and then a reordered copy.
         index_gk = jax.lax.dynamic_slice_in_dim(padded_order_gn, first, per_pass, axis=1)
-        zeros = lambda _: jnp.zeros((groups, per_pass, patches, width), model.config.dtype)
-        return None, jax.lax.cond(first < last_read, run, zeros, index_gk)
+        return jax.lax.cond(first < last_read,
+                            lambda: features_gnpd.at[group_g1, index_gk].set(run(index_gk), mode="drop"),
+                            lambda: features_gnpd), None
 
-    _, features_sgkpd = jax.lax.scan(one_pass, None, jnp.arange(passes) * per_pass)
-    features_gnpd = features_sgkpd.swapaxes(0, 1).reshape(groups, passes * per_pass, patches, width)
-    # Back to slot order: slot order_gn[g, i] was computed at position i.
-    position_gn = jnp.argsort(order_gn, axis=1)
-    features_gnpd = jnp.take_along_axis(features_gnpd, position_gn[:, :, None, None], axis=1)
+    features_gnpd = jnp.zeros((groups, slots, patches, width), model.config.dtype)
+    features_gnpd, _ = jax.lax.scan(one_pass, features_gnpd, jnp.arange(passes) * per_pass)
     return features_gnpd.reshape(rows, crops * patches, width)

@@ -9,11 +9,22 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from mrrm_jax.data.preprocess import pixel_table
 from mrrm_jax.models.attention import dense_attention
 from mrrm_jax.models.layers import Dense, GeluMLP
 from mrrm_jax.models.molmo2.config import Molmo2Config
 from mrrm_jax.sharding import constrain_rows
+
+
+def normalized_pixels(pixels_npd: jax.Array, cfg) -> jax.Array:
+    """uint8 patch pixels [..., patch_dim] (channels innermost) -> float32, normalised with the
+    processor's mean and std (`cfg`: the `VisionConfig`). A lookup of the preprocessing's own float32
+    arithmetic, so bit-identical to normalising on the host as transformers does."""
+    table_vc = jnp.asarray(pixel_table(cfg.image_mean, cfg.image_std))
+    channel_d = np.arange(pixels_npd.shape[-1]) % cfg.num_channels
+    return table_vc[pixels_npd, channel_d]
 
 
 class VisionAttention(nn.Module):
@@ -52,13 +63,16 @@ class VisionLayer(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """patches [N, P, patch_dim] -> concatenated feature-layer outputs [N, P, F * hidden]."""
+    """patches [N, P, patch_dim] -> concatenated feature-layer outputs [N, P, F * hidden]. uint8 patches
+    are pixels, normalised here; float patches are normalised already (transformers' `pixel_values`)."""
 
     config: Molmo2Config
 
     @nn.compact
     def __call__(self, patches_npd):
         cfg, dt, pdt = self.config.vision, self.config.dtype, self.config.param_dtype
+        if patches_npd.dtype == jnp.uint8:
+            patches_npd = normalized_pixels(patches_npd, cfg)
         h_npd = Dense(cfg.hidden_size, use_bias=True, dtype=dt, param_dtype=pdt, name="patch_embedding")(patches_npd)
         positions_pd = self.param("positional_embedding", nn.initializers.normal(0.02),
                                   (cfg.num_patches, cfg.hidden_size), pdt)
