@@ -35,12 +35,12 @@ class RewardModel:
     `row_crops` ViT crops (or a fraction of that: `batch_shapes`). Scoring is data-parallel over every
     local device: the parameters are replicated and a batch's rows are split over a 1-D ('data',) mesh.
     The ViT runs only the crops that pooled tokens read, `vision_crops` at a time (its memory is bounded
-    by one pass; each device runs its own rows' crops). `programs` holds the batch shapes met so far:
+    by one pass; each device runs its own rows' crops; None: the backbone's choice for the platform). `programs` holds the batch shapes met so far:
     one compiled program each.
     """
 
     def __init__(self, config, params, head_config, head_params, processor, devices=None, rows: int = 4,
-                 row_tokens: int = 4096, row_crops: int = 32, vision_crops: int = 16):
+                 row_tokens: int = 4096, row_crops: int = 32, vision_crops: int | None = None):
         self.config = config.replace(with_lm_head=False)
         self.backbone, self.head = backbones.module(self.config), reward.ValueHead(head_config)
         self.mesh = Mesh(np.asarray(devices if devices is not None else jax.local_devices()), ("data",))

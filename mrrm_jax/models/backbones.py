@@ -23,15 +23,15 @@ class Backbone:
     config_class: type
     module_class: Callable[..., nn.Module]
     # (module, params, batch, vision_chunk, groups) -> hidden states: the forward pass scoring runs, which
-    # may run the vision tower `vision_chunk` crops/frames at a time, over `groups` groups of rows (one
-    # per device).
+    # may run the vision tower `vision_chunk` crops/frames at a time (None: its own choice), over
+    # `groups` groups of rows (one per device).
     hidden_states: Callable
     media: Callable  # config -> the packed rows' media layout (`data.packing.Molmo2Media` / `Qwen3VLMedia`)
     # (config, processor) -> the config with what the model takes from the processor that makes its batches.
     with_processor: Callable = lambda config, processor: config
 
 
-def _whole(model: nn.Module, params: dict, batch: dict, vision_chunk: int, groups: int):
+def _whole(model: nn.Module, params: dict, batch: dict, vision_chunk: int | None, groups: int):
     return model.apply({"params": params}, batch)
 
 
@@ -73,6 +73,6 @@ def init_batch(config) -> dict:
     return BACKBONES[config.model_type].module_class.init_batch(config)
 
 
-def hidden_states(model: nn.Module, params: dict, batch: dict, vision_chunk: int, groups: int = 1):
+def hidden_states(model: nn.Module, params: dict, batch: dict, vision_chunk: int | None, groups: int = 1):
     """Final-norm hidden states of `batch` as scoring computes them (see `Backbone.hidden_states`)."""
     return BACKBONES[model.config.model_type].hidden_states(model, params, batch, vision_chunk, groups)

@@ -67,8 +67,8 @@ class Molmo2(nn.Module):
         """Final-norm hidden states [B, T, D]. `vision_features_bpd`: see `image_tokens`."""
         tokens_bt = batch["tokens"]
         embeds_btd = self.language_model.embed(tokens_bt)
-        if batch.get("crops") is not None:
-            image_bkd = self.image_tokens(batch["crops"], batch["pooling"], vision_features_bpd)
+        if batch.get("pooling") is not None:  # scoring's loop passes the features without the crops
+            image_bkd = self.image_tokens(batch.get("crops"), batch["pooling"], vision_features_bpd)
             is_patch_bt = tokens_bt == self.config.image_patch_id
             # The k-th `<im_patch>` of a row takes the row's k-th pooled feature.
             feature_index_bt = jnp.clip(jnp.cumsum(is_patch_bt, axis=1) - 1, 0, image_bkd.shape[1] - 1)
@@ -85,22 +85,47 @@ class Molmo2(nn.Module):
         return self.lm_head(hidden_btd)
 
 
-def hidden_states(model: Molmo2, params: dict, batch: dict, vision_crops: int, groups: int = 1) -> jax.Array:
+# On CPU a ViT pass holds at most this many bytes of attention scores: the softmax then runs near the
+# cache. Measured on 2 cores, the small ViT of bench/score_e2e.py (2 heads x 729 patches, 4.3 MB of
+# scores a crop) over its 730 read crops: 26.5 s in passes of 16 crops, 15.4 s in passes of 4.
+CPU_PASS_SCORES_BYTES = 16 << 20
+
+
+def vision_pass_crops(config, vision_crops: int | None) -> int:
+    """Crops per ViT pass: `vision_crops`, or by default 16 on an accelerator and on CPU as many as keep
+    a pass's attention scores within `CPU_PASS_SCORES_BYTES` (at least one)."""
+    if vision_crops is not None:
+        return vision_crops
+    if jax.default_backend() != "cpu":
+        return 16
+    scores_per_crop = config.vision.num_heads * config.vision.num_patches ** 2 * 4
+    return max(1, CPU_PASS_SCORES_BYTES // scores_per_crop)
+
+
+def hidden_states(model: Molmo2, params: dict, batch: dict, vision_crops: int | None, groups: int = 1) -> jax.Array:
     """`model.apply(params, batch)` as scoring runs it: the ViT over the read crops only
-    (`_read_crop_features`), then the language model one row of each of `groups` groups of rows (one
-    group per device) at a time: its dense attention's [T, T] buffers are then one row's (4x less memory
-    at the default 4 rows), and no row moves between devices."""
+    (`_read_crop_features`, `vision_pass_crops(vision_crops)` at a time), then the language model one
+    row of each of `groups` groups of rows (one group per device) at a time: its dense attention's
+    [T, T] buffers are then one row's (4x less memory at the default 4 rows), and no row moves between
+    devices."""
+    vision_crops = vision_pass_crops(model.config, vision_crops)
     rows = batch["tokens"].shape[0]
     by_step = lambda x: x.reshape(groups, rows // groups, *x.shape[1:]).swapaxes(0, 1)
-    inputs = (jax.tree.map(by_step, batch),)
+    # The crops stay out of the loop: the ViT has run on them before it.
+    step_batches = {name: by_step(x) for name, x in batch.items() if name != "crops"}
     if "crops" in batch:
-        inputs += (by_step(_read_crop_features(model, params, batch, vision_crops, groups)),)
-    hidden_sgtd = jax.lax.map(lambda step: model.apply({"params": params}, *step), inputs)
+        features_spd = _read_crop_features(model, params, batch, vision_crops, groups)
+        # Indexed in the loop rather than mapped over: XLA:CPU copied a mapped [S, G, C * P, width] whole.
+        step = lambda s, b: model.apply({"params": params}, b, features_spd[s].reshape(groups, -1, features_spd.shape[-1]))
+    else:
+        step = lambda s, b: model.apply({"params": params}, b)
+    hidden_sgtd = jax.lax.map(lambda args: step(*args), (jnp.arange(rows // groups), step_batches))
     return hidden_sgtd.swapaxes(0, 1).reshape(rows, *hidden_sgtd.shape[2:])
 
 
 def _read_crop_features(model: Molmo2, params: dict, batch: dict, vision_crops: int, groups: int) -> jax.Array:
-    """ViT features [B, C * P, width] of the batch's crop slots, computed only for the crops that pooled
+    """ViT features [B / groups, groups * C * P, width] of the batch's crop slots, in `hidden_states`'s
+    step order (step s holds rows s, B / groups + s, ...), computed only for the crops that pooled
     tokens read, `vision_crops` at a time (its memory is bounded by one pass). Packed rows fill their
     crop slots unevenly, so the read crops of each group of rows (no crop moves between devices) are
     gathered to the front, and the passes past the last are skipped; unread slots hold zeros or garbage."""
@@ -126,16 +151,16 @@ def _read_crop_features(model: Molmo2, params: dict, batch: dict, vision_crops: 
         return vit(jnp.take_along_axis(crops_gnpx, index_gk[:, :, None, None], axis=1, mode="clip"))
 
     width = jax.eval_shape(run, padded_order_gn[:, :per_pass]).shape[-1]
-    group_g1 = jnp.arange(groups)[:, None]
+    group_g1, steps = jnp.arange(groups)[:, None], rows // groups
 
-    def one_pass(features_gnpd, first):
-        # Each pass's features go straight to their slots: one buffer of the batch's features, not
-        # the passes' outputs and then a reordered copy.
+    def one_pass(features_sgcpd, first):
+        # Each pass's features go straight to their slots, in step order: one buffer of the batch's
+        # features, not the passes' outputs and then reordered copies. Slot n of a group is crop
+        # n % C of its row n // C.
         index_gk = jax.lax.dynamic_slice_in_dim(padded_order_gn, first, per_pass, axis=1)
-        return jax.lax.cond(first < last_read,
-                            lambda: features_gnpd.at[group_g1, index_gk].set(run(index_gk), mode="drop"),
-                            lambda: features_gnpd), None
+        put = lambda: features_sgcpd.at[index_gk // crops, group_g1, index_gk % crops].set(run(index_gk), mode="drop")
+        return jax.lax.cond(first < last_read, put, lambda: features_sgcpd), None
 
-    features_gnpd = jnp.zeros((groups, slots, patches, width), model.config.dtype)
-    features_gnpd, _ = jax.lax.scan(one_pass, features_gnpd, jnp.arange(passes) * per_pass)
-    return features_gnpd.reshape(rows, crops * patches, width)
+    features_sgcpd = jnp.zeros((steps, groups, crops, patches, width), model.config.dtype)
+    features_sgcpd, _ = jax.lax.scan(one_pass, features_sgcpd, jnp.arange(passes) * per_pass)
+    return features_sgcpd.reshape(steps, groups * crops * patches, width)
