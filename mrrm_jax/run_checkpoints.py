@@ -14,8 +14,10 @@ What a save guarantees, read in Orbax 0.12.8's source (`_src/path/atomicity.py`,
 - The steps beyond `keep` are deleted by the save's finalize thread after the new step's rename, and
   not at all when its write failed: until a new step is complete the older ones are all there.
 - The tmp directories a killed process left are deleted when the next `RunCheckpoints` opens the
-  directory (`cleanup_tmp_directories`: in the background, the first save waits for it; a save of
-  the same step would also replace its leftover tmp directory, but a run may never save that step).
+  directory, before it returns. Not by Orbax's `cleanup_tmp_directories`: that runs in the
+  background and races a save of the same step (a run resumed from the step before the killed save
+  saves it again), which replaces its own leftover tmp directory; whichever deletes second raised
+  FileNotFoundError and failed the save.
 
 A listed step can still be unreadable (a truncated or deleted file, a disk or copy error).
 `restore` then warns and takes the step before; the unreadable newer steps are set aside as
@@ -29,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import shutil
 import time
 from collections.abc import Callable
 
@@ -39,6 +42,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
+
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax 0.12.8's `atomicity.TMP_DIR_SUFFIX`: a step being written
 
 # What Orbax raises for a step it lists but cannot read: tensorstore's NOT_FOUND, OUT_OF_RANGE and
 # DATA_LOSS (a missing or truncated array file) and json's decode errors are ValueErrors, as is
@@ -84,8 +89,13 @@ class RunCheckpoints:
 
     def __init__(self, directory: str | pathlib.Path, keep: int):
         self.directory = pathlib.Path(directory)
+        if jax.process_index() == 0 and self.directory.is_dir():
+            for leftover in self.directory.glob(f"*{TMP_SUFFIX}*"):  # a killed save's step (module doc)
+                shutil.rmtree(leftover)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("run_checkpoints: leftover tmp directories deleted")
         self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=True, cleanup_tmp_directories=True))
+            max_to_keep=keep, enable_async_checkpointing=True))
 
     def latest_step(self) -> int | None:
         """The newest step, counting a save still being written."""

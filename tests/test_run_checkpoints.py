@@ -100,7 +100,8 @@ def test_a_step_left_under_its_tmp_name_is_not_a_step_and_is_cleaned_up(tmp_path
     _assert_step_2(restored, next_example)
     assert latest == 2
     checkpoints = RunCheckpoints(tmp_path, keep=5)
-    checkpoints.save(3, _state(3), _iterator().get_state(), {"step": 3})  # waits for the cleanup
+    assert not tmp.exists()  # deleted on opening, before any save of step 3 can race the deletion
+    checkpoints.save(3, _state(3), _iterator().get_state(), {"step": 3})
     checkpoints.close()
     assert not tmp.exists() and (tmp_path / "3").is_dir()
 
