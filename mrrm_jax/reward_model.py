@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mrrm_jax import batch_shapes, checkpoint, lora, reward
 from mrrm_jax.data import formatting, records
 from mrrm_jax.models import backbones
+from mrrm_jax.models.attention import inference_backend
 
 
 class RewardModel:
@@ -55,11 +56,8 @@ class RewardModel:
     @classmethod
     def load(cls, reward_dir: str | pathlib.Path, dtype: str | None = None, attention: str | None = None,
              **shape) -> RewardModel:
-        """`dtype`, `attention`: override the saved model's; `shape`: `rows`, `row_tokens`, `row_crops`.
-
-        Without `attention`, a model saved with the dense "xla" reference scores with "blockwise": the
-        same mask and float32 softmax, but each example's tiles only, not the whole packed row's [T, T]
-        (3.5x faster per layer at 4096-token rows on CPU, and one tile in memory)."""
+        """`dtype`, `attention`: override the saved model's (without `attention`, the saved backend's
+        `attention.inference_backend`); `shape`: `rows`, `row_tokens`, `row_crops`."""
         reward_dir = pathlib.Path(reward_dir)
         # The reward path never uses the LM head (design decision 8).
         config, base = checkpoint.load_base(reward_dir / checkpoint.BASE_DIR, dtype=dtype, skip=("lm_head",))
@@ -67,7 +65,7 @@ class RewardModel:
         params = lora.merge(base, trainable["lora"], spec) if trainable["lora"] else base
         if dtype is not None:
             config = config.replace(dtype=dtype, param_dtype=dtype)
-        config = config.replace(attention=attention or ("blockwise" if config.attention == "xla" else config.attention))
+        config = config.replace(attention=attention or inference_backend(config.attention))
         processor = formatting.load_processor(reward_dir / checkpoint.PROCESSOR_DIR)
         return cls(backbones.with_processor(config, processor), params, head_config, trainable["head"], processor,
                    **shape)

