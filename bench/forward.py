@@ -18,9 +18,9 @@ and, with `--with_logits` (default on), both again including the LM head. Both s
 be shared: the script prints how much CPU other processes took during the timed runs, and min
 times beside medians. `--attention` picks our LM attention backend (default: the config's, `xla`).
 
-Measured (2-core machine, half of it taken by other processes, so min-time ratios are the estimate):
-  python -m bench.forward --attention=blockwise                                    1278 tokens: 1.83x (min), 4.76x (median)
-  python -m bench.forward --attention=blockwise --text_tokens=3330 --no-with_logits  4096 tokens: 1.92x (min), 1.83x (median)
+Measured (2-core machine, idle, JAX_PLATFORMS=cpu), ours / PyTorch tokens/s, final hidden states:
+  python -m bench.forward --attention=blockwise                                    1278 tokens: 1.19x (median), 1.21x (min)
+  python -m bench.forward --attention=blockwise --text_tokens=3330 --no-with_logits  4096 tokens: 1.66x (median), 1.64x (min)
 """
 
 from __future__ import annotations
