@@ -36,8 +36,8 @@ class RewardModel:
     `row_crops` ViT crops (or a fraction of that: `batch_shapes`). Scoring is data-parallel over every
     local device: the parameters are replicated and a batch's rows are split over a 1-D ('data',) mesh.
     The ViT runs only the crops that pooled tokens read, `vision_crops` at a time (its memory is bounded
-    by one pass; each device runs its own rows' crops; None: the backbone's choice for the platform). `programs` holds the batch shapes met so far:
-    one compiled program each.
+    by one pass; each device runs its own rows' crops; None: the backbone's choice for the platform).
+    `programs` holds the batch shapes met so far: one compiled program each.
     """
 
     def __init__(self, config, params, head_config, head_params, processor, devices=None, rows: int = 4,

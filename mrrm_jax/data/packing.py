@@ -127,7 +127,8 @@ class Molmo2Media:
             return
         crops, pooling, crop, pooled = example["crops"][0], example["pooling"][0], used["crops"], used["pooled"]
         if crops.dtype != np.uint8:  # normalised floats would be cast to garbage pixels
-            raise ValueError(f"example crops are {crops.dtype}; packed rows hold uint8 pixels (Molmo2Processor.media_head)")
+            raise ValueError(f"example crops are {crops.dtype}; packed rows hold uint8 pixels "
+                             "(Molmo2Processor.media_head)")
         row["crops"][0, crop: crop + len(crops)] = crops
         row["pooling"][0, pooled: pooled + len(pooling), : pooling.shape[1]] = np.where(
             pooling >= 0, pooling + crop * self.patch_dim[0], -1)

@@ -234,8 +234,9 @@ def _image_inputs_one(rgb_hwc: np.ndarray, options: VisionOptions, max_crops: in
 def image_inputs(images: list[Image.Image], options: VisionOptions, max_crops: int | None = None,
                  normalized: bool = True) -> dict:
     """`Molmo2ImageProcessor` outputs (numpy) for a list of images: `pixel_values` float32
-    [crops, P, D] (`normalized=False`: the uint8 pixels before normalisation), `image_token_pooling` int32 (indices over all the images' patches),
-    `image_grids` int64 [n, 4] (low-res rows, cols, high-res rows, cols), `image_num_crops` int64 [n]."""
+    [crops, P, D] (`normalized=False`: the uint8 pixels before normalisation), `image_token_pooling`
+    int32 (indices over all the images' patches), `image_grids` int64 [n, 4] (low-res rows, cols,
+    high-res rows, cols), `image_num_crops` int64 [n]."""
     max_crops = options.max_crops if max_crops is None else max_crops
     crops, pooling, grids, offset = [], [], [], 0
     patches_per_crop = (options.crop_size // options.patch_size) ** 2
@@ -281,7 +282,8 @@ def sample_video(frames_thwc: np.ndarray, metadata: dict, options: VisionOptions
 
 def video_inputs(frames_thwc: np.ndarray, options: VisionOptions, normalized: bool = True) -> dict:
     """`Molmo2VideoProcessor` outputs (numpy) for one video's sampled frames: `pixel_values_videos`
-    float32 [T, P, D] (`normalized=False`: uint8 pixels), `video_token_pooling` int64 [T * tokens, pool], `video_grids` int64 [1, 3]."""
+    float32 [T, P, D] (`normalized=False`: uint8 pixels), `video_token_pooling` int64 [T * tokens, pool],
+    `video_grids` int64 [1, 3]."""
     crop, patch = options.crop_size, options.patch_size
     patches = _patches(np.stack([resize(frame, crop, crop) for frame in frames_thwc]), patch)
     patches = normalize(patches, options.mean, options.std) if normalized else patches

@@ -85,9 +85,11 @@ class Molmo2(nn.Module):
         return self.lm_head(hidden_btd)
 
 
-# On CPU a ViT pass holds at most this many bytes of attention scores: the softmax then runs near the
-# cache. Measured on 2 cores, the small ViT of bench/score_e2e.py (2 heads x 729 patches, 4.3 MB of
-# scores a crop) over its 730 read crops: 26.5 s in passes of 16 crops, 15.4 s in passes of 4.
+# On CPU a ViT pass holds at most this many bytes of attention scores, a proxy for the pass's whole
+# working set (chunking the attention alone, at 16 crops a pass, gained nothing: the MLP's and norms'
+# buffers shrink with the pass too). Measured on 2 cores with the scoring command's malloc settings,
+# the small ViT of bench/score_e2e.py (2 heads x 729 patches, 4.3 MB of scores a crop) over its 730
+# read crops: 20.3-20.7 s in passes of 16 crops, 16.0-17.9 s in passes of 4 and of 2.
 CPU_PASS_SCORES_BYTES = 16 << 20
 
 
@@ -116,7 +118,8 @@ def hidden_states(model: Molmo2, params: dict, batch: dict, vision_crops: int | 
     if "crops" in batch:
         features_spd = _read_crop_features(model, params, batch, vision_crops, groups)
         # Indexed in the loop rather than mapped over: XLA:CPU copied a mapped [S, G, C * P, width] whole.
-        step = lambda s, b: model.apply({"params": params}, b, features_spd[s].reshape(groups, -1, features_spd.shape[-1]))
+        width = features_spd.shape[-1]
+        step = lambda s, b: model.apply({"params": params}, b, features_spd[s].reshape(groups, -1, width))
     else:
         step = lambda s, b: model.apply({"params": params}, b)
     hidden_sgtd = jax.lax.map(lambda args: step(*args), (jnp.arange(rows // groups), step_batches))
