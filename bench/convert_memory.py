@@ -13,8 +13,8 @@ them to the original release layout that `save_pretrained` writes by default (fu
 
 Then runs `python tools/convert_checkpoint.py` in a subprocess and reads its peak RSS (ru_maxrss
 from wait4, in a bare launcher process: see `bench.measure`), and the same for a bare
-`python -c "import jax, orbax.checkpoint, mrrm_jax.convert"` baseline (and one that also starts
-the jax backend, as the converter does). Finally loads the result with `mrrm_jax.checkpoint.load_base`
+`python -c "import jax, orbax.checkpoint, mrrm_jax.interop.convert"` baseline (and one that also starts
+the jax backend, as the converter does). Finally loads the result with `mrrm_jax.backbones.checkpoint.load_base`
 and checks a few leaves against the source tensors. Everything is deleted at the end.
 """
 
@@ -154,7 +154,7 @@ def read_tensor(hf_dir: pathlib.Path, name: str) -> np.ndarray:
 
 def check_leaves(hf_dir: pathlib.Path, out_dir: pathlib.Path, layout: str, mlp: int) -> list[str]:
     """Load with checkpoint.load_base and compare a few leaves to the source tensors."""
-    from mrrm_jax import checkpoint
+    from mrrm_jax.backbones import checkpoint
 
     cfg, params = checkpoint.load_base(out_dir)
     layer = cfg.text.num_layers // 2
@@ -227,10 +227,10 @@ def main():
         checkpoint_bytes = sum(f.stat().st_size for f in files)
 
         baseline_bytes = run_measured(
-            [sys.executable, "-c", "import jax, orbax.checkpoint, mrrm_jax.convert"], tmp / "baseline.log").peak_rss_bytes
+            [sys.executable, "-c", "import jax, orbax.checkpoint, mrrm_jax.interop.convert"], tmp / "baseline.log").peak_rss_bytes
         baseline_backend_bytes = run_measured(
-            [sys.executable, "-c", "import jax, orbax.checkpoint.experimental.v1, mrrm_jax.convert, "
-                                   "mrrm_jax.checkpoint, absl.app; jax.numpy.zeros(1).block_until_ready()"],
+            [sys.executable, "-c", "import jax, orbax.checkpoint.experimental.v1, mrrm_jax.interop.convert, "
+                                   "mrrm_jax.backbones.checkpoint, absl.app; jax.numpy.zeros(1).block_until_ready()"],
             tmp / "baseline_backend.log").peak_rss_bytes
         converted = run_measured(
             [sys.executable, "tools/convert_checkpoint.py", f"--hf_dir={hf_dir}", f"--out={out_dir}"],

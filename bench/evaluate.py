@@ -27,7 +27,7 @@ from mrrm_jax.benchmarks import runner
 from mrrm_jax.benchmarks import formats
 from mrrm_jax.data import synthetic
 from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
-from mrrm_jax.reward_model import RewardModel
+from mrrm_jax.scoring.reward_model import RewardModel
 
 
 def main():

@@ -43,12 +43,13 @@ from transformers import AutoProcessor
 from transformers import Molmo2Config as HFMolmo2Config
 from transformers import Molmo2ForConditionalGeneration
 
-from mrrm_jax import checkpoint, convert
+from mrrm_jax.backbones import checkpoint
+from mrrm_jax.interop import convert
 from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
-from mrrm_jax.models.molmo2 import Molmo2
+from mrrm_jax.backbones.molmo2 import Molmo2
 
 try:  # processor outputs -> our batch layout (moved out of tests/oracle.py)
-    from mrrm_jax.hf_interop import batch_from_processor
+    from mrrm_jax.backbones.molmo2.hf_batch import batch_from_processor
 except ImportError:
     from tests.oracle import to_batch as batch_from_processor
 

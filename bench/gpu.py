@@ -67,9 +67,10 @@ import traceback
 import numpy as np
 from PIL import Image
 
-from mrrm_jax.data import collate, packing, preprocess
-from mrrm_jax.hf_interop import batch_from_processor
-from mrrm_jax.models.molmo2.config import (EXTRA_TOKENS, VISION_BLOCK_TOKENS, AdapterConfig, Molmo2Config, TextConfig,
+from mrrm_jax.data import collate, packing
+from mrrm_jax.backbones.molmo2 import preprocess
+from mrrm_jax.backbones.molmo2.hf_batch import batch_from_processor
+from mrrm_jax.backbones.molmo2.config import (EXTRA_TOKENS, VISION_BLOCK_TOKENS, AdapterConfig, Molmo2Config, TextConfig,
                                            VisionConfig)
 
 # `<|resp_sep|>`: the id the processor gives it, the next after Molmo2's extra tokens (formatting.py).
@@ -346,8 +347,10 @@ def jax_side(args, sizes: Sizes, results: Results, deadline: float) -> None:
     import jax
     import jax.numpy as jnp
 
-    from mrrm_jax import lora, reward, step
-    from mrrm_jax.models.molmo2 import Molmo2
+    from mrrm_jax.core import lora
+    from mrrm_jax.core import reward
+    from mrrm_jax.training import step
+    from mrrm_jax.backbones.molmo2 import Molmo2
 
     backend = jax.default_backend()
     config = sizes.config.replace(attention=args.attention or ("cudnn" if backend == "gpu" else "xla"),

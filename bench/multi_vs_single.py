@@ -55,12 +55,15 @@ import numpy as np
 from PIL import Image
 
 from bench.measure import busy_cpu_seconds
-from mrrm_jax import checkpoint, convert, lora, reward
+from mrrm_jax.backbones import checkpoint
+from mrrm_jax.interop import convert
+from mrrm_jax.core import lora
+from mrrm_jax.core import reward
 from mrrm_jax.data import collate, formatting
 from mrrm_jax.data.tokenizer import write_molmo2_processor_dir, write_qwen3_vl_processor_dir
-from mrrm_jax.models import backbones
-from mrrm_jax.models.molmo2 import Molmo2, Molmo2Config
-from mrrm_jax.models.qwen3_vl import Qwen3VLConfig
+from mrrm_jax import backbones
+from mrrm_jax.backbones.molmo2 import Molmo2, Molmo2Config
+from mrrm_jax.backbones.qwen3_vl import Qwen3VLConfig
 
 # Paper, "Efficiency claim": N single passes / one multi pass, forward FLOPs at Molmo2-4B dims,
 # row "640x480 image, prompt 40" (responses ~100 tokens).
@@ -293,7 +296,7 @@ def build_reward_dir(tmp: pathlib.Path, processor_dir: pathlib.Path, lm_layers: 
 
 def run_wallclock(processor_dir, sizes, repeats, prompt_tokens, response_tokens, lm_layers, hidden,
                   forward_only=True):
-    from mrrm_jax.reward_model import RewardModel
+    from mrrm_jax.scoring.reward_model import RewardModel
 
     print(f"\n== 2. CPU wall clock, small random model (LM {lm_layers} x {hidden}, ViT {SMALL_VIT_LAYERS} x "
           f"{SMALL_VIT_HIDDEN}), default processor ==")

@@ -34,7 +34,7 @@ from PIL import Image
 from transformers.video_utils import VideoMetadata
 
 from bench.forward import busy_cpu_seconds
-from mrrm_jax.data import preprocess
+from mrrm_jax.backbones.molmo2 import preprocess
 from mrrm_jax.data.formatting import load_processor
 from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
 

@@ -14,7 +14,7 @@ the response's tokens lets it learn in ~150 steps. Converted Molmo2 weights alre
 information, so the Molmo2-4B configs keep `last`.
 """
 
-from mrrm_jax import defaults
+from mrrm_jax.training import defaults
 
 
 def get_config():

@@ -11,7 +11,7 @@ after its "<t seconds>" timestamp. The ViT keeps Qwen3-VL's patch 16, temporal p
 learned 48 x 48 position table; deepstack feeds the LM's first layer from ViT block 0.
 """
 
-from mrrm_jax import defaults
+from mrrm_jax.training import defaults
 
 
 def get_config():

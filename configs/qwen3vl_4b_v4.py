@@ -8,7 +8,7 @@
 Multi-host slices add --config.distributed=True.
 """
 
-from mrrm_jax import defaults
+from mrrm_jax.training import defaults
 
 
 def get_config():

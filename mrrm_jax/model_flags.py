@@ -6,7 +6,7 @@ import pathlib
 
 from absl import flags
 
-from mrrm_jax import host_malloc
+from mrrm_jax.core import host_malloc
 
 _ROWS = flags.DEFINE_integer("batch_size", 4, "Packed rows per forward pass (over all local devices).")
 _ROW_TOKENS = flags.DEFINE_integer("row_tokens", 4096, "Tokens of one packed row; a longer record gets a row of "
@@ -25,7 +25,7 @@ def load_reward_model(checkpoint: str):
     host_malloc.keep_freed_memory()  # before jax starts its threads
     import jax
 
-    from mrrm_jax.reward_model import RewardModel  # after flag parsing: jax starts with the model
+    from mrrm_jax.scoring.reward_model import RewardModel  # after flag parsing: jax starts with the model
 
     if _CACHE.value:  # a scoring run's programs are the same from run to run: compile them once
         jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(_CACHE.value).expanduser()))

@@ -3,7 +3,7 @@
     python -m mrrm_jax.score --checkpoint=DIR --input=in.jsonl --output=out.jsonl [--mode=single] \\
         [--batch_size=4] [--row_tokens=4096] [--row_crops=32] [--dtype=...] [--attention=...]
 
-The logic lives in `mrrm_jax.reward_model` (`RewardModel`, `score_file`); this is the command line
+The logic lives in `mrrm_jax.scoring.reward_model` (`RewardModel`, `score_file`); this is the command line
 around it. `--mode=single` is the conventional baseline: every response in its own pass (same head,
 same read-position rule), for comparison.
 """
@@ -16,7 +16,7 @@ import sys
 from absl import app, flags
 
 from mrrm_jax import model_flags
-from mrrm_jax.reward_model import score_file
+from mrrm_jax.scoring.reward_model import score_file
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Reward-model directory (imported or trained).")
 _INPUT = flags.DEFINE_string("input", None, "Input JSONL, paper schema.")

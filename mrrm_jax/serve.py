@@ -17,7 +17,8 @@ import threading
 from absl import app, flags
 from absl import logging as absl_logging
 
-from mrrm_jax import batch_shapes, host_malloc
+from mrrm_jax.scoring import batch_shapes
+from mrrm_jax.core import host_malloc
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Reward-model directory (trained here or imported).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind; loopback unless told otherwise.")
@@ -50,7 +51,7 @@ def main(argv) -> None:
     host_malloc.keep_freed_memory()  # before jax starts its threads
     import uvicorn
 
-    from mrrm_jax.reward_model import RewardModel
+    from mrrm_jax.scoring.reward_model import RewardModel
     from mrrm_jax.serving import app as serving_app
     from mrrm_jax.serving.batcher import Batcher
     from mrrm_jax.serving.metrics import ServerMetrics

@@ -7,7 +7,7 @@ the coordinator and each process's id itself; elsewhere (e.g. several processes 
 `--coordinator_address=HOST:PORT` (process 0 serves it; or JAX_COORDINATOR_ADDRESS), `--num_processes`
 and `--process_id` to every process.
 
-The logic lives in `mrrm_jax.trainer`; this is the command line around it: the config parsed into
+The logic lives in `mrrm_jax.training.trainer`; this is the command line around it: the config parsed into
 a run spec, and SIGTERM (a preemption) turned into a clean stop with a checkpoint.
 """
 
@@ -23,9 +23,10 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from mrrm_jax import run_spec, trainer
+from mrrm_jax.training import spec as run_spec
+from mrrm_jax.training import trainer
 from mrrm_jax.data.pipeline import PipelineError
-from mrrm_jax.run_checkpoints import UnusableCheckpoints
+from mrrm_jax.training.checkpoints import UnusableCheckpoints
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file (configs/*.py)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/mrrm_jax_run", "run directory: checkpoints, metrics, demo data")

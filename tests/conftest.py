@@ -54,7 +54,9 @@ def tiny_reward_dir(tmp_path_factory, tiny_models, processor_dir) -> pathlib.Pat
     import jax
     import jax.numpy as jnp
 
-    from mrrm_jax import checkpoint, lora, reward
+    from mrrm_jax.backbones import checkpoint
+    from mrrm_jax.core import lora
+    from mrrm_jax.core import reward
     from mrrm_jax.data.formatting import load_processor
 
     out = tmp_path_factory.mktemp("reward")
@@ -75,7 +77,7 @@ def tiny_reward_dir(tmp_path_factory, tiny_models, processor_dir) -> pathlib.Pat
 def model(tiny_reward_dir):
     """The tiny reward model loaded once for every test that scores (one jit cache: each batch shape
     compiles once in the whole run)."""
-    from mrrm_jax.reward_model import RewardModel
+    from mrrm_jax.scoring.reward_model import RewardModel
 
     return RewardModel.load(tiny_reward_dir)
 

@@ -11,8 +11,8 @@ from transformers import AutoProcessor
 from transformers import Molmo2Config as HFMolmo2Config
 from transformers import Molmo2ForConditionalGeneration
 
-from mrrm_jax import convert
-from mrrm_jax.data import preprocess
+from mrrm_jax.interop import convert
+from mrrm_jax.backbones.molmo2 import preprocess
 
 # torch's bilinear resize takes another kernel, which rounds differently, when it runs on one thread;
 # our exact port follows the multi-threaded one (torch's default on any machine with 2+ cores).

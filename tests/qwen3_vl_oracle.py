@@ -12,9 +12,9 @@ import torch
 from transformers import Qwen3VLConfig as HFQwen3VLConfig
 from transformers import Qwen3VLForConditionalGeneration
 
-from mrrm_jax import convert
+from mrrm_jax.interop import convert
 from mrrm_jax.data import packing
-from mrrm_jax.data.qwen3_vl_positions import vision_layout
+from mrrm_jax.backbones.qwen3_vl.positions import vision_layout
 
 # Qwen/Qwen3-VL-4B-Instruct's config.json as released (transformers 4.57 keys: `rope_scaling`, flat `rope_theta`).
 QWEN3_VL_4B_CONFIG = {

@@ -14,8 +14,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from transformers import Molmo2Config as HFMolmo2Config
 
-from mrrm_jax import checkpoint, convert
-from mrrm_jax.models.molmo2 import Molmo2Config
+from mrrm_jax.backbones import checkpoint
+from mrrm_jax.interop import convert
+from mrrm_jax.backbones.molmo2 import Molmo2Config
 from tests import oracle
 
 
@@ -112,7 +113,8 @@ def test_load_straight_into_a_sharding(tiny_models):
     script = textwrap.dedent(f"""
         import jax, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from mrrm_jax import checkpoint, convert
+        from mrrm_jax.backbones import checkpoint
+        from mrrm_jax.interop import convert
         mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("fsdp", "tensor"))
         _, plain = checkpoint.load_base({str(tiny_models.converted_native)!r})
         def spec(x):  # layers over nothing, last axis over 'tensor' when it divides

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrrm_jax.models.molmo2 import AdapterConfig, Molmo2, Molmo2Config, TextConfig, VisionConfig
+from mrrm_jax.backbones.molmo2 import AdapterConfig, Molmo2, Molmo2Config, TextConfig, VisionConfig
 
 
 def _config(text_layers: int, vision_layers: int = 3) -> Molmo2Config:

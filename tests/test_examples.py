@@ -10,7 +10,7 @@ from PIL import Image
 
 from mrrm_jax.data import examples, formatting
 from mrrm_jax.data.formatting import load_processor
-from mrrm_jax.hf_interop import batch_from_processor
+from mrrm_jax.backbones.molmo2.hf_batch import batch_from_processor
 
 RECORD = {"prompt": "Which colour is the square?",
           "responses": ["Red.", "It is blue, clearly.", "Green, I think.", "There is no square in this image."],

@@ -12,11 +12,12 @@ from PIL import Image
 from transformers import AutoProcessor
 from transformers.video_utils import VideoMetadata
 
-from mrrm_jax.data import preprocess, processor as processor_lib
+from mrrm_jax.backbones.molmo2 import preprocess
+from mrrm_jax.backbones.molmo2 import processor as processor_lib
 from mrrm_jax.data.formatting import RESP_SEP, SEPARATOR_TEXT, format_example, load_processor
-from mrrm_jax.hf_interop import batch_from_processor
-from mrrm_jax.models.molmo2.config import Molmo2Config
-from mrrm_jax.models.molmo2.vision import normalized_pixels
+from mrrm_jax.backbones.molmo2.hf_batch import batch_from_processor
+from mrrm_jax.backbones.molmo2.config import Molmo2Config
+from mrrm_jax.backbones.molmo2.vision import normalized_pixels
 from tests import oracle
 
 SEP_ID = 151946  # the next id after Molmo2's last token, <|video|> = 151945

@@ -13,7 +13,7 @@ import ctypes, resource, sys, threading
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 if sys.argv[1] == "keep":
-    from mrrm_jax import host_malloc
+    from mrrm_jax.core import host_malloc
     host_malloc.keep_freed_memory()
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 def fill():

@@ -11,9 +11,9 @@ from PIL import Image
 from transformers import AutoProcessor, Molmo2ForConditionalGeneration
 from transformers.video_utils import VideoMetadata
 
-from mrrm_jax import checkpoint
-from mrrm_jax.hf_interop import batch_from_processor
-from mrrm_jax.models.molmo2 import Molmo2
+from mrrm_jax.backbones import checkpoint
+from mrrm_jax.backbones.molmo2.hf_batch import batch_from_processor
+from mrrm_jax.backbones.molmo2 import Molmo2
 from tests import oracle
 
 TOLERANCE = 1e-4  # max abs error on final hidden states and logits (measured: ~1e-6)

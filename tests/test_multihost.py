@@ -175,7 +175,7 @@ def last(workdir: pathlib.Path, kind: str) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{name: (workdir, stdouts)}. The reference (1 process: one core compiles) and the shards run at once."""
-    from mrrm_jax import trainer
+    from mrrm_jax.training import trainer
 
     root = tmp_path_factory.mktemp("multihost")
     shared = root / "shared"
@@ -245,7 +245,8 @@ def test_two_processes_evaluate_and_export_like_one(runs):
 def exported(workdir: pathlib.Path) -> tuple[tuple, dict]:
     """The reward model a run exported, loaded as `score` loads it: ((its files, but inside Orbax's
     directories), configs), {"trainable/...", "base/...": weights})."""
-    from mrrm_jax import checkpoint, trainer
+    from mrrm_jax.backbones import checkpoint
+    from mrrm_jax.training import trainer
 
     out = workdir / trainer.REWARD_MODEL_DIR
     trainable, head, lora = checkpoint.load_trainable(out)
@@ -362,8 +363,10 @@ def reference_run(workdir: pathlib.Path, shared: pathlib.Path) -> None:
 
     import jax
 
-    from mrrm_jax import run_spec, trainer
-    from mrrm_jax.data import pipeline, training_data
+    from mrrm_jax.training import spec as run_spec
+    from mrrm_jax.training import trainer
+    from mrrm_jax.data import pipeline
+    from mrrm_jax.training import data as training_data
 
     assert jax.device_count() == PROCESSES * DEVICES_PER_PROCESS, jax.devices()
     batches = training_data.batches
@@ -385,8 +388,10 @@ def read_shards(workdir: pathlib.Path, shared: pathlib.Path) -> dict:
     """One epoch of each split as the trainer builds it for this process; which records its source gave."""
     import jax
 
-    from mrrm_jax import run_spec, trainer
-    from mrrm_jax.data import pipeline, training_data
+    from mrrm_jax.training import spec as run_spec
+    from mrrm_jax.training import trainer
+    from mrrm_jax.data import pipeline
+    from mrrm_jax.training import data as training_data
 
     spec = run_spec.parse(config(shared, 4, **{"data.num_epochs": 1}))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from mrrm_jax.data import packing
-from mrrm_jax.models import backbones
-from mrrm_jax.reward_model import RewardModel
+from mrrm_jax import backbones
+from mrrm_jax.scoring.reward_model import RewardModel
 
 
 def _examples(model):

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from mrrm_jax.data import examples, packing, pipeline, records, synthetic
-from mrrm_jax.models.molmo2 import Molmo2Config
+from mrrm_jax.backbones.molmo2 import Molmo2Config
 from tests import oracle
 
 ROW = packing.RowBudget(row_tokens=1024, row_crops=24, row_pooled=256, row_examples=8, max_responses=4)

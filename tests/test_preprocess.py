@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from transformers.video_utils import VideoMetadata
 
-from mrrm_jax.data import examples, media, preprocess
+from mrrm_jax.data import examples, media
+from mrrm_jax.backbones.molmo2 import preprocess
 from mrrm_jax.data.formatting import load_processor
 from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
 from tests import oracle

@@ -13,14 +13,14 @@ from transformers import Qwen3VLConfig as HFQwen3VLConfig
 from transformers.vision_utils import (get_vision_cu_seqlens, get_vision_interpolation_indices_and_weights,
                                        get_vision_position_ids)
 
-from mrrm_jax import checkpoint
+from mrrm_jax.backbones import checkpoint
 from mrrm_jax.models import rope
 from mrrm_jax.models.decoder import DecoderLayer
 from mrrm_jax.models.layers import Dense
-from mrrm_jax.data.qwen3_vl_positions import vision_layout
-from mrrm_jax.models.qwen3_vl import Qwen3VL, Qwen3VLConfig
-from mrrm_jax.models.qwen3_vl.vision import position_corners
-from mrrm_jax.models.qwen3_vl.vision import PatchMerger, VisionBlock
+from mrrm_jax.backbones.qwen3_vl.positions import vision_layout
+from mrrm_jax.backbones.qwen3_vl import Qwen3VL, Qwen3VLConfig
+from mrrm_jax.backbones.qwen3_vl.vision import position_corners
+from mrrm_jax.backbones.qwen3_vl.vision import PatchMerger, VisionBlock
 from tests import qwen3_vl_oracle as qo
 
 TOLERANCE = 1e-4  # max abs error (measured: stages ~1e-6, whole model ~3e-6)
@@ -248,7 +248,7 @@ def test_packed_row_equals_each_example_alone(tiny, backend):
 def test_conversion_errors_name_the_tensors(tiny, tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    from mrrm_jax import convert
+    from mrrm_jax.interop import convert
 
     tiny, _, _ = tiny
     broken = tmp_path / "broken"

@@ -15,8 +15,8 @@ from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoPr
 from transformers.video_utils import VideoMetadata, load_video
 
 from mrrm_jax.data import media
-from mrrm_jax.data.preprocess import rgb_array
-from mrrm_jax.data.qwen3_vl_preprocess import (Qwen3VLVisionOptions, image_patches, resize_bicubic,
+from mrrm_jax.backbones.molmo2.preprocess import rgb_array
+from mrrm_jax.backbones.qwen3_vl.preprocess import (Qwen3VLVisionOptions, image_patches, resize_bicubic,
                                                video_frame_indices, video_patches, video_timestamps)
 
 # Qwen3-VL-4B-Instruct's released preprocessor_config.json and video_preprocessor_config.json.

@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, Qwen3VLConfig, Qwen3VLModel
 
-from mrrm_jax.data import formatting, qwen3_vl_preprocess
-from mrrm_jax.data import qwen3_vl_processor as processor_lib
-from mrrm_jax.data.qwen3_vl_positions import rope_index
+from mrrm_jax.data import formatting
+from mrrm_jax.backbones.qwen3_vl import preprocess as qwen3_vl_preprocess
+from mrrm_jax.backbones.qwen3_vl import processor as processor_lib
+from mrrm_jax.backbones.qwen3_vl.positions import rope_index
 from mrrm_jax.data.tokenizer import (QWEN3_VL_4B_IMAGE, QWEN3_VL_4B_VIDEO, QWEN_ADDED_TOKENS,
                                      write_qwen3_vl_processor_dir)
 

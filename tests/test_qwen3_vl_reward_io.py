@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mrrm_jax import reward_io
+from mrrm_jax.interop import reward_io
 from mrrm_jax.data.formatting import format_example, load_processor
 from mrrm_jax.data.tokenizer import write_qwen3_vl_processor_dir
-from mrrm_jax.reward_model import RewardModel
+from mrrm_jax.scoring.reward_model import RewardModel
 
 TOLERANCE = 1e-4  # max abs score error, float32
 TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from configs import demo_qwen3vl
-from mrrm_jax import reward_model, run_spec, trainer
+from mrrm_jax.scoring import reward_model
+from mrrm_jax.training import spec as run_spec
+from mrrm_jax.training import trainer
 from tests.test_train import override
 
 

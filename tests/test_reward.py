@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mrrm_jax import lora, reward
-from mrrm_jax.models.molmo2 import Molmo2, Molmo2Config
+from mrrm_jax.core import lora
+from mrrm_jax.core import reward
+from mrrm_jax.backbones.molmo2 import Molmo2, Molmo2Config
 from tests.test_compile import _batch, _config
 
 

@@ -28,11 +28,13 @@ import torch
 from PIL import Image
 from transformers.video_utils import VideoMetadata
 
-from mrrm_jax import checkpoint, reward, reward_io
+from mrrm_jax.backbones import checkpoint
+from mrrm_jax.core import reward
+from mrrm_jax.interop import reward_io
 from mrrm_jax.data.formatting import RESP_SEP, format_example, load_processor
-from mrrm_jax.hf_interop import batch_from_processor
-from mrrm_jax.lora import LoraSpec
-from mrrm_jax.models.molmo2 import Molmo2
+from mrrm_jax.backbones.molmo2.hf_batch import batch_from_processor
+from mrrm_jax.core.lora import LoraSpec
+from mrrm_jax.backbones.molmo2 import Molmo2
 from tests import oracle
 
 TOLERANCE = 1e-4  # max abs score error, float32

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mrrm_jax.run_checkpoints import RunCheckpoints, UnusableCheckpoints
+from mrrm_jax.training.checkpoints import RunCheckpoints, UnusableCheckpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES_PER_STEP = 10
@@ -156,7 +156,7 @@ _KILLED_RUN = textwrap.dedent("""
     import asyncio, pathlib, sys
     import grain, jax.numpy as jnp, numpy as np
     from orbax.checkpoint._src.path import atomicity
-    from mrrm_jax.run_checkpoints import RunCheckpoints
+    from mrrm_jax.training.checkpoints import RunCheckpoints
 
     async def never_commit(self):
         await asyncio.sleep(3600)

@@ -11,7 +11,7 @@ import types
 import pytest
 
 from configs import demo
-from mrrm_jax import run_spec
+from mrrm_jax.training import spec as run_spec
 from tests.test_train import small_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mrrm_jax.reward_model import RewardModel, score_file
+from mrrm_jax.scoring.reward_model import RewardModel, score_file
 
 RESPONSES = ["A red square on a blue background.", "A cat.", "Two circles, one green.", "Nothing at all."]
 
@@ -62,7 +62,7 @@ def test_release_poolings_score_consistently(model, pooling):
     import jax
     import jax.numpy as jnp
 
-    from mrrm_jax import reward
+    from mrrm_jax.core import reward
 
     config = reward.HeadConfig(pooling=pooling)
     width = model.config.text.hidden_size * (2 if pooling == "first_last_concat" else 1)
@@ -78,7 +78,7 @@ def test_packed_batches_and_a_vit_in_passes_score_each_example_as_alone(model, t
     """Small rows (several per batch, text and media together), the ViT two crops a pass (passes with no
     crop in use skipped), and an example longer than a row (a row of its own): every example's scores
     equal it alone through the plain forward (the whole ViT at once, no packing)."""
-    from mrrm_jax import reward
+    from mrrm_jax.core import reward
 
     frames = np.random.RandomState(3).randint(0, 256, (4, 48, 64, 3), np.uint8)
     video = {"fps": 2.0, "total_num_frames": 4, "duration": 2.0}

@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 
 from mrrm_jax.data import media, packing
-from mrrm_jax.reward_model import score_file
+from mrrm_jax.scoring.reward_model import score_file
 from mrrm_jax.serving import groups
 from mrrm_jax.serving.app import ServeSettings, create_app
 from mrrm_jax.serving.batcher import Batcher

@@ -37,7 +37,8 @@ def sharded_config(mesh, shared: pathlib.Path):
 
 def run(workdir: pathlib.Path, mesh) -> dict[int, list[float]]:
     """{step: [loss, gradient norm]}."""
-    from mrrm_jax import run_spec, trainer
+    from mrrm_jax.training import spec as run_spec
+    from mrrm_jax.training import trainer
 
     trainer.train(run_spec.parse(sharded_config(mesh, workdir.parent)), workdir)
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -52,7 +53,7 @@ def pallas_on_rows_errors() -> list[float]:
     import jax.numpy as jnp
     import numpy as np
 
-    from mrrm_jax import sharding
+    from mrrm_jax.core import sharding
     from mrrm_jax.models.attention import segment_attention
 
     rng = np.random.default_rng(0)
@@ -70,8 +71,8 @@ def pallas_on_rows_errors() -> list[float]:
 @pytest.mark.slow
 def test_losses_match_across_meshes(tmp_path):
     from configs import demo
-    from mrrm_jax import run_spec
-    from mrrm_jax.data import training_data
+    from mrrm_jax.training import spec as run_spec
+    from mrrm_jax.training import data as training_data
 
     training_data.open_processor(run_spec.parse(demo.get_config()).processor, "", tmp_path)  # writes tmp_path/processor once
     reference = run(tmp_path / "one_device", (1, 1, 1))
@@ -98,7 +99,7 @@ if __name__ == "__main__":
     import jax
     from absl import flags
 
-    from mrrm_jax import sharding
+    from mrrm_jax.core import sharding
 
     flags.FLAGS.mark_as_parsed()
     assert jax.device_count() == 8, jax.devices()

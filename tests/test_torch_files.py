@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mrrm_jax import torch_files
+from mrrm_jax.interop import torch_files
 
 
 def test_a_state_dict_reads_as_torch_wrote_it(tmp_path):

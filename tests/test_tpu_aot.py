@@ -47,7 +47,8 @@ def test_segment_flash_attention_compiles_at_molmo2_4b_shapes():
 def test_the_train_step_compiles_for_a_tpu_slice():
     """tools/aot_compile.py's path on the demo model: sharded (fsdp x tensor), Pallas attention, bf16."""
     from configs import demo
-    from mrrm_jax import aot, run_spec
+    from mrrm_jax.training import aot
+    from mrrm_jax.training import spec as run_spec
 
     cfg = demo.get_config()
     cfg.mesh = dict(data=1, fsdp=2, tensor=2)
@@ -61,7 +62,8 @@ def test_step_flops_extrapolated_over_depth_match_the_unrolled_step():
     """aot.step_flops (three shallow compiles, linear in depth) == XLA's count of the whole step
     compiled unrolled, on the demo model made deeper (4 ViT and 5 LM layers), with 2 micro-steps."""
     from configs import demo
-    from mrrm_jax import aot, run_spec
+    from mrrm_jax.training import aot
+    from mrrm_jax.training import spec as run_spec
 
     cfg = demo.get_config()
     cfg.mesh = dict(data=1, fsdp=2, tensor=2)

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from configs import demo
-from mrrm_jax import reward_model, run_spec, trainer
+from mrrm_jax.scoring import reward_model
+from mrrm_jax.training import spec as run_spec
+from mrrm_jax.training import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -123,7 +125,7 @@ def test_demo_learns_from_the_media(tmp_path):
 
 def test_an_evaluation_with_nothing_to_score_or_with_nan_scores_is_an_error():
     """An eval where every record was skipped used to report accuracy 0.0; NaN scores would be ranked."""
-    from mrrm_jax import sharding
+    from mrrm_jax.core import sharding
     from mrrm_jax.data import pipeline
 
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})

@@ -12,7 +12,8 @@ import signal
 import numpy as np
 import pytest
 
-from mrrm_jax import run_checkpoints, trainer
+from mrrm_jax.training import checkpoints as run_checkpoints
+from mrrm_jax.training import trainer
 from mrrm_jax.data import pipeline, synthetic
 from mrrm_jax.train import stop_on_sigterm
 from tests.test_train import losses, small_config, train

@@ -18,7 +18,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from mrrm_jax import aot, run_spec
+from mrrm_jax.training import aot
+from mrrm_jax.training import spec as run_spec
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file (configs/*.py)", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "e.g. v5p:2x2x1, v4:2x2x1, v5e:4x4")

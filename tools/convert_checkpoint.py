@@ -7,7 +7,7 @@ layout and the original release layout; reads tensor by tensor
 (no PyTorch needed) and writes one layer at a time.
 """
 
-from mrrm_jax import host_malloc
+from mrrm_jax.core import host_malloc
 
 # glibc gives every writer thread (tensorstore's) its own arena, and freed tensor-sized blocks stay
 # spread over them: measured, peak RSS then grows with the checkpoint instead of with its largest
@@ -16,7 +16,7 @@ host_malloc.limit_arenas(2)
 
 from absl import app, flags, logging  # noqa: E402
 
-from mrrm_jax import convert  # noqa: E402
+from mrrm_jax.interop import convert  # noqa: E402
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory (config.json + *.safetensors).")
 _OUT = flags.DEFINE_string("out", None, "Output directory for the converted checkpoint.")

@@ -9,7 +9,7 @@
 
 from absl import app, flags
 
-from mrrm_jax import reward_io
+from mrrm_jax.interop import reward_io
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "mrrm_jax reward-model directory.")
 _OUT = flags.DEFINE_string("out", None, "Output PEFT adapter directory (new or empty).")

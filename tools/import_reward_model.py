@@ -4,14 +4,14 @@
 
 --base: the Molmo2 checkpoint the adapter was trained on (transformers or original layout, safetensors).
 --adapter: PEFT LoRA adapter dir with value_head.pt (or .safetensors) and reward_model_config.json.
-No PyTorch is needed (a .pt value head is read by mrrm_jax.torch_files).
+No PyTorch is needed (a .pt value head is read by mrrm_jax.interop.torch_files).
 """
 
 import sys
 
 from absl import app, flags
 
-from mrrm_jax import reward_io
+from mrrm_jax.interop import reward_io
 
 _BASE = flags.DEFINE_string("base", None, "Hugging Face Molmo2 checkpoint directory (config.json + *.safetensors).")
 _ADAPTER = flags.DEFINE_string("adapter", None, "The released reward model's PEFT adapter directory.")

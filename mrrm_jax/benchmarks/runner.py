@@ -26,7 +26,7 @@ import numpy as np
 from mrrm_jax.benchmarks import formats, metrics, report
 from mrrm_jax.data import records
 from mrrm_jax.data.examples import Skip
-from mrrm_jax.reward_model import prefetch
+from mrrm_jax.scoring.reward_model import prefetch
 
 SCORES_FILE, RUN_FILE = "scores.jsonl", "run.json"
 # What a record can fail with while its media are read and it is formatted: a bad record, not a bug.

@@ -1,0 +1,1 @@
+"""The backbone-free data path: media reading, records, examples, multi-response formatting, packing, the Grain pipeline, the offline tokenizer."""

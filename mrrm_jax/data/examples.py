@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from mrrm_jax import reward
+from mrrm_jax.core import reward
 from mrrm_jax.data import formatting
 
 

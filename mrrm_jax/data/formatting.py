@@ -26,8 +26,8 @@ import tokenizers
 from PIL import Image
 from transformers import TokenizersBackend
 
-from mrrm_jax.data import processor as processor_lib
-from mrrm_jax.data import qwen3_vl_processor
+from mrrm_jax.backbones.molmo2 import processor as processor_lib
+from mrrm_jax.backbones.qwen3_vl import processor as qwen3_vl_processor
 
 # A processor directory's `processor_class` -> its torch-free loader.
 LOADERS = {"Molmo2Processor": processor_lib.load, qwen3_vl_processor.PROCESSOR_CLASS: qwen3_vl_processor.load}

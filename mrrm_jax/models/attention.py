@@ -31,7 +31,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mrrm_jax.sharding import map_rows
+from mrrm_jax.core.sharding import map_rows
 
 # Finite, so a row whose every key is masked still has a finite softmax (padding rows never are).
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)

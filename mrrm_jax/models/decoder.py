@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from mrrm_jax.models import rope
 from mrrm_jax.models.attention import segment_attention
 from mrrm_jax.models.layers import Dense, RMSNorm, swiglu
-from mrrm_jax.sharding import constrain_rows
+from mrrm_jax.core.sharding import constrain_rows
 
 # What a rematerialised layer keeps for the backward pass.
 REMAT_POLICIES = {

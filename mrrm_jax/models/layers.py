@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrrm_jax.lora import LoraKernel
+from mrrm_jax.core.lora import LoraKernel
 
 Dtype = jnp.dtype
 
@@ -15,7 +15,7 @@ class Dense(nn.Module):
     """`y = x @ kernel (+ bias)`, kernel stored [in, out] (the transpose of torch's Linear).
 
     Every projection of the model goes through this one module, so that LoRA (a parameter
-    transform, see lora.py) has a single place to act on.
+    transform, see core/lora.py) has a single place to act on.
     """
 
     features: int

@@ -19,9 +19,9 @@ import queue
 import threading
 import time
 
-from mrrm_jax.batch_shapes import BatchShapes
+from mrrm_jax.scoring.batch_shapes import BatchShapes
 from mrrm_jax.data import packing
-from mrrm_jax.models import backbones
+from mrrm_jax import backbones
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,113 @@
+"""Ahead-of-time compilation of the real train step for a TPU slice, from any host (tools/aot_compile.py).
+
+Parameters, optimizer state and the batch are abstract (shapes, dtypes, shardings), so neither a TPU
+nor weights are needed, only libtpu.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mrrm_jax.core import sharding
+from mrrm_jax.training import step
+from mrrm_jax.training.spec import RunSpec, check_mesh
+
+# HBM per device that XLA lets a program use, GiB, as its out-of-memory errors name it.
+HBM_GIB = {"TPU v4": 30.75, "TPU v5 lite": 15.75, "TPU v5": 95.74}
+# A v4 chip's two TensorCores run as one device ("megacore"), as JAX presents them on a real v4 slice;
+# a topology made on a CPU host would otherwise list each core as a device with half the chip's HBM.
+CHIP_CONFIG = {"v4": "megacore"}
+
+
+def abstract_step(spec: RunSpec, mesh):
+    """(jitted train step, abstract arguments) for `spec` on `mesh`."""
+    shard = lambda tree: jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                      tree, sharding.tree_shardings(tree, mesh))
+    base = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(spec.model.param_dtype)),
+                        step.abstract_base(spec.model))
+    tx = step.optimizer(spec)
+    state = shard(jax.eval_shape(lambda b: step.init_state(spec, b, tx), base))
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape), leading=1))
+             for k, (shape, dtype) in step.batch_shapes(spec).items()}
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
+                               sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    step_fn = jax.jit(functools.partial(step.train_step, step.model(spec), tx), donate_argnums=(0,))
+    return step_fn, (state, shard(base), batch, rng)
+
+
+@dataclasses.dataclass
+class Report:
+    topology: str
+    chips: int
+    kind: str
+    argument_gib: float
+    output_gib: float
+    alias_gib: float
+    temp_gib: float
+    flops: float
+    hbm_gib: float | None
+
+    @property
+    def total_gib(self) -> float:
+        return self.argument_gib + self.output_gib - self.alias_gib + self.temp_gib
+
+    @property
+    def fits(self) -> bool:
+        return self.hbm_gib is not None and self.total_gib <= self.hbm_gib
+
+
+def topology_devices(topology: str):
+    from jax.experimental import topologies
+
+    chip_config = CHIP_CONFIG.get(topology.split(":")[0])
+    return topologies.get_topology_desc(topology, "tpu", **({"chip_config_name": chip_config} if chip_config else {})).devices
+
+
+def _compile(spec: RunSpec, devices):
+    mesh = sharding.make_mesh(spec.mesh, devices)
+    check_mesh(spec, mesh, 1)  # compiled for the slice as one program
+    step_fn, args = abstract_step(spec, mesh)
+    with jax.set_mesh(mesh):  # as in training: activations pinned to the batch axes (constrain_rows)
+        return step_fn.lower(*args).compile()
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost).get("flops", float("nan"))
+
+
+def compile_for(spec: RunSpec, topology: str) -> Report:
+    """Per-device memory of the real step; `flops` as XLA counts them: each loop body (a layer stack's
+    scan, the micro-step loop) once."""
+    devices = topology_devices(topology)
+    compiled = _compile(spec, devices)
+    memory = compiled.memory_analysis()
+    gib = lambda n: n / 2**30
+    kind = devices[0].device_kind
+    return Report(topology, len(devices), kind, gib(memory.argument_size_in_bytes), gib(memory.output_size_in_bytes),
+                  gib(memory.alias_size_in_bytes), gib(memory.temp_size_in_bytes), _flops(compiled),
+                  HBM_GIB.get(kind))
+
+
+def step_flops(spec: RunSpec, topology: str) -> float:
+    """FLOPs per device of one whole optimizer step: every layer and every micro-step counted.
+
+    XLA counts a loop body once, and compiling the full depth unrolled takes too long; but the layers
+    of a stack are identical, so the step's FLOPs are linear in each stack's depth. Three shallow
+    unrolled compiles (2/2, 3/2 and 2/3 ViT/LM layers) give the intercept and the cost of one more
+    layer of each stack; times `grad_accum` micro-steps (the optimizer update, counted with each, is
+    under 1e-6 of a micro-step). Depth 1 is avoided: a lone LM layer is also the first, whose backward
+    needs no input gradient, and a lone ViT layer would serve every feature layer. Measured on the demo
+    model, the extra layers' counts vary by ~0.3% (XLA's fusion choices), hence the test's tolerance.
+    """
+    devices, config = topology_devices(topology), spec.model
+    count = lambda v, t: _flops(_compile(dataclasses.replace(spec, model=config.shallow(v, t)), devices))
+    base = count(2, 2)
+    per_vision_layer, per_text_layer = count(3, 2) - base, count(2, 3) - base
+    one_micro_step = (base + (config.vision.num_layers - 2) * per_vision_layer
+                      + (config.text.num_layers - 2) * per_text_layer)
+    return spec.train.grad_accum * one_micro_step

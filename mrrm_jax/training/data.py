@@ -1,0 +1,103 @@
+"""A training run's data: its processor directory, its data files and their packed batches.
+
+Reads only the data parts of the run spec (`ProcessorSpec`, `DataSpec`, the budget) and the packing
+shapes it is given; the model is not its business.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import grain
+import jax
+
+from mrrm_jax.data import examples, formatting, pipeline, records, synthetic, tfds_records
+from mrrm_jax.data.tokenizer import write_molmo2_processor_dir, write_qwen3_vl_processor_dir
+from mrrm_jax.training.spec import ConfigError, DataSpec, ProcessorSpec
+
+
+def _write_molmo2(out: pathlib.Path, crop: int, max_crops: int, num_frames: int, max_fps: float):
+    size = {"height": crop, "width": crop}
+    write_molmo2_processor_dir(
+        out, image_processor_kwargs=dict(size=size, max_crops=max_crops, overlap_margins=[1, 1]),
+        video_processor_kwargs=dict(size=size, num_frames=num_frames, max_fps=max_fps))
+
+
+def _write_qwen3_vl(out: pathlib.Path, image_min_pixels: int, image_max_pixels: int, video_min_pixels: int,
+                    video_max_pixels: int, fps: float):
+    write_qwen3_vl_processor_dir(
+        out, image_processor_kwargs=dict(size={"shortest_edge": image_min_pixels, "longest_edge": image_max_pixels}),
+        video_processor_kwargs=dict(size={"shortest_edge": video_min_pixels, "longest_edge": video_max_pixels},
+                                    fps=fps))
+
+
+# The processor a run writes from `processor.kwargs` when it has none (the demo), per backbone.
+PROCESSOR_WRITERS = {"molmo2": _write_molmo2, "qwen3_vl": _write_qwen3_vl}
+
+
+def open_processor(spec: ProcessorSpec, base_dir: str, workdir: pathlib.Path):
+    """The run's processor directory and its processor, loaded once here: a setting our preprocessing
+    does not implement must stop the run at the start, not in a data worker."""
+    if spec.dir:
+        out = pathlib.Path(spec.dir)
+    elif base_dir:
+        out = pathlib.Path(base_dir)
+        if not (out / "tokenizer_config.json").exists():
+            raise ConfigError(f"model.base_dir={base_dir!r} has no tokenizer/processor files: set "
+                              "processor.dir to the Hugging Face checkpoint directory it was converted from")
+    else:
+        out = workdir / "processor"
+        if not (out / "processor_config.json").exists():
+            try:
+                PROCESSOR_WRITERS[spec.model_type](out, **spec.settings)
+            except TypeError as error:
+                raise ConfigError(f"processor.kwargs {spec.settings} for a {spec.model_type} processor: {error}") from error
+    try:
+        return out, formatting.load_processor(out)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"processor {out}: {error}") from error
+
+
+def data_file(spec: DataSpec, split: str, workdir: pathlib.Path, seed: int) -> pathlib.Path | str | None:
+    """The JSONL of a split, or a "tfds:DATA_DIR:SPLIT" spec; "synthetic" writes the demo corpus into
+    the workdir first."""
+    name = getattr(spec, split)
+    if not name:
+        return None
+    if name == "synthetic":
+        sizes = spec.synthetic
+        seed = seed * 2 + (split == "eval")  # different corpora for training and evaluation
+        return synthetic.write_corpus(workdir / "data" / split, sizes[f"{split}_images"], sizes[f"{split}_videos"],
+                                      seed)
+    if name.startswith("tfds:"):
+        record_items(name)  # fails early on a bad spec or directory
+        return name
+    path = pathlib.Path(name)
+    if not path.exists():
+        raise ConfigError(f"data.{split}={name!r} does not exist")
+    return path
+
+
+def record_items(source: pathlib.Path | str):
+    """The grain source of a data file: JSONL records, or a prepared TFDS split (media inside)."""
+    if isinstance(source, pathlib.Path):
+        return records.read_jsonl(source)
+    try:
+        _, data_dir, split = source.split(":")
+        builder = tfds_records.MultiResponseRecords(data_dir=data_dir)
+        return tfds_records.RecordSource(builder.as_data_source(split))
+    except (ValueError, AssertionError, KeyError) as error:
+        raise ConfigError(f"data {source!r}: expected tfds:DATA_DIR:SPLIT of a prepared dataset ({error})") from error
+
+
+def batches(source: pathlib.Path | str, train: bool, spec: DataSpec, budget: examples.Budget, processor: pathlib.Path,
+            packing: pipeline.PackingConfig, seed: int, media_transform: str = "none") -> grain.IterDataset:
+    """This process's share of a split's records as packed batches: training shuffles and repeats in
+    worker processes; evaluation reads one pass in order, in this process."""
+    # A JSONL's media are under its directory unless `media_root` says otherwise; TFDS holds its own.
+    media_root = spec.media_root or (source.parent if isinstance(source, pathlib.Path) else None)
+    prepare = pipeline.PrepareExample(processor, budget, seed + (0 if train else 1), media_root, media_transform,
+                                      packing.row)
+    return pipeline.batches(record_items(source), prepare, packing, seed, spec.num_epochs if train else 1,
+                            spec.num_workers if train else 0, jax.process_index(), jax.process_count(),
+                            shuffle=train, num_threads=spec.num_threads)
