@@ -26,7 +26,7 @@ from bench.multi_vs_single import build_reward_dir
 from mrrm_jax.benchmarks import runner
 from mrrm_jax.benchmarks import formats
 from mrrm_jax.data import synthetic
-from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
+from mrrm_jax.backbones.molmo2.processor_files import write_molmo2_processor_dir
 from mrrm_jax.scoring.reward_model import RewardModel
 
 

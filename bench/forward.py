@@ -45,7 +45,7 @@ from transformers import Molmo2ForConditionalGeneration
 
 from mrrm_jax.backbones import checkpoint
 from mrrm_jax.interop import convert
-from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
+from mrrm_jax.backbones.molmo2.processor_files import write_molmo2_processor_dir
 from mrrm_jax.backbones.molmo2 import Molmo2
 
 try:  # processor outputs -> our batch layout (moved out of tests/oracle.py)

@@ -68,6 +68,7 @@ import numpy as np
 from PIL import Image
 
 from mrrm_jax.data import collate, packing
+from mrrm_jax import backbones
 from mrrm_jax.backbones.molmo2 import preprocess
 from mrrm_jax.backbones.molmo2.hf_batch import batch_from_processor
 from mrrm_jax.backbones.molmo2.config import (EXTRA_TOKENS, VISION_BLOCK_TOKENS, AdapterConfig, Molmo2Config, TextConfig,
@@ -195,7 +196,7 @@ def ours_row(examples: list[Example], config: Molmo2Config, row_tokens: int) -> 
     budget = packing.RowBudget(row_tokens, sum(o["crops"].shape[1] for o in ones),
                                sum(o["pooling"].shape[1] for o in ones), len(ones),
                                max(len(e.read_positions) for e in examples), pool_slots=ones[0]["pooling"].shape[2])
-    row = packing.pack_row(ones, budget, packing.Molmo2Media((config.vision.num_patches, config.vision.patch_dim)))
+    row = packing.pack_row(ones, budget, backbones.media(config))
     row.pop("media_kind")  # host-side bookkeeping
     return row
 

@@ -60,7 +60,8 @@ from mrrm_jax.interop import convert
 from mrrm_jax.core import lora
 from mrrm_jax.core import reward
 from mrrm_jax.data import collate, formatting
-from mrrm_jax.data.tokenizer import write_molmo2_processor_dir, write_qwen3_vl_processor_dir
+from mrrm_jax.backbones.molmo2.processor_files import write_molmo2_processor_dir
+from mrrm_jax.backbones.qwen3_vl.processor_files import write_qwen3_vl_processor_dir
 from mrrm_jax import backbones
 from mrrm_jax.backbones.molmo2 import Molmo2, Molmo2Config
 from mrrm_jax.backbones.qwen3_vl import Qwen3VLConfig

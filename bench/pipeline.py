@@ -24,7 +24,8 @@ from absl import app, flags
 from PIL import Image
 
 from mrrm_jax.data import examples, media, packing, pipeline, records
-from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
+from mrrm_jax.backbones.molmo2.processor_files import write_molmo2_processor_dir
+from mrrm_jax.backbones.molmo2.packing import Molmo2Media
 
 _IMAGES = flags.DEFINE_integer("images", 40, "image records timed")
 _VIDEOS = flags.DEFINE_integer("videos", 20, "16-frame video records timed")
@@ -85,7 +86,7 @@ def packing_efficiency(num_examples: int, row_tokens: int, window: int) -> tuple
     corpus = [fake_example(rng) for _ in range(num_examples)]
     corpus = [e for e in corpus if e["example"]["tokens"].shape[1] <= row_tokens]
     row = packing.RowBudget(row_tokens, row_crops=256, row_pooled=row_tokens, row_examples=32, max_responses=8)
-    config = pipeline.PackingConfig(row, packing.Molmo2Media((1, 1)), rows_per_batch=1, window=window)
+    config = pipeline.PackingConfig(row, Molmo2Media((1, 1)), rows_per_batch=1, window=window)
     start = time.perf_counter()
     batches = list(pipeline.PackedBatches(grain.MapDataset.source(corpus).to_iter_dataset(), config))
     rate = len(corpus) / (time.perf_counter() - start)

@@ -36,7 +36,7 @@ from transformers.video_utils import VideoMetadata
 from bench.forward import busy_cpu_seconds
 from mrrm_jax.backbones.molmo2 import preprocess
 from mrrm_jax.data.formatting import load_processor
-from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
+from mrrm_jax.backbones.molmo2.processor_files import write_molmo2_processor_dir
 
 # (height, width): 320 to 1,600 pixels, portrait, landscape, square and panoramic.
 IMAGE_SIZES = [(320, 480), (480, 320), (400, 1600), (1600, 400), (512, 512), (600, 800), (768, 1024),

@@ -49,7 +49,7 @@ from PIL import Image
 from bench.measure import REPO, run_measured
 from bench.multi_vs_single import english_text, small_hf_config
 from mrrm_jax.data import formatting, media
-from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
+from mrrm_jax.backbones.molmo2.processor_files import write_molmo2_processor_dir
 
 KINDS = ("text", "image", "two_images", "video")
 LORA_RANK, LORA_ALPHA = 8, 16

@@ -41,7 +41,7 @@ import psutil
 from PIL import Image
 
 from bench.multi_vs_single import build_reward_dir
-from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
+from mrrm_jax.backbones.molmo2.processor_files import write_molmo2_processor_dir
 
 ROW_FLAGS = ["--row_tokens=2048", "--row_crops=8", "--row_groups=8", "--max_responses=16"]
 WORDS = ("the of and a to in is it that was for on are with as his they be at one have this from or had by hot "

@@ -14,6 +14,7 @@ a run spec, and SIGTERM (a preemption) turned into a clean stop with a checkpoin
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -48,6 +49,9 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and grain log every save at INFO
     logging.getLogger("mrrm_jax").setLevel(logging.INFO)
+    # transformers prints "PyTorch was not found" in every process that imports it; this one already
+    # has (we use only its tokenizer classes), and the data workers started later inherit this.
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
     cfg = _CONFIG.value
     given = [f"--{f.name}" for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID) if f.value is not None]
     if given and not cfg.distributed:

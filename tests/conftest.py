@@ -41,7 +41,7 @@ def tiny_qwen(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def processor_dir(tmp_path_factory) -> pathlib.Path:
-    from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
+    from mrrm_jax.backbones.molmo2.processor_files import write_molmo2_processor_dir
 
     return write_molmo2_processor_dir(tmp_path_factory.mktemp("processor"), **oracle.PROCESSOR_KWARGS)
 

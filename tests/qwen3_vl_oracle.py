@@ -15,6 +15,7 @@ from transformers import Qwen3VLForConditionalGeneration
 from mrrm_jax.interop import convert
 from mrrm_jax.data import packing
 from mrrm_jax.backbones.qwen3_vl.positions import vision_layout
+from mrrm_jax.backbones.qwen3_vl.packing import Qwen3VLMedia
 
 # Qwen/Qwen3-VL-4B-Instruct's config.json as released (transformers 4.57 keys: `rope_scaling`, flat `rope_theta`).
 QWEN3_VL_4B_CONFIG = {
@@ -155,6 +156,6 @@ def our_batch(torch_model, rows: list[list[Example]], seq_len: int | None = None
     num_patches = num_patches or max(max(sum(sum(len(p) for p in e.patches) for e in row) for row in rows), 4)
     budget = packing.RowBudget(row_tokens=seq_len, row_crops=0, row_pooled=0, row_examples=max(map(len, rows)),
                                max_responses=1, row_patches=num_patches)
-    packed = [packing.pack_row([one_row(torch_model, e) for e in row], budget, packing.Qwen3VLMedia(1536))
+    packed = [packing.pack_row([one_row(torch_model, e) for e in row], budget, Qwen3VLMedia(1536))
               for row in rows]
     return {name: np.concatenate([row[name] for row in packed]) for name in packed[0]}

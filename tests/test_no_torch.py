@@ -4,13 +4,11 @@ evaluation of the reward model it exports. tests/test_reward_io.py imports a rel
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 def _run(args: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:

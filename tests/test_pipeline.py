@@ -14,6 +14,8 @@ from PIL import Image
 
 from mrrm_jax.data import examples, packing, pipeline, records, synthetic
 from mrrm_jax.backbones.molmo2 import Molmo2Config
+from mrrm_jax.backbones.molmo2.packing import Molmo2Media
+from mrrm_jax import backbones
 from tests import oracle
 
 ROW = packing.RowBudget(row_tokens=1024, row_crops=24, row_pooled=256, row_examples=8, max_responses=4)
@@ -35,7 +37,7 @@ def _batches(corpus, processor_dir, tiny_models, num_epochs=2, window=6, **kwarg
     config = Molmo2Config.from_hf_dict(oracle.tiny_hf_config().to_dict())
     prepare = pipeline.PrepareExample(processor_dir, examples.Budget(1024, 512, max_frames=4), seed=3,
                                       media_root=corpus.parent, row=ROW)
-    packing_config = pipeline.PackingConfig(ROW, packing.Molmo2Media((config.vision.num_patches, config.vision.patch_dim)),
+    packing_config = pipeline.PackingConfig(ROW, backbones.media(config),
                                             rows_per_batch=2, window=window)
     return pipeline.batches(records.read_jsonl(corpus), prepare, packing_config, seed=3, num_epochs=num_epochs,
                             **kwargs)
@@ -134,7 +136,7 @@ def _packed(items: list[dict], row: packing.RowBudget, window: int, epochs: int 
     source = grain.MapDataset.source(items)
     if epochs != 1:  # a new order each epoch, as `pipeline.record_dataset`
         source = source.shuffle(seed=0).repeat(epochs)
-    return pipeline.PackedBatches(source.to_iter_dataset(), pipeline.PackingConfig(row, packing.Molmo2Media((1, 1)), 1, window, **config),
+    return pipeline.PackedBatches(source.to_iter_dataset(), pipeline.PackingConfig(row, Molmo2Media((1, 1)), 1, window, **config),
                                   records)
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from mrrm_jax.backbones.molmo2 import processor as processor_lib
-from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
+from mrrm_jax.backbones.molmo2.processor_files import write_molmo2_processor_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MESSAGES = [

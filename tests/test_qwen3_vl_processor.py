@@ -18,8 +18,9 @@ from mrrm_jax.data import formatting
 from mrrm_jax.backbones.qwen3_vl import preprocess as qwen3_vl_preprocess
 from mrrm_jax.backbones.qwen3_vl import processor as processor_lib
 from mrrm_jax.backbones.qwen3_vl.positions import rope_index
-from mrrm_jax.data.tokenizer import (QWEN3_VL_4B_IMAGE, QWEN3_VL_4B_VIDEO, QWEN_ADDED_TOKENS,
-                                     write_qwen3_vl_processor_dir)
+from mrrm_jax.backbones.qwen3_vl.processor_files import (QWEN3_VL_4B_IMAGE, QWEN3_VL_4B_VIDEO,
+                                                         write_qwen3_vl_processor_dir)
+from mrrm_jax.data.tokenizer import QWEN_ADDED_TOKENS
 
 # Qwen3-VL-4B-Instruct's released preprocessor_config.json and video_preprocessor_config.json, verbatim.
 RELEASED_IMAGE = {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,

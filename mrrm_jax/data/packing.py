@@ -17,10 +17,10 @@ a = response text, | = `<|resp_sep|>`, . = padding); the first has a 2-patch ima
 
 Scores come out [rows, row_examples, max_responses], -inf where a read position is -1.
 The pooled rows of a later example are shifted by the crops before it, so the k-th `<im_patch>`
-of the row still takes the row's k-th pooled feature. grain's own packers pack 1-D features
+of the row still takes the row's k-th pooled feature (`backbones/molmo2/packing.py`). grain's own packers pack 1-D features
 without re-basing index-valued ones (pooling, read positions), so rows are assembled here.
 
-A Qwen3-VL row (`Qwen3VLMedia`) has M-RoPE positions [3, T] instead (each example's from its own
+A Qwen3-VL row (`backbones/qwen3_vl/packing.py`) has M-RoPE positions [3, T] instead (each example's from its own
 rope index, so they restart at 0 too) and, instead of crops and pooling, `row_patches` ViT patches:
 the examples' patches one after another, so the row's k-th vision pad takes its k-th merged token
 (4 patches); the ViT's attention segments (one per media item and temporal patch) are re-based like
@@ -110,58 +110,11 @@ def first_fit(examples: list[dict], budget: RowBudget) -> list[list[int]]:
     return rows
 
 
-@dataclasses.dataclass(frozen=True)
-class Molmo2Media:
-    """Molmo2's row media: ViT crops, and per pooled image token the indices of its patches into the
-    row's flattened crops (re-based: a later example's indices shift by the crops before it)."""
-
-    patch_dim: tuple[int, int]  # (patches per crop, values per patch)
-    position_rows: int = 1  # positions [T]: 1-D rope
-
-    def layout(self, budget: RowBudget) -> dict:
-        return {"crops": ((budget.row_crops, *self.patch_dim), np.uint8, 0),
-                "pooling": ((budget.row_pooled, budget.pool_slots), np.int32, -1)}
-
-    def place(self, row: dict, example: dict, used: dict) -> None:
-        if "crops" not in example:
-            return
-        crops, pooling, crop, pooled = example["crops"][0], example["pooling"][0], used["crops"], used["pooled"]
-        if crops.dtype != np.uint8:  # normalised floats would be cast to garbage pixels
-            raise ValueError(f"example crops are {crops.dtype}; packed rows hold uint8 pixels "
-                             "(Molmo2Processor.media_head)")
-        row["crops"][0, crop: crop + len(crops)] = crops
-        row["pooling"][0, pooled: pooled + len(pooling), : pooling.shape[1]] = np.where(
-            pooling >= 0, pooling + crop * self.patch_dim[0], -1)
-
-
-@dataclasses.dataclass(frozen=True)
-class Qwen3VLMedia:
-    """Qwen3-VL's row media: ViT patches with their per-patch arrays (`data/qwen3_vl_positions.vision_layout`); the
-    patch segment ids (one per media item and temporal patch) of a later example shift by those before."""
-
-    patch_dim: int  # values per patch (C * T * p * p)
-    position_rows: int = 3  # positions [3, T]: M-RoPE (t, h, w)
-
-    def layout(self, budget: RowBudget) -> dict:
-        patches = budget.row_patches
-        # Padding patches: grid (1, 1), so resampling the position table divides by nothing odd.
-        return {"patches": ((patches, self.patch_dim), np.float32, 0), "patch_segment_ids": ((patches,), np.int32, 0),
-                "patch_positions": ((patches, 2), np.int32, 0), "patch_grid": ((patches, 2), np.int32, 1)}
-
-    def place(self, row: dict, example: dict, used: dict) -> None:
-        if "patches" not in example:
-            return
-        start, count = used["patches"], example["patches"].shape[1]
-        segments_before = row["patch_segment_ids"][0, :start].max(initial=0)
-        for field in ("patches", "patch_segment_ids", "patch_positions", "patch_grid"):
-            values = example[field][0]
-            row[field][0, start: start + count] = values + segments_before if field == "patch_segment_ids" else values
-
-
 def row_layout(budget: RowBudget, media) -> dict[str, tuple[tuple[int, ...], type, int]]:
     """{field: (shape of one row without its leading 1, dtype, fill value)}: the packed row's arrays.
 
-    `media`: the backbone's `Molmo2Media` or `Qwen3VLMedia`. `media_kind` indexes `pipeline.MEDIA_KINDS`.
+    `media`: the backbone's media layout (`backbones.media(config)`, e.g. `backbones/molmo2/packing.py`).
+    `media_kind` indexes `pipeline.MEDIA_KINDS`.
     """
     tokens, slots = (budget.row_tokens,), (budget.row_examples, budget.max_responses)
     positions = tokens if media.position_rows == 1 else (media.position_rows, *tokens)

@@ -150,7 +150,7 @@ class PrepareExample:
 @dataclasses.dataclass(frozen=True)
 class PackingConfig:
     row: packing.RowBudget
-    media: object  # the backbone's media layout (`packing.Molmo2Media` / `packing.Qwen3VLMedia`)
+    media: object  # the backbone's media layout (`backbones.media(config)`)
     rows_per_batch: int
     window: int = 64  # examples read and packed together (first-fit decreasing); larger packs tighter, holds more
     # More than this share of a window's records failing with an unexpected error (an exception that is not

@@ -11,28 +11,9 @@ import pathlib
 import grain
 import jax
 
+from mrrm_jax import backbones
 from mrrm_jax.data import examples, formatting, pipeline, records, synthetic, tfds_records
-from mrrm_jax.data.tokenizer import write_molmo2_processor_dir, write_qwen3_vl_processor_dir
 from mrrm_jax.training.spec import ConfigError, DataSpec, ProcessorSpec
-
-
-def _write_molmo2(out: pathlib.Path, crop: int, max_crops: int, num_frames: int, max_fps: float):
-    size = {"height": crop, "width": crop}
-    write_molmo2_processor_dir(
-        out, image_processor_kwargs=dict(size=size, max_crops=max_crops, overlap_margins=[1, 1]),
-        video_processor_kwargs=dict(size=size, num_frames=num_frames, max_fps=max_fps))
-
-
-def _write_qwen3_vl(out: pathlib.Path, image_min_pixels: int, image_max_pixels: int, video_min_pixels: int,
-                    video_max_pixels: int, fps: float):
-    write_qwen3_vl_processor_dir(
-        out, image_processor_kwargs=dict(size={"shortest_edge": image_min_pixels, "longest_edge": image_max_pixels}),
-        video_processor_kwargs=dict(size={"shortest_edge": video_min_pixels, "longest_edge": video_max_pixels},
-                                    fps=fps))
-
-
-# The processor a run writes from `processor.kwargs` when it has none (the demo), per backbone.
-PROCESSOR_WRITERS = {"molmo2": _write_molmo2, "qwen3_vl": _write_qwen3_vl}
 
 
 def open_processor(spec: ProcessorSpec, base_dir: str, workdir: pathlib.Path):
@@ -49,7 +30,7 @@ def open_processor(spec: ProcessorSpec, base_dir: str, workdir: pathlib.Path):
         out = workdir / "processor"
         if not (out / "processor_config.json").exists():
             try:
-                PROCESSOR_WRITERS[spec.model_type](out, **spec.settings)
+                backbones.write_processor(spec.model_type, out, **spec.settings)
             except TypeError as error:
                 raise ConfigError(f"processor.kwargs {spec.settings} for a {spec.model_type} processor: {error}") from error
     try:

@@ -40,7 +40,7 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ProcessorSpec:
     dir: str  # "" = the base's processor files, else one written into the workdir with the settings below
-    model_type: str  # whose processor to write: `training_data.PROCESSOR_WRITERS`
+    model_type: str  # whose processor to write (`backbones.write_processor`)
     settings: dict  # its settings (`processor.kwargs`)
 
 
@@ -132,7 +132,7 @@ def parse(cfg: ml_collections.ConfigDict, training: bool = True) -> RunSpec:
     p = c.packing
     row = packing.RowBudget(p.row_tokens, p.row_crops, p.row_pooled, p.row_examples, p.max_responses, p.pool_slots,
                             p.get("row_patches", 0))
-    _check_row_holds_budget(row, budget, model.model_type)
+    _check_row_holds_budget(row, budget, backbones.media(model))
     try:
         head = reward.HeadConfig(**c.head.to_dict())
     except (TypeError, ValueError) as error:
@@ -197,35 +197,21 @@ def _model(m):
 
 
 def check_row_media(spec: RunSpec, processor) -> None:
-    """Molmo2: one image at the processor's `max_crops` (+ its low-resolution view) and one video at the
-    budget's first frame count fit an empty row (the processor is only known once its files are).
-    Qwen3-VL's rows are checked at parse: 4 patches per vision token."""
-    if spec.model.model_type != "molmo2":
-        return
-    max_crops = processor.options.max_crops
-    needed = max(max_crops + 1, spec.budget.max_frames)
-    _check(needed <= spec.row.row_crops,
-           f"packing.row_crops={spec.row.row_crops} holds neither an image of the processor's "
-           f"max_crops={max_crops} (+1) nor a video of budget.max_frames={spec.budget.max_frames}: "
-           f"raise row_crops to {needed} or lower those")
+    """What the row must hold for the processor's largest media (`processor_problem` of the backbone's
+    media layout): known only once the processor's files are."""
+    problem = backbones.media(spec.model).processor_problem(spec.row, spec.budget, processor)
+    _check(problem is None, problem)
 
 
-def _check_row_holds_budget(row: packing.RowBudget, budget: examples.Budget, model_type: str) -> None:
-    """An example the length budget accepts must fit an empty row in tokens, vision tokens (Molmo2's
-    pooled tokens, Qwen3-VL's patches: 4 per vision token) and responses (Molmo2's crops:
-    `check_row_media`); records beyond that (many images, more responses than a row's slots) are counted
-    skips, not config errors."""
+def _check_row_holds_budget(row: packing.RowBudget, budget: examples.Budget, media) -> None:
+    """An example the length budget accepts must fit an empty row in tokens, vision tokens (the media
+    layout's `budget_problem`) and responses; records beyond that (many images, more responses than a
+    row's slots) are counted skips, not config errors."""
     _check(budget.max_tokens <= row.row_tokens,
            f"budget.max_tokens={budget.max_tokens} exceeds packing.row_tokens={row.row_tokens}: examples the "
            "budget accepts would not fit a row; lower the budget or raise the row")
-    if model_type == "molmo2":
-        _check(budget.max_vision_tokens <= row.row_pooled,
-               f"budget.max_vision_tokens={budget.max_vision_tokens} exceeds packing.row_pooled={row.row_pooled}: "
-               "lower the budget or raise the row")
-    else:
-        _check(row.row_patches % 4 == 0 and 4 * budget.max_vision_tokens <= row.row_patches,
-               f"packing.row_patches={row.row_patches} must be a multiple of 4 and hold 4 x "
-               f"budget.max_vision_tokens={4 * budget.max_vision_tokens} patches: raise it or lower the budget")
+    problem = media.budget_problem(row, budget)
+    _check(problem is None, problem)
     _check(row.max_responses >= 2, f"packing.max_responses={row.max_responses}: an example has 2 responses or more")
     _check(row.row_examples >= 1, f"packing.row_examples={row.row_examples} must be at least 1")
 

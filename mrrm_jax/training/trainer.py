@@ -344,6 +344,7 @@ class _Run:
                                 self.processor)
             return results
         finally:
+            self.train_iter.close()  # its worker processes' prefetched batches sit in shared memory
             self.writer.close()
             self.skip_log.close()
             self.checkpoints.close()

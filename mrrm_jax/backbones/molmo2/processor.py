@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
 
 import numpy as np
@@ -23,11 +22,9 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from mrrm_jax.backbones.molmo2 import preprocess
 from mrrm_jax.backbones.molmo2.preprocess import VisionOptions
 from mrrm_jax.backbones.molmo2.hf_batch import batch_from_processor
-
-PROCESSOR_CONFIG = "processor_config.json"
-# Older layouts keep each sub-processor's settings in its own file.
-IMAGE_CONFIG, VIDEO_CONFIG = "preprocessor_config.json", "video_preprocessor_config.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
+from mrrm_jax.data.processor_dir import (IMAGE_CONFIG, PROCESSOR_CONFIG, VIDEO_CONFIG, budget_frame_counts,
+                                         plain_tokenizer, read_chat_template, read_json, video_metadata_dict,
+                                         write_processor_dir)
 
 # transformers' class defaults (Molmo2ImageProcessor, Molmo2VideoProcessor, Molmo2Processor), which a
 # directory's JSON overrides key by key. The video processor has no defaults for the pixel steps
@@ -210,74 +207,3 @@ def vision_options(image: dict, video: dict, flags: dict, source="image settings
                          overlap_margins=tuple(image["overlap_margins"]), max_crops=image["max_crops"],
                          num_frames=video["num_frames"], max_fps=video["max_fps"],
                          mean=tuple(image["image_mean"]), std=tuple(image["image_std"]), **flags)
-
-
-def budget_frame_counts(budget) -> list[int]:
-    """The frame counts a video is tried with until it fits `budget` (`examples.Budget`): its first,
-    halved down to its least."""
-    counts, frames = [], budget.max_frames
-    while frames >= budget.min_frames:
-        counts.append(frames)
-        frames //= 2
-    return counts
-
-
-def write_processor_dir(out_dir, tokenizer: TokenizersBackend, settings: dict, chat_template: str) -> pathlib.Path:
-    """A processor directory as transformers 5's `save_pretrained` writes it: the tokenizer files, one
-    processor_config.json (the sub-processors' settings nested) and chat_template.jinja."""
-    out_dir = pathlib.Path(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / PROCESSOR_CONFIG).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-    (out_dir / CHAT_TEMPLATE_FILE).write_text(chat_template)
-    return out_dir
-
-
-def processor_class(model_dir) -> str:
-    """The `processor_class` a processor directory names (either layout); Molmo2Processor when none."""
-    model_dir = pathlib.Path(model_dir)
-    named = read_json(model_dir / PROCESSOR_CONFIG).get("processor_class") or read_json(
-        model_dir / IMAGE_CONFIG).get("processor_class")
-    return named or "Molmo2Processor"
-
-
-def plain_tokenizer(tokenizer: TokenizersBackend) -> tokenizers.Tokenizer:
-    """A copy of the tokenizer that reads special-token text as plain text. transformers'
-    `split_special_tokens=True` instead flips that flag on the shared backend for the call, which
-    splits another thread's special tokens when formatting runs in several threads."""
-    backend = tokenizers.Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-    backend.encode_special_tokens = True
-    return backend
-
-
-def video_metadata_dict(metadata, num_frames: int) -> dict:
-    """A `VideoMetadata` or dict -> dict with the fps (frame timestamps need it) and the frame count."""
-    if metadata is None:
-        raise ValueError("video_metadata with the video's fps is required: the processor writes frame timestamps")
-    if dataclasses.is_dataclass(metadata):
-        metadata = {k: v for k, v in dataclasses.asdict(metadata).items() if v is not None}
-    if not metadata.get("fps"):
-        raise ValueError(f"video_metadata has no fps: {metadata}")
-    return {"total_num_frames": num_frames, **metadata}
-
-
-def read_json(path: pathlib.Path) -> dict:
-    """The JSON object in `path`; {} when there is no such file."""
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
-
-
-def read_chat_template(model_dir: pathlib.Path, settings: dict, tokenizer) -> str:
-    """The processor's chat template: chat_template.jinja, chat_template.json, the processor config, or
-    else the tokenizer's, in transformers' order."""
-    if (model_dir / CHAT_TEMPLATE_FILE).exists():
-        return (model_dir / CHAT_TEMPLATE_FILE).read_text()
-    template = read_json(model_dir / "chat_template.json").get("chat_template") or settings.get("chat_template")
-    template = template or tokenizer.chat_template
-    if not isinstance(template, str):
-        raise ValueError(f"{model_dir}: no chat template (looked for {CHAT_TEMPLATE_FILE}, chat_template.json, "
-                         f"{PROCESSOR_CONFIG} and the tokenizer's)")
-    return template

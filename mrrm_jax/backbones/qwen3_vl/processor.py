@@ -34,9 +34,9 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from mrrm_jax.data import media
 from mrrm_jax.backbones.qwen3_vl import preprocess as qwen3_vl_preprocess
 from mrrm_jax.backbones.molmo2.preprocess import rgb_array
-from mrrm_jax.backbones.molmo2.processor import (CHAT_TEMPLATE_FILE, IMAGE_CONFIG, PROCESSOR_CONFIG, VIDEO_CONFIG,
-                                     budget_frame_counts, plain_tokenizer, processor_class, read_chat_template,
-                                     read_json, video_metadata_dict, write_processor_dir)
+from mrrm_jax.data.processor_dir import (IMAGE_CONFIG, PROCESSOR_CONFIG, VIDEO_CONFIG,
+                                         budget_frame_counts, plain_tokenizer, processor_class, read_chat_template,
+                                         read_json, video_metadata_dict, write_processor_dir)
 from mrrm_jax.backbones.qwen3_vl.positions import rope_index, vision_layout
 
 PROCESSOR_CLASS = "Qwen3VLProcessor"
