@@ -61,7 +61,7 @@ def native_shapes(config: HFMolmo2Config) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-# Native -> original names for the one-to-one tensors (the inverse of convert.ORIGINAL_RENAMES).
+# Native -> original names for the one-to-one tensors (the inverse of backbones/molmo2/conversion.py RENAMES).
 _TO_ORIGINAL = [
     (r"^model\.language_model\.layers\.(\d+)\.input_layernorm\.", r"model.transformer.blocks.\1.attn_norm."),
     (r"^model\.language_model\.layers\.(\d+)\.post_attention_layernorm\.", r"model.transformer.blocks.\1.ff_norm."),

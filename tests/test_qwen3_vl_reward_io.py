@@ -103,5 +103,5 @@ def test_exported_adapter_loads_in_peft_with_the_same_scores(tiny_qwen, release,
         example = format_example(processor, "Which is right?", RESPONSES[:2], **kwargs)
         np.testing.assert_allclose(_torch_scores(reloaded, head, example), _torch_scores(peft_model, head, example),
                                    atol=1e-6, err_msg=media)
-    with pytest.raises(ValueError, match="layout='original' is the Molmo2 release's module names"):
+    with pytest.raises(ValueError, match="layout='original' is not a qwen3_vl module naming"):
         reward_io.export_peft(imported, tmp_path / "original", layout="original")

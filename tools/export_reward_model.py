@@ -13,7 +13,7 @@ from mrrm_jax.interop import reward_io
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "mrrm_jax reward-model directory.")
 _OUT = flags.DEFINE_string("out", None, "Output PEFT adapter directory (new or empty).")
-_LAYOUT = flags.DEFINE_enum("layout", "native", sorted(reward_io.EXPORT_MODULES), "Module naming of the adapter.")
+_LAYOUT = flags.DEFINE_enum("layout", "native", reward_io.EXPORT_LAYOUTS, "Module naming of the adapter.")
 
 
 def main(argv):

@@ -18,14 +18,17 @@ import flax.linen as nn
 
 from mrrm_jax.backbones import molmo2
 from mrrm_jax.backbones import qwen3_vl
+from mrrm_jax.backbones.molmo2 import conversion as molmo2_conversion
 from mrrm_jax.backbones.molmo2 import model as molmo2_model
 from mrrm_jax.backbones.molmo2 import packing as molmo2_packing
 from mrrm_jax.backbones.molmo2 import processor as molmo2_processor
 from mrrm_jax.backbones.molmo2 import processor_files as molmo2_files
+from mrrm_jax.backbones.qwen3_vl import conversion as qwen3_vl_conversion
 from mrrm_jax.backbones.qwen3_vl import packing as qwen3_vl_packing
 from mrrm_jax.backbones.qwen3_vl import processor as qwen3_vl_processor
 from mrrm_jax.backbones.qwen3_vl import processor_files as qwen3_vl_files
 from mrrm_jax.data import processor_dir
+from mrrm_jax.models.hf_conversion import Conversion
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Backbone:
     # may run the vision tower `vision_chunk` crops/frames at a time (None: its own choice), over
     # `groups` groups of rows (one per device).
     hidden_states: Callable
+    conversion: Conversion  # Hugging Face checkpoint names -> our tree, and PEFT's names (`<name>/conversion.py`)
     media: Callable  # config -> the packed rows' media layout (`<name>/packing.py`)
     processor_class: str  # the class name its processor directories carry (`processor_config.json`)
     load_processor: Callable  # (directory, tokenizer) -> its processor (`<name>/processor.py`, no torch)
@@ -50,12 +54,12 @@ def _whole(model: nn.Module, params: dict, batch: dict, vision_chunk: int | None
 
 
 BACKBONES = {
-    "molmo2": Backbone(molmo2.Molmo2Config, molmo2.Molmo2, molmo2_model.hidden_states,
+    "molmo2": Backbone(molmo2.Molmo2Config, molmo2.Molmo2, molmo2_model.hidden_states, molmo2_conversion.CONVERSION,
                        lambda c: molmo2_packing.Molmo2Media((c.vision.num_patches, c.vision.patch_dim)),
                        "Molmo2Processor", molmo2_processor.load, molmo2_files.write_for_run,
                        lambda c, p: c.replace(vision=dataclasses.replace(c.vision, image_mean=p.options.mean,
                                                                          image_std=p.options.std))),
-    "qwen3_vl": Backbone(qwen3_vl.Qwen3VLConfig, qwen3_vl.Qwen3VL, _whole,
+    "qwen3_vl": Backbone(qwen3_vl.Qwen3VLConfig, qwen3_vl.Qwen3VL, _whole, qwen3_vl_conversion.CONVERSION,
                          lambda c: qwen3_vl_packing.Qwen3VLMedia(c.vision.patch_dim),
                          qwen3_vl_processor.PROCESSOR_CLASS, qwen3_vl_processor.load, qwen3_vl_files.write_for_run),
 }

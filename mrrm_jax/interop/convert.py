@@ -1,18 +1,11 @@
 """PyTorch/Hugging Face safetensors -> our parameter tree, streamed tensor by tensor.
 
-One machinery (reader, plan, check, build) and one table per backbone, chosen by the checkpoint's
-`config.json` `model_type` (`BACKBONES`): renames to native names, `RULES` mapping every native name
-to target leaves, and the names left out. Each target is a list of row ranges of source tensors,
-concatenated along rows and then transformed ("linear": transposed; "conv": a Conv3d weight
-[out, C, T, p, p] flattened to [C*T*p*p, out]). Fused tensors are thus split by READING only the
-rows a target needs, so nothing larger than one tensor is ever held.
-
-Molmo2: both the transformers-native layout (`model.language_model.layers.N.self_attn.q_proj...`)
-and the ORIGINAL release one (`model.transformer.blocks.N.self_attn.att_proj`, fused QKV and
-up/gate, the embedding split into `wte.embedding` + `wte.new_embedding`, `vision_backbone.*`);
-`ORIGINAL_RENAMES` brings original names to native ones (as transformers' `conversion_mapping.py`,
-entry "molmo2"). Qwen3-VL: `model.visual.*` (fused ViT `qkv`, split by rows) and
-`model.language_model.*`; `lm_head.weight` is absent when tied (and ignored if present).
+One machinery (reader, plan, check, build) over the conversion table of the backbone the checkpoint's
+`config.json` names (`backbones/<name>/conversion.py`; the format is `models/hf_conversion.py`'s):
+renames to native names, rules mapping every native name to target leaves, and the names left out.
+Each target is a list of row ranges of source tensors, concatenated along rows and then transformed.
+Fused tensors are thus split by READING only the rows a target needs, so nothing larger than one
+tensor is ever held.
 
 Converted checkpoints keep one leaf per layer (`language_model/layers/7/mlp/up_proj/kernel`);
 `checkpoint.load_base` stacks them into the scanned layout.
@@ -20,18 +13,15 @@ Converted checkpoints keep one leaf per layer (`language_model/layers/7/mlp/up_p
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import re
-from typing import Callable, Iterator
+from typing import Iterator
 
 import ml_dtypes
 import numpy as np
 
 from mrrm_jax import backbones
-from mrrm_jax.backbones.molmo2.config import Molmo2Config
-from mrrm_jax.backbones.qwen3_vl.config import Qwen3VLConfig
 
 # -- reading safetensors without torch ----------------------------------------------------------
 
@@ -73,154 +63,8 @@ class SafetensorsShards:
         return data.reshape((last - first, *shape[1:]) if shape else ())
 
 
-# -- Molmo2 ---------------------------------------------------------------------------------------
-
-# Original release name -> native name (the same renames as transformers' conversion_mapping).
-ORIGINAL_RENAMES = [
-    (r"^transformer\.blocks\.", "language_model.layers."),
-    (r"^transformer\.ln_f\.", "language_model.norm."),
-    (r"^transformer\.", "language_model."),
-    (r"^vision_backbone\.image_vit\.transformer\.resblocks\.", "vision_tower.layers."),
-    (r"^vision_backbone\.image_vit\.", "vision_tower."),
-    (r"^vision_backbone\.image_pooling_2d\.w([qkvo])\.", r"multi_modal_projector.image_pooling_2d.\1_proj."),
-    (r"^vision_backbone\.image_projector\.w1\.", "multi_modal_projector.image_projector.gate_proj."),
-    (r"^vision_backbone\.image_projector\.w2\.", "multi_modal_projector.image_projector.down_proj."),
-    (r"^vision_backbone\.image_projector\.w3\.", "multi_modal_projector.image_projector.up_proj."),
-    (r"\.attention\.w([qkvo])\.", r".self_attn.\1_proj."),
-    (r"\.feed_forward\.w([12])\.", r".mlp.fc\1."),
-    (r"\.attention_norm\.", ".layer_norm1."),
-    (r"\.ffn_norm\.", ".layer_norm2."),
-    (r"\.attn_norm\.", ".input_layernorm."),
-    (r"\.ff_norm\.", ".post_attention_layernorm."),
-    (r"\.self_attn\.attn_out\.", ".self_attn.o_proj."),
-    (r"\.mlp\.ff_out\.", ".mlp.down_proj."),
-]
-
-Rows = Callable[[object], tuple[int, int]]
-# Each rule: native-name regex -> [(target template, order, rows or None)], transform.
-# `{0}`, `{1}` in a template are the regex groups; targets use "/" paths of our tree.
-# Transforms: see `TRANSFORMS` ("linear": torch [out, in] -> our [in, out]; "copy": as is; "conv").
-
-
-def _qkv(part: int) -> Rows:
-    """Rows of q, k or v inside a fused `att_proj` (unequal under GQA)."""
-    def rows(cfg: Molmo2Config) -> tuple[int, int]:
-        t = cfg.text
-        sizes = (t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim, t.num_kv_heads * t.head_dim)
-        return sum(sizes[:part]), sum(sizes[: part + 1])
-    return rows
-
-
-def _ff_half(part: int) -> Rows:
-    """`ff_proj` is [up; gate], in that order."""
-    return lambda cfg: (part * cfg.text.intermediate_size, (part + 1) * cfg.text.intermediate_size)
-
-
-Rules = list[tuple[str, list[tuple[str, int, Rows | None]], str]]
-
-# The shared Qwen3 decoder (models/decoder.py), in transformers' native names.
-DECODER_RULES: Rules = [
-    (r"language_model\.embed_tokens\.weight", [("language_model/embed_tokens/embedding", 0, None)], "copy"),
-    (r"language_model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm|self_attn\.[qk]_norm)\.weight",
-     [("language_model/layers/{0}/{1}/scale", 0, None)], "copy"),
-    (r"language_model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight",
-     [("language_model/layers/{0}/{1}/kernel", 0, None)], "linear"),
-    (r"language_model\.layers\.(\d+)\.(self_attn\.[qkv]_proj)\.bias", [("language_model/layers/{0}/{1}/bias", 0, None)], "copy"),
-    (r"language_model\.norm\.weight", [("language_model/norm/scale", 0, None)], "copy"),
-]
-
-MOLMO2_RULES: Rules = [
-    (r"vision_tower\.patch_embedding\.weight", [("vision_tower/patch_embedding/kernel", 0, None)], "linear"),
-    (r"vision_tower\.patch_embedding\.bias", [("vision_tower/patch_embedding/bias", 0, None)], "copy"),
-    (r"vision_tower\.positional_embedding", [("vision_tower/positional_embedding", 0, None)], "copy"),
-    (r"vision_tower\.layers\.(\d+)\.(layer_norm[12])\.weight", [("vision_tower/layers/{0}/{1}/scale", 0, None)], "copy"),
-    (r"vision_tower\.layers\.(\d+)\.(layer_norm[12])\.bias", [("vision_tower/layers/{0}/{1}/bias", 0, None)], "copy"),
-    (r"vision_tower\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.fc[12])\.weight",
-     [("vision_tower/layers/{0}/{1}/kernel", 0, None)], "linear"),
-    (r"vision_tower\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.fc[12])\.bias",
-     [("vision_tower/layers/{0}/{1}/bias", 0, None)], "copy"),
-    (r"multi_modal_projector\.(image_pooling_2d\.[qkvo]_proj|image_projector\.\w+_proj)\.weight",
-     [("multi_modal_projector/{0}/kernel", 0, None)], "linear"),
-    (r"multi_modal_projector\.(image_pooling_2d\.[qkvo]_proj|image_projector\.\w+_proj)\.bias",
-     [("multi_modal_projector/{0}/bias", 0, None)], "copy"),
-    *DECODER_RULES,
-    # The original layout splits the table in two; transformers' save_pretrained splits it in
-    # equal halves rather than base + extra rows, so only the order matters.
-    (r"language_model\.wte\.embedding", [("language_model/embed_tokens/embedding", 0, None)], "copy"),
-    (r"language_model\.wte\.new_embedding", [("language_model/embed_tokens/embedding", 1, None)], "copy"),
-    (r"language_model\.layers\.(\d+)\.self_attn\.att_proj\.weight",
-     [(f"language_model/layers/{{0}}/self_attn/{p}_proj/kernel", 0, _qkv(i)) for i, p in enumerate("qkv")], "linear"),
-    (r"language_model\.layers\.(\d+)\.self_attn\.att_proj\.bias",
-     [(f"language_model/layers/{{0}}/self_attn/{p}_proj/bias", 0, _qkv(i)) for i, p in enumerate("qkv")], "copy"),
-    (r"language_model\.layers\.(\d+)\.mlp\.ff_proj\.weight",
-     [("language_model/layers/{0}/mlp/up_proj/kernel", 0, _ff_half(0)),
-      ("language_model/layers/{0}/mlp/gate_proj/kernel", 0, _ff_half(1))], "linear"),
-    (r"lm_head\.weight", [("lm_head/kernel", 0, None)], "linear"),
-]
-
-
-def _molmo2_skipped(name: str, groups: list[str], cfg: Molmo2Config) -> bool:
-    """ViT layers deeper than the last feature layer never reach the output."""
-    return name.startswith("vision_tower.layers.") and int(groups[0]) >= cfg.vision.num_layers
-
-
-# -- Qwen3-VL -------------------------------------------------------------------------------------
-
-def _vision_qkv(part: int) -> Rows:
-    """Rows of q, k or v inside the ViT's fused `qkv` ([q; k; v], each hidden_size rows)."""
-    return lambda cfg: (part * cfg.vision.hidden_size, (part + 1) * cfg.vision.hidden_size)
-
-
-QWEN3_VL_RULES: Rules = [
-    (r"visual\.patch_embed\.proj\.weight", [("visual/patch_embed/kernel", 0, None)], "conv"),
-    (r"visual\.patch_embed\.proj\.bias", [("visual/patch_embed/bias", 0, None)], "copy"),
-    (r"visual\.pos_embed\.weight", [("visual/pos_embed", 0, None)], "copy"),
-    (r"visual\.blocks\.(\d+)\.(norm[12])\.weight", [("visual/layers/{0}/{1}/scale", 0, None)], "copy"),
-    (r"visual\.blocks\.(\d+)\.(norm[12])\.bias", [("visual/layers/{0}/{1}/bias", 0, None)], "copy"),
-    (r"visual\.blocks\.(\d+)\.attn\.qkv\.weight",
-     [(f"visual/layers/{{0}}/attn/{p}_proj/kernel", 0, _vision_qkv(i)) for i, p in enumerate("qkv")], "linear"),
-    (r"visual\.blocks\.(\d+)\.attn\.qkv\.bias",
-     [(f"visual/layers/{{0}}/attn/{p}_proj/bias", 0, _vision_qkv(i)) for i, p in enumerate("qkv")], "copy"),
-    (r"visual\.blocks\.(\d+)\.(attn\.proj|mlp\.linear_fc[12])\.weight", [("visual/layers/{0}/{1}/kernel", 0, None)],
-     "linear"),
-    (r"visual\.blocks\.(\d+)\.(attn\.proj|mlp\.linear_fc[12])\.bias", [("visual/layers/{0}/{1}/bias", 0, None)], "copy"),
-    (r"visual\.merger\.norm\.weight", [("visual/merger/norm/scale", 0, None)], "copy"),
-    (r"visual\.merger\.(norm|linear_fc[12])\.bias", [("visual/merger/{0}/bias", 0, None)], "copy"),
-    (r"visual\.merger\.(linear_fc[12])\.weight", [("visual/merger/{0}/kernel", 0, None)], "linear"),
-    (r"visual\.deepstack_merger_list\.(\d+)\.norm\.weight", [("visual/deepstack_merger_{0}/norm/scale", 0, None)],
-     "copy"),
-    (r"visual\.deepstack_merger_list\.(\d+)\.(norm|linear_fc[12])\.bias",
-     [("visual/deepstack_merger_{0}/{1}/bias", 0, None)], "copy"),
-    (r"visual\.deepstack_merger_list\.(\d+)\.(linear_fc[12])\.weight",
-     [("visual/deepstack_merger_{0}/{1}/kernel", 0, None)], "linear"),
-    *DECODER_RULES,
-    (r"lm_head\.weight", [("lm_head/kernel", 0, None)], "linear"),
-]
-
-
-def _qwen3_vl_skipped(name: str, groups: list[str], cfg: Qwen3VLConfig) -> bool:
-    """A tied lm_head is the embedding (transformers does not save it; a `.bin` export may)."""
-    return name == "lm_head.weight" and cfg.text.tie_word_embeddings
-
-
-# -- the backbones --------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Conversion:
-    renames: list[tuple[str, str]]  # checkpoint name (less `model.`) -> native name
-    rules: Rules
-    skipped: Callable[[str, list[str], object], bool]  # native names matched but not converted
-
-
-# Keyed by config.json's `model_type` (the original Molmo2 release has none), as `models.backbones`.
-CONVERSIONS = {
-    "molmo2": Conversion(ORIGINAL_RENAMES, MOLMO2_RULES, _molmo2_skipped),
-    "qwen3_vl": Conversion([], QWEN3_VL_RULES, _qwen3_vl_skipped),
-}
-
-
-def native_name(key: str, renames=ORIGINAL_RENAMES) -> str:
-    """Strip the `model.` prefix and rename original-layout keys to native ones."""
+def native_name(key: str, renames: list[tuple[str, str]]) -> str:
+    """Strip the `model.` prefix and apply the backbone's renames (original layouts -> native names)."""
     key = re.sub(r"^model\.", "", key)
     for pattern, replacement in renames:
         key = re.sub(pattern, replacement, key)
@@ -233,7 +77,7 @@ Plan = dict[str, tuple[list[tuple[str, tuple[int, int] | None]], str]]
 
 def plan(source_keys, cfg) -> Plan:
     """Target leaf -> how to build it. Unknown source tensors are an error that names them."""
-    table = CONVERSIONS[cfg.model_type]
+    table = backbones.BACKBONES[cfg.model_type].conversion
     parts: dict[str, list] = {}
     transforms: dict[str, str] = {}
     unknown = []
@@ -341,7 +185,7 @@ def convert_dir(hf_dir, out_dir, dtype=None):
 
     hf_dir = pathlib.Path(hf_dir)
     cfg = hf_model_config(hf_dir)
-    table = CONVERSIONS[cfg.model_type]
+    table = backbones.BACKBONES[cfg.model_type].conversion
     shards = SafetensorsShards(hf_dir)
     has_lm_head = any(native_name(k, table.renames) == "lm_head.weight" for k in shards.entries)
     cfg = cfg.replace(with_lm_head=has_lm_head and not table.skipped("lm_head.weight", [], cfg))

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from mrrm_jax import backbones
 from mrrm_jax.backbones import checkpoint
 from mrrm_jax.interop import convert
 from mrrm_jax.core import reward
@@ -49,6 +50,9 @@ _PEFT_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor
 _PLAIN_LORA = {"peft_type": "LORA", "bias": "none", "lora_bias": False, "use_dora": False, "use_rslora": False,
                "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None}
 
+# Every backbone's PEFT export layouts (`Conversion.peft_modules`): the flag's choices.
+EXPORT_LAYOUTS = sorted({name for b in backbones.BACKBONES.values() for name in b.conversion.peft_modules})
+
 # Our LoRA targets: the language model's per-layer projections (the release adapts nothing else).
 _LM_KERNEL = re.compile(r"language_model/layers/(?P<layer>\d+)/(?P<name>.+)/kernel")
 
@@ -59,17 +63,6 @@ _RELEASE_HEAD_DEFAULTS = {"value_head_type": "mlp", "value_head_hidden_dim": 102
 # Our ValueHead layer -> the release's state-dict prefix. Its "mlp" head is nn.Sequential(Linear, act,
 # Linear) (`0.weight` ... `2.bias`); its "linear" head is a bare nn.Linear (`weight`, `bias`).
 _HEAD_LAYERS = {"mlp": {"0": "0.", "2": "2."}, "linear": {"0": ""}}
-
-# PEFT module names per export layout ({} = layer index). Which of our kernels a module adapts, and
-# which rows of its B each takes, come from `convert.plan`: the same rules as the import.
-EXPORT_MODULES = {
-    "native": tuple(f"model.language_model.layers.{{}}.{m}" for m in (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
-    "original": tuple(f"model.transformer.blocks.{{}}.{m}" for m in (
-        "self_attn.att_proj", "self_attn.attn_out", "mlp.ff_proj", "mlp.ff_out")),
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class _Part:
@@ -252,17 +245,19 @@ def _processor_source(adapter_dir: pathlib.Path, base_hf_dir: pathlib.Path) -> p
 
 def export_peft(reward_dir, out_dir, layout: str = "native") -> pathlib.Path:
     """Our reward-model directory -> the release's layout (see the module docstring), with the module
-    names of `layout`: "native" (transformers; Molmo2 and Qwen3-VL name the LM's projections alike) or
-    "original" (Molmo2's fused att_proj / ff_proj, as released)."""
-    if layout not in EXPORT_MODULES:
-        raise ValueError(f"layout={layout!r}; expected one of {sorted(EXPORT_MODULES)}")
+    names of `layout`, one of the backbone's `conversion.peft_modules`: "native" (transformers; Molmo2 and
+    Qwen3-VL name the LM's projections alike) or, for Molmo2, "original" (its fused att_proj / ff_proj,
+    as released)."""
+    if layout not in EXPORT_LAYOUTS:
+        raise ValueError(f"layout={layout!r}; expected one of {EXPORT_LAYOUTS}")
     reward_dir, out_dir = pathlib.Path(reward_dir), pathlib.Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty; choose a new --out directory")
     cfg = checkpoint.load_config(reward_dir / checkpoint.BASE_DIR)
-    if layout == "original" and cfg.model_type != "molmo2":
-        raise ValueError(f"layout='original' is the Molmo2 release's module names; a {cfg.model_type} model "
-                         "exports with layout='native'")
+    layouts = backbones.BACKBONES[cfg.model_type].conversion.peft_modules
+    if layout not in layouts:
+        raise ValueError(f"layout={layout!r} is not a {cfg.model_type} module naming; a {cfg.model_type} model "
+                         f"exports with layout={' or '.join(map(repr, sorted(layouts)))}")
     trainable, head_config, lora_spec = checkpoint.load_trainable(reward_dir)
     if not trainable["lora"]:
         raise ValueError(f"{reward_dir} has no LoRA factors: a PEFT adapter needs some")
@@ -303,7 +298,7 @@ def _export_lora(factors: dict, cfg, layout: str) -> tuple[dict[str, np.ndarray]
     its parts (its B is the parts' B stacked by rows); anything else is an error that says why."""
     factors = {kernel: {k: np.asarray(v) for k, v in ab.items()} for kernel, ab in factors.items()}
     modules = {template.format(layer): (template, layer)
-               for template in EXPORT_MODULES[layout] for layer in range(cfg.text.num_layers)}
+               for template in backbones.BACKBONES[cfg.model_type].conversion.peft_modules[layout] for layer in range(cfg.text.num_layers)}
     tensors, written_templates, exported = {}, [], set()
     for module, parts in _lora_parts(modules, cfg).items():
         template, layer = modules[module]
