@@ -57,10 +57,8 @@ def prepare(record: formats.EvalRecord | formats.RecordError, model, order: str,
         loaded = records.load_media(record.media, record.id, record.files, keep_frames, pick)
         orders = presentation_orders(record.responses, order, seed, record.index)
         cache: dict = {}  # the media are preprocessed once for all orders and passes of this record
-        groups = [[record.responses[i] for i in presented] for presented in orders]
-        if mode == "single":
-            groups = [[response] for group in groups for response in group]
-        examples = [model.example(record.prompt, group, **loaded, media_cache=cache) for group in groups]
+        examples = [example for presented in orders for example in model.examples(
+            record.prompt, [record.responses[i] for i in presented], mode, media_cache=cache, **loaded)]
         return record, orders, examples
     except RECORD_ERRORS as error:
         reason = error.reason if isinstance(error, Skip) else type(error).__name__
@@ -95,16 +93,12 @@ def _error_line(error: formats.RecordError) -> dict:
     return {"index": error.index, "id": error.id, "error": error.error}
 
 
-def score_run(model, run: list, mode: str) -> list[dict]:
-    """scores.jsonl lines of prepared records (`prepare`), scored in one batch."""
-    results = iter(model.score_examples([e for _, _, examples in run for e in examples]))
-    lines = []
-    for record, orders, examples in run:
-        per_example = [next(results) for _ in examples]
-        # single mode has one order (rotations need multi): its N one-response passes in a row
-        presented = per_example if mode == "multi" else [np.concatenate(per_example)]
-        lines.append(result_line(record, orders, presented))
-    return lines
+def scored_line(prepared: tuple, per_example: list[np.ndarray], mode: str) -> dict:
+    """The scores.jsonl line of a prepared record (`prepare`) from its examples' scores."""
+    record, orders, _ = prepared
+    # single mode has one order (rotations need multi): its N one-response passes in a row
+    presented = per_example if mode == "multi" else [np.concatenate(per_example)]
+    return result_line(record, orders, presented)
 
 
 def _write(out, lines: list[dict], progress: report.Progress) -> None:
@@ -174,10 +168,9 @@ def run(model, spec: formats.Benchmark, items: list, out_dir: pathlib.Path, sett
     examples_of = lambda result: [] if isinstance(result, formats.RecordError) else result[2]
     with open(out_dir / SCORES_FILE, "a") as out:
         results = prefetch(prepared, todo, workers or min(4, os.cpu_count() or 1), ahead=32)
-        for run in model.batched(results, examples_of):
-            errors = [result for result in run if isinstance(result, formats.RecordError)]
-            _write(out, [_error_line(error) for error in errors], progress)
-            _write(out, score_run(model, [result for result in run if result not in errors], mode), progress)
+        for run in model.score_runs(results, examples_of):
+            _write(out, [_error_line(result) if isinstance(result, formats.RecordError) else
+                         scored_line(result, scores, mode) for result, scores in run], progress)
     progress.close()
     elapsed = time.time() - start
     lines = read_lines(out_dir / SCORES_FILE)

@@ -7,6 +7,7 @@ Both take groups `{"prompt": str, "responses": [str], "image": ref | [refs] (opt
 from __future__ import annotations
 
 import httpx
+import numpy as np
 
 
 class RewardClient:
@@ -24,21 +25,23 @@ class RewardClient:
 
 class LocalScorer:
     """The same interface on a `RewardModel` in this process (no server); media refs resolve as the
-    server resolves them (paths under `media_root`, data: URIs, base64)."""
+    server resolves them (paths under `media_root`, data: URIs, base64). `mode`: "multi" (a group in one
+    pass) or "single" (each response in its own, the baseline)."""
 
-    def __init__(self, model, media_root=None):
+    def __init__(self, model, media_root=None, mode: str = "multi"):
         from mrrm_jax.serving import media_refs
 
-        self.model, self.media_root, self._load = model, media_root, media_refs.load
+        self.model, self.media_root, self.mode, self._load = model, media_root, mode, media_refs.load
 
     def score(self, groups: list[dict]) -> list[list[float]]:
-        examples = []
+        prepared = []
         for index, group in enumerate(groups):
             images = group.get("image") or []
             images = [images] if isinstance(images, str) else images
             loaded = self._load(images, group.get("video"), self.media_root, f"groups[{index}]")
-            examples.append(self.model.example(group["prompt"], group["responses"], **loaded))
-        return [scores.tolist() for scores in self.model.score_examples(examples)]
+            prepared.append(self.model.examples(group["prompt"], group["responses"], self.mode, **loaded))
+        return [np.concatenate(scores).tolist() for run in self.model.score_runs(prepared, lambda e: e)
+                for _, scores in run]
 
 
 def column_at(column, index: int):

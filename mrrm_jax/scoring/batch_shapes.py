@@ -69,19 +69,14 @@ class BatchShapes:
         """What of `example` exceeds a full row ([] when it fits)."""
         return packing.exceeds(example, self.budget)
 
+    def filling(self) -> Filling:
+        """An empty batch to add examples to."""
+        return Filling(self, tuple((budget, (), ()) for with_media in (False, True) for budget in self.shapes[with_media]))
+
     def layout(self, examples: list[dict]) -> Layout | None:
         """The cheapest shape that holds `examples` in at most `max_rows` rows; None when none does."""
-        best = None
-        for budget in self.shapes[any(_has_media(e) for e in examples)]:
-            try:
-                placement = packing.first_fit(examples, budget)
-            except ValueError:  # an example larger than this row shape
-                continue
-            if len(placement) <= self.max_rows:
-                rows = next(r for r in self.row_buckets if r >= len(placement))
-                if best is None or rows * budget.row_tokens < best.num_rows * best.budget.row_tokens:
-                    best = Layout(budget, placement, rows)
-        return best
+        filling = self.filling().added(examples)
+        return None if filling is None else filling.layout()
 
     def oversize(self, example: dict) -> Layout:
         """One row of its own for an example larger than a full row: the budget grown by whole quarters
@@ -101,20 +96,22 @@ class BatchShapes:
 
     def split(self, examples: list[dict]) -> list[tuple[list[int], Layout]]:
         """`examples` as consecutive batches, each with its layout (indices into `examples`)."""
-        batches, start = [], 0
-        while start < len(examples):
-            if self.too_large(examples[start]):
-                batches.append(([start], self.oversize(examples[start])))
-                start += 1
+        batches, indices, filling = [], [], self.filling()
+        for index, example in enumerate(examples):
+            if self.too_large(example):
+                if indices:
+                    batches.append((indices, filling.layout()))
+                batches.append(([index], self.oversize(example)))
+                indices, filling = [], self.filling()
                 continue
-            end, layout = start + 1, self.layout(examples[start:start + 1])
-            while end < len(examples) and not self.too_large(examples[end]):
-                grown = self.layout(examples[start:end + 1])
-                if grown is None:
-                    break
-                end, layout = end + 1, grown
-            batches.append((list(range(start, end)), layout))
-            start = end
+            grown = filling.added([example])
+            if grown is None:  # a full batch: this example starts the next
+                batches.append((indices, filling.layout()))
+                indices, grown = [], self.filling().added([example])
+            indices.append(index)
+            filling = grown
+        if indices:
+            batches.append((indices, filling.layout()))
         return batches
 
     def pack(self, examples: list[dict], layout: Layout) -> dict:
@@ -144,3 +141,54 @@ class BatchShapes:
             for budget in shapes:
                 for rows in self.row_buckets:
                     yield Layout(budget, [], rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class Filling:
+    """A batch filled one example at a time: the first-fit placement in every row shape that still holds
+    it, kept up to date, so that adding an example costs one look at each shape's rows instead of a
+    re-layout of the whole batch. First fit in arrival order places an example where `packing.first_fit`
+    of the whole list would, and a shape that stops holding the batch never holds it again (rows only
+    fill up). Adding returns a new `Filling` that shares all but the one changed row, so a caller can
+    add a record's examples together or not at all.
+
+    Shapes without media room come first, so that a text-only batch, which both hold equally cheaply,
+    gets the program without a ViT.
+    """
+
+    shapes: BatchShapes
+    # (row shape, example indices per row, used resources per row) of each shape that holds the batch
+    placements: tuple[tuple[packing.RowBudget, tuple[tuple[int, ...], ...], tuple[dict, ...]], ...]
+    size: int = 0  # examples in the batch
+
+    def added(self, examples: list[dict]) -> Filling | None:
+        """This batch with `examples` too (self unchanged); None when no shape holds them all."""
+        placements, size = self.placements, self.size
+        for example in examples:
+            tokens, media = example["tokens"].shape[1], packing.media_counts(example)
+            grown = []
+            for budget, rows, used in placements:
+                if packing.exceeds(example, budget):
+                    continue
+                row = next((r for r, counts in enumerate(used) if budget.fits(counts, example)), len(rows))
+                if row == self.shapes.max_rows:
+                    continue
+                before = used[row] if row < len(rows) else {"tokens": 0, "examples": 0,
+                                                            **dict.fromkeys(packing.MEDIA_RESOURCES, 0)}
+                counts = {"tokens": before["tokens"] + tokens, "examples": before["examples"] + 1,
+                          **{name: before[name] + media[name] for name in media}}
+                indices = (rows[row] if row < len(rows) else ()) + (size,)
+                grown.append((budget, rows[:row] + (indices,) + rows[row + 1:], used[:row] + (counts,) + used[row + 1:]))
+            if not grown:
+                return None
+            placements, size = tuple(grown), size + 1
+        return Filling(self.shapes, placements, size)
+
+    def layout(self) -> Layout:
+        """The cheapest shape (rows x row tokens) that holds the batch."""
+        best = None
+        for budget, rows, _ in self.placements:
+            num_rows = next(r for r in self.shapes.row_buckets if r >= len(rows))
+            if best is None or num_rows * budget.row_tokens < best.num_rows * best.budget.row_tokens:
+                best = Layout(budget, [list(r) for r in rows], num_rows)
+        return best

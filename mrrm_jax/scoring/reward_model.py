@@ -30,6 +30,9 @@ from mrrm_jax.data import formatting, records
 from mrrm_jax import backbones
 from mrrm_jax.models.attention import inference_backend
 
+# How a group's responses reach the model: all in one pass, or each in its own (the baseline).
+MODES = ("multi", "single")
+
 
 class RewardModel:
     """A loaded reward model: the base with its LoRA merged in (fast scoring), the head, the processor.
@@ -86,6 +89,16 @@ class RewardModel:
         batch["response_starts"] = formatted.response_starts[None].astype(np.int32)
         return batch
 
+    def examples(self, prompt, responses, mode: str = "multi", media_cache=None, **media) -> list[dict]:
+        """A group's examples, the one path from a group to the model for every scorer: one example of all
+        responses (`mode="multi"`), or one per response (`"single"`, the conventional baseline). The
+        media (`images`, `video`, `video_metadata`) are preprocessed once for all of them."""
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}; expected one of {MODES}")
+        groups = [responses] if mode == "multi" else [[response] for response in responses]
+        cache = {} if media_cache is None else media_cache
+        return [self.example(prompt, group, media_cache=cache, **media) for group in groups]
+
     def score_examples(self, examples: list[dict]) -> list[np.ndarray]:
         """Scores of several examples (from `example`), packed into as few batches as hold them: one array
         [N_i] each."""
@@ -96,19 +109,29 @@ class RewardModel:
             scores += self.shapes.unpack(batch_examples, layout, scores_ben)
         return scores
 
-    def batched(self, items, examples_of):
-        """Consecutive runs of `items` whose examples (`examples_of(item)`, a list) fill one batch: each
-        run is one `score_examples` call of one batch (a run of one item may need more)."""
-        run, examples = [], []
+    def score_runs(self, items, examples_of):
+        """Scores a stream of items (records, requests), each with a list of examples (`examples_of(item)`;
+        [] for an item that failed before the model): yields, per run of consecutive items that fill one
+        batch, [(item, scores [N] of each of its examples)]. An item's examples stay in one run; a run of
+        one item may take more than one batch (an example larger than a row, many examples)."""
+        empty = self.shapes.filling()
+        run, filling = [], empty
         for item in items:
-            new = examples_of(item)
-            if run and new and self.shapes.layout(examples + new) is None:
-                yield run
-                run, examples = [], []
+            grown = filling.added(examples_of(item))
+            if run and grown is None:  # the batch is full: this item starts the next
+                yield self._scored(run, examples_of)
+                run, grown = [], empty.added(examples_of(item))
             run.append(item)
-            examples += new
+            if grown is None:  # more than one batch holds: a run of its own
+                yield self._scored(run, examples_of)
+                run, grown = [], empty
+            filling = grown
         if run:
-            yield run
+            yield self._scored(run, examples_of)
+
+    def _scored(self, run: list, examples_of) -> list[tuple[object, list[np.ndarray]]]:
+        scores = iter(self.score_examples([e for item in run for e in examples_of(item)]))
+        return [(item, [next(scores) for _ in examples_of(item)]) for item in run]
 
     def score_batch(self, batch: dict) -> np.ndarray:
         """Scores [B, E, N] of a batch of packed rows (rows a multiple of the device count), -inf where a
@@ -118,11 +141,12 @@ class RewardModel:
 
     def score(self, prompt, responses, images=None, video=None, video_metadata=None) -> np.ndarray:
         """Scores [N] of the N responses, in one forward pass."""
-        return self.score_examples([self.example(prompt, responses, images, video, video_metadata)])[0]
+        return self.score_examples(self.examples(prompt, responses, images=images, video=video,
+                                                 video_metadata=video_metadata))[0]
 
     def score_single(self, prompt, responses, images=None, video=None, video_metadata=None) -> np.ndarray:
         """The conventional baseline: each response scored in its own pass."""
-        examples = [self.example(prompt, [r], images, video, video_metadata) for r in responses]
+        examples = self.examples(prompt, responses, "single", images=images, video=video, video_metadata=video_metadata)
         return np.concatenate(self.score_examples(examples))
 
 
@@ -156,8 +180,7 @@ def score_file(model: RewardModel, input_path: pathlib.Path, output_path: pathli
             if not isinstance(record.get("responses"), list):
                 raise ValueError("field 'responses' must be a list of strings")
             loaded = records.load_media(record, f"{input_path.name}:{index + 1}", media_files, keep_frames)
-            groups = [record["responses"]] if mode == "multi" else [[r] for r in record["responses"]]
-            return entry, [model.example(record.get("prompt", ""), g, **loaded) for g in groups]
+            return entry, model.examples(record.get("prompt", ""), record["responses"], mode, **loaded)
         except Exception as error:  # a bad record must not stop the file: report it in its line
             return entry, f"{type(error).__name__}: {error}"
 
@@ -167,15 +190,13 @@ def score_file(model: RewardModel, input_path: pathlib.Path, output_path: pathli
     todo = (index for index, line in enumerate(lines) if line.strip())
     with open(output_path, "w") as out:
         prepared = prefetch(prepare, todo, workers or min(4, os.cpu_count() or 1), ahead=8)
-        for run in model.batched(prepared, examples_of):
-            results = iter(model.score_examples([e for item in run for e in examples_of(item)]))
-            for entry, examples in run:
+        for run in model.score_runs(prepared, examples_of):
+            for (entry, examples), scores in run:
                 if isinstance(examples, str):
                     out.write(json.dumps({**entry, "error": examples}) + "\n")
                     failed += 1
                 else:
-                    scores = np.concatenate([next(results) for _ in examples])
-                    out.write(json.dumps({**entry, "scores": scores.tolist()}) + "\n")
+                    out.write(json.dumps({**entry, "scores": np.concatenate(scores).tolist()}) + "\n")
                     scored += 1
             print(f"\r{scored + failed}/{len(lines)} records, {time.time() - start:.1f}s", end="", file=sys.stderr)
     # The model's compiled programs so far (one per batch shape): what compiling cost this process.

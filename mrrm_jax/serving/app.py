@@ -148,8 +148,7 @@ def create_app(model, batcher: Batcher, settings: ServeSettings, metrics: Server
         except media_refs.RefError as error:
             raise RequestError(400, error.field, str(error)) from error
         try:
-            groups = [responses] if settings.mode == "multi" else [[r] for r in responses]
-            examples = [model.example(prompt, g, **loaded) for g in groups]
+            examples = model.examples(prompt, responses, settings.mode, **loaded)
         except (ValueError, TypeError) as error:
             raise RequestError(400, field, f"{field}: {error}") from error
         for example in examples:

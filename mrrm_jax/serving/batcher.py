@@ -77,41 +77,48 @@ class Batcher:
             self.model.score_batch(self.shapes.pack([], layout))
         return len(self.model.programs)
 
-    def _next_batch(self) -> list[_Job] | None:
+    def _next_batch(self):
+        """The next batch's jobs and layout (`batch_shapes.Filling`: each job placed as it is taken);
+        None once stopped."""
         first = self._carry or self._queue.get()
         self._carry = None
         if first is None:
             return None
-        jobs, deadline = [first], first.enqueued + self.max_wait_s
+        jobs, filling = [first], self.shapes.filling().added([first.example])
+        deadline = first.enqueued + self.max_wait_s
         while True:
             try:
                 job = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
             except queue.Empty:
-                return jobs
+                return jobs, filling.layout()
             if job is None:
                 self._queue.put(None)  # stop after this batch
-                return jobs
-            if self.shapes.layout([j.example for j in jobs + [job]]) is None:
+                return jobs, filling.layout()
+            grown = filling.added([job.example])
+            if grown is None:
                 self._carry = job
-                return jobs
+                return jobs, filling.layout()
             jobs.append(job)
+            filling = grown
 
     def _loop(self) -> None:
-        while (jobs := self._next_batch()) is not None:
-            jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
-            if not jobs:
+        while (batch := self._next_batch()) is not None:
+            jobs, layout = batch
+            running = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+            if not running:
                 continue
+            examples = [job.example for job in running]
+            if len(running) < len(jobs):  # cancelled requests: lay out the rest again (rare)
+                layout = self.shapes.layout(examples)
             start = time.monotonic()
             try:
-                examples = [job.example for job in jobs]
-                layout = self.shapes.layout(examples)
                 scores_ben = self.model.score_batch(self.shapes.pack(examples, layout))
-                for job, scores_n in zip(jobs, self.shapes.unpack(examples, layout, scores_ben)):
+                for job, scores_n in zip(running, self.shapes.unpack(examples, layout, scores_ben)):
                     job.future.set_result(scores_n)
                 fill = sum(e["tokens"].shape[1] for e in examples) / (layout.num_rows * layout.budget.row_tokens)
-                self.on_batch(len(jobs), layout.num_rows, fill, time.monotonic() - start)
+                self.on_batch(len(running), layout.num_rows, fill, time.monotonic() - start)
             except Exception as error:  # the model thread must outlive any batch: fail its requests only
-                log.exception("batch of %d groups failed", len(jobs))
-                for job in jobs:
+                log.exception("batch of %d groups failed", len(running))
+                for job in running:
                     if not job.future.done():
                         job.future.set_exception(error)
