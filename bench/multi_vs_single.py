@@ -291,7 +291,7 @@ def build_reward_dir(tmp: pathlib.Path, processor_dir: pathlib.Path, lm_layers: 
     head = reward.ValueHead(head_config).init(jax.random.key(2), jnp.zeros((1, cfg.text.hidden_size)))["params"]
     head = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), head)
     checkpoint.save_trainable(out, {"lora": factors, "head": head}, head_config, spec)
-    formatting.load_processor(processor_dir).save_pretrained(out / checkpoint.PROCESSOR_DIR)
+    backbones.load_processor(processor_dir).save_pretrained(out / checkpoint.PROCESSOR_DIR)
     return out
 
 
@@ -400,7 +400,7 @@ def main():
         config, write_processor = BACKBONES[args.backbone]
         # The checkpoint's default processor settings.
         processor_dir = write_processor(pathlib.Path(tmp) / args.backbone)
-        processor = formatting.load_processor(processor_dir)
+        processor = backbones.load_processor(processor_dir)
         print(f"processor: {processor.image_config}")
         if not args.skip_flops:
             run_flops(processor, config(), sizes, args.prompt_tokens, args.response_tokens)

@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from mrrm_jax import backbones
 from mrrm_jax.data import examples, media, packing, pipeline, records
 from mrrm_jax.backbones.molmo2.processor_files import write_molmo2_processor_dir
 from mrrm_jax.backbones.molmo2.packing import Molmo2Media
@@ -109,7 +110,7 @@ def main(argv) -> None:
         processor = write_molmo2_processor_dir(root / "processor", video_processor_kwargs={"num_frames": 16})
         path = write_records(root, _IMAGES.value, _VIDEOS.value, rng)
         items = records.read_jsonl(path)
-        prepare = pipeline.PrepareExample(processor, examples.Budget(max_frames=16),
+        prepare = pipeline.PrepareExample(processor, backbones.load_processor, examples.Budget(max_frames=16),
                                           seed=0, media_root=root)
         image_rate = examples_per_second(prepare, items[: _IMAGES.value])
         video_rate = examples_per_second(prepare, items[_IMAGES.value:])

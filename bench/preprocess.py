@@ -35,7 +35,7 @@ from transformers.video_utils import VideoMetadata
 
 from bench.forward import busy_cpu_seconds
 from mrrm_jax.backbones.molmo2 import preprocess
-from mrrm_jax.data.formatting import load_processor
+from mrrm_jax.backbones import load_processor
 from mrrm_jax.backbones.molmo2.processor_files import write_molmo2_processor_dir
 
 # (height, width): 320 to 1,600 pixels, portrait, landscape, square and panoramic.

@@ -48,7 +48,8 @@ from PIL import Image
 
 from bench.measure import REPO, run_measured
 from bench.multi_vs_single import english_text, small_hf_config
-from mrrm_jax.data import formatting, media
+from mrrm_jax import backbones
+from mrrm_jax.data import media
 from mrrm_jax.backbones.molmo2.processor_files import write_molmo2_processor_dir
 
 KINDS = ("text", "image", "two_images", "video")
@@ -91,7 +92,7 @@ def build_release(root: pathlib.Path, lm_layers: int, hidden: int) -> tuple[path
             if "lora_B" in name:  # PEFT starts B at zero: the adapter would change nothing
                 weight.normal_(0, 0.05)
     lora_model.save_pretrained(adapter_dir)
-    formatting.load_processor(base_dir).save_pretrained(adapter_dir)  # the release ships it, separator added
+    backbones.load_processor(base_dir).save_pretrained(adapter_dir)  # the release ships it, separator added
 
     release_config = {"value_head_type": "mlp", "value_head_hidden_dim": HEAD_HIDDEN, "value_head_activation": "silu",
                       "value_head_input_dim": hidden, "resp_repr_mode": "last"}

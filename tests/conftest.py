@@ -57,7 +57,7 @@ def tiny_reward_dir(tmp_path_factory, tiny_models, processor_dir) -> pathlib.Pat
     from mrrm_jax.backbones import checkpoint
     from mrrm_jax.core import lora
     from mrrm_jax.core import reward
-    from mrrm_jax.data.formatting import load_processor
+    from mrrm_jax.backbones import load_processor
 
     out = tmp_path_factory.mktemp("reward")
     shutil.copytree(tiny_models.converted_native, out / checkpoint.BASE_DIR)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mrrm_jax.data import examples, formatting
-from mrrm_jax.data.formatting import load_processor
+from mrrm_jax.backbones import load_processor
 from mrrm_jax.backbones.molmo2.hf_batch import batch_from_processor
 
 RECORD = {"prompt": "Which colour is the square?",

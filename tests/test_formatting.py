@@ -14,7 +14,8 @@ from transformers.video_utils import VideoMetadata
 
 from mrrm_jax.backbones.molmo2 import preprocess
 from mrrm_jax.backbones.molmo2 import processor as processor_lib
-from mrrm_jax.data.formatting import RESP_SEP, SEPARATOR_TEXT, format_example, load_processor
+from mrrm_jax.backbones import load_processor
+from mrrm_jax.data.formatting import RESP_SEP, SEPARATOR_TEXT, format_example
 from mrrm_jax.backbones.molmo2.hf_batch import batch_from_processor
 from mrrm_jax.backbones.molmo2.config import Molmo2Config
 from mrrm_jax.backbones.molmo2.vision import normalized_pixels

@@ -35,7 +35,7 @@ def corpus(tmp_path_factory):
 
 def _batches(corpus, processor_dir, tiny_models, num_epochs=2, window=6, **kwargs):
     config = Molmo2Config.from_hf_dict(oracle.tiny_hf_config().to_dict())
-    prepare = pipeline.PrepareExample(processor_dir, examples.Budget(1024, 512, max_frames=4), seed=3,
+    prepare = pipeline.PrepareExample(processor_dir, backbones.load_processor, examples.Budget(1024, 512, max_frames=4), seed=3,
                                       media_root=corpus.parent, row=ROW)
     packing_config = pipeline.PackingConfig(ROW, backbones.media(config),
                                             rows_per_batch=2, window=window)

@@ -13,7 +13,7 @@ from transformers.video_utils import VideoMetadata
 
 from mrrm_jax.data import examples, media
 from mrrm_jax.backbones.molmo2 import preprocess
-from mrrm_jax.data.formatting import load_processor
+from mrrm_jax.backbones import load_processor
 from mrrm_jax.backbones.molmo2.processor_files import write_molmo2_processor_dir
 from tests import oracle
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, Qwen3VLConfig, Qwen3VLModel
 
+from mrrm_jax import backbones
 from mrrm_jax.data import formatting
 from mrrm_jax.backbones.qwen3_vl import preprocess as qwen3_vl_preprocess
 from mrrm_jax.backbones.qwen3_vl import processor as processor_lib
@@ -254,7 +255,7 @@ QWEN_SEP_ID = 151669  # the next id after Qwen3-VL's last added token, </think> 
 @pytest.fixture(scope="module")
 def formatting_processors(processor_dir, tmp_path_factory):
     """(ours, transformers') Qwen3-VL processors, both with `<|resp_sep|>`."""
-    ours = formatting.load_processor(processor_dir)
+    ours = backbones.load_processor(processor_dir)
     return ours, AutoProcessor.from_pretrained(ours.save_pretrained(tmp_path_factory.mktemp("with_sep")))
 
 

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from mrrm_jax.interop import reward_io
-from mrrm_jax.data.formatting import format_example, load_processor
+from mrrm_jax.backbones import load_processor
+from mrrm_jax.data.formatting import format_example
 from mrrm_jax.backbones.qwen3_vl.processor_files import write_qwen3_vl_processor_dir
 from mrrm_jax.scoring.reward_model import RewardModel
 

@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mrrm_jax.data import examples, media, pipeline, records, tfds_records
-from mrrm_jax.data.formatting import load_processor
+from mrrm_jax import backbones
 
 
 def write_mp4(path, num_frames=6, size=(64, 48), fps=4):
@@ -56,7 +56,7 @@ def corpus(tmp_path_factory):
 
 
 def test_bad_inputs_are_counted_skips_and_the_rest_is_used(corpus, processor_dir, caplog):
-    processor = load_processor(processor_dir)
+    processor = backbones.load_processor(processor_dir)
     counter = records.SkipCounter()
     built = records.build_examples(corpus / "train.jsonl", processor, examples.Budget(),
                                    np.random.default_rng(0), counter, media_root=corpus / "media")
@@ -93,7 +93,7 @@ def test_the_tfds_build_of_a_corpus_gives_the_same_examples_and_skips(corpus, pr
     from_jsonl = records.read_jsonl(corpus / "train.jsonl")
     assert len(source) == len(from_jsonl) == 13
 
-    prepare = pipeline.PrepareExample(processor_dir, examples.Budget(), seed=0, media_root=corpus / "media")
+    prepare = pipeline.PrepareExample(processor_dir, backbones.load_processor, examples.Budget(), seed=0, media_root=corpus / "media")
     used = 0
     for index, jsonl_item in enumerate(from_jsonl):
         tfds_item = source[index]

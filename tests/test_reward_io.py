@@ -31,7 +31,8 @@ from transformers.video_utils import VideoMetadata
 from mrrm_jax.backbones import checkpoint
 from mrrm_jax.core import reward
 from mrrm_jax.interop import reward_io
-from mrrm_jax.data.formatting import RESP_SEP, format_example, load_processor
+from mrrm_jax.backbones import load_processor
+from mrrm_jax.data.formatting import RESP_SEP, format_example
 from mrrm_jax.backbones.molmo2.hf_batch import batch_from_processor
 from mrrm_jax.core.lora import LoraSpec
 from mrrm_jax.backbones.molmo2 import Molmo2

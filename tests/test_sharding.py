@@ -134,14 +134,19 @@ def test_losses_match_across_meshes(tmp_path):
     # The Pallas kernel under shard_map (sharding.map_rows), value and gradients, vs one device.
     assert all(error <= 1e-4 for error in sharded["pallas_on_rows"]), "pallas_on_rows"
 
-    # The step's arithmetic: the same gradients (each leaf to 1e-5 of its largest element: float32
-    # sums in another order), and the same loss after one SGD step, which moves it by far more.
+    # The step's arithmetic: the same gradients, and the same loss after one SGD step, which moves it by
+    # far more. Each leaf agrees to 1e-5 of its largest element (float32 sums in another order), or, for
+    # a leaf whose exact gradient is zero, to 1e-6 of the largest gradient of all: the attention's key
+    # biases (softmax ignores a shift shared by all keys) get sums of terms that cancel, ~1e-13 here
+    # against 1e-4 elsewhere, and their rounding differs between meshes by as much as their size.
     before, after = reference_step["loss_before"], reference_step["loss_after"]
     assert abs(after - before) > 1e-3 * before, (before, after)
+    largest = max(np.abs(g).max() for g in map(np.asarray, reference_step["grads"].values()))
     for name, got in sharded["first_steps"].items():
         for path, expected in reference_step["grads"].items():
             expected, value = np.asarray(expected), np.asarray(got["grads"][path])
-            assert np.abs(value - expected).max() <= 1e-5 * np.abs(expected).max() + 1e-12, (name, path)
+            tolerance = 1e-5 * np.abs(expected).max() + 1e-6 * largest
+            assert np.abs(value - expected).max() <= tolerance, (name, path)
         assert got["loss_after"] == pytest.approx(after, rel=1e-5), name
 
     # The trainer's Adam run. Step 1's loss is taken before any update: to rounding. Later steps are

@@ -27,7 +27,7 @@ from mrrm_jax.backbones.qwen3_vl import conversion as qwen3_vl_conversion
 from mrrm_jax.backbones.qwen3_vl import packing as qwen3_vl_packing
 from mrrm_jax.backbones.qwen3_vl import processor as qwen3_vl_processor
 from mrrm_jax.backbones.qwen3_vl import processor_files as qwen3_vl_files
-from mrrm_jax.data import processor_dir
+from mrrm_jax.data import formatting, processor_dir
 from mrrm_jax.models.hf_conversion import Conversion
 
 
@@ -75,13 +75,13 @@ def model_type(config_json: dict) -> str:
     return name
 
 
-def load_processor(directory, tokenizer):
-    """The processor of a checkpoint or processor directory, by the class its files name
-    (`tokenizer`: the one already loaded from it)."""
+def load_processor(directory):
+    """The processor of a checkpoint or processor directory (no torch), by the class its files name, on
+    the directory's tokenizer with `<|resp_sep|>` (`formatting.load_tokenizer`)."""
     named = processor_dir.processor_class(directory) or BACKBONES[UNNAMED].processor_class
     for backbone in BACKBONES.values():
         if backbone.processor_class == named:
-            return backbone.load_processor(directory, tokenizer)
+            return backbone.load_processor(directory, formatting.load_tokenizer(directory))
     raise ValueError(f"{directory}: processor_class={named!r}; supported: "
                      f"{sorted(b.processor_class for b in BACKBONES.values())}")
 

@@ -26,7 +26,6 @@ import tokenizers
 from PIL import Image
 from transformers import TokenizersBackend
 
-from mrrm_jax import backbones
 
 RESP_SEP = "<|resp_sep|>"
 SEPARATOR_TEXT = "\n\n<|resp_sep|>\n\n"
@@ -54,9 +53,9 @@ class FormattedExample:
     processor_outputs: dict[str, np.ndarray]
 
 
-def load_processor(model_dir):
-    """The checkpoint's processor (its backbone's `processor.py`, no torch), with
-    `<|resp_sep|>` added as one special token if missing.
+def load_tokenizer(model_dir) -> TokenizersBackend:
+    """The tokenizer of a checkpoint or processor directory, with `<|resp_sep|>` added as one special
+    token if missing (`backbones.load_processor` builds the processor around it).
 
     The new token gets the next id after the largest existing one (151946 after Molmo2's `<|video|>` =
     151945, 151669 after Qwen3-VL's `</think>` = 151668), not `len(tokenizer)`: Molmo2's ids have a gap
@@ -80,7 +79,7 @@ def load_processor(model_dir):
         backend.model = tokenizers.Tokenizer.from_str(json.dumps(backend_json)).model
         tokenizer.add_special_tokens({"extra_special_tokens": [RESP_SEP]}, replace_extra_special_tokens=False)
         assert backend.token_to_id(RESP_SEP) == next_id, backend.token_to_id(RESP_SEP)
-    return backbones.load_processor(model_dir, tokenizer)
+    return tokenizer
 
 
 def format_example(processor, prompt, responses, images=None, video=None, video_metadata=None,
@@ -100,7 +99,7 @@ def format_example(processor, prompt, responses, images=None, video=None, video_
     tokenizer = processor.tokenizer
     sep_id = tokenizer.backend_tokenizer.token_to_id(RESP_SEP)
     if sep_id is None:
-        raise ValueError(f"the processor's tokenizer has no {RESP_SEP} token; load it with load_processor()")
+        raise ValueError(f"the processor's tokenizer has no {RESP_SEP} token; load it with backbones.load_processor()")
 
     media_parts = [{"type": "image"}] * len(images) + [{"type": "video"}] * (video is not None)
     rendered = _render(processor, media_parts, _PROMPT_SLOT, _RESPONSES_SLOT)

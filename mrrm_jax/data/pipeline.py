@@ -29,7 +29,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from mrrm_jax.data import examples, formatting, packing, records
+from mrrm_jax.data import examples, packing, records
 from mrrm_jax.data.examples import Skip
 
 log = logging.getLogger(__name__)
@@ -88,16 +88,17 @@ class PrepareExample:
     "skip": the `Skipped` when "example" is None, else None}.
 
     Runs inside the grain workers, on grain's reader threads; the processor's fast tokenizer is not
-    thread-safe, so each thread opens its own processor, lazily; it is never pickled. Videos decode
-    only the frames the budget's attempts can sample. The response order and tie-breaks come from
+    thread-safe, so each thread opens its own processor, lazily, with `load_processor(processor_dir)`
+    (`backbones.load_processor`: the data path itself knows no backbone); it is never pickled. Videos
+    decode only the frames the budget's attempts can sample. The response order and tie-breaks come from
     `default_rng([seed, index])`: the index runs on across epochs, so each epoch shuffles anew.
     """
 
-    def __init__(self, processor_dir, budget: examples.Budget, seed: int, media_root,
+    def __init__(self, processor_dir, load_processor, budget: examples.Budget, seed: int, media_root,
                  media_transform: str = "none", row: packing.RowBudget | None = None):
         if media_transform not in MEDIA_TRANSFORMS:
             raise ValueError(f"media_transform={media_transform!r}: expected one of {MEDIA_TRANSFORMS}")
-        self.processor_dir, self.budget = str(processor_dir), budget
+        self.processor_dir, self.load_processor, self.budget = str(processor_dir), load_processor, budget
         self.row = row  # the packed row every example must fit: one that does not is a skip, not a crash
         self.seed, self.media_transform = seed, media_transform
         self.media_root = None if media_root is None else pathlib.Path(media_root)
@@ -112,7 +113,7 @@ class PrepareExample:
     @property
     def processor(self):
         if not hasattr(self._local, "processor"):
-            self._local.processor = formatting.load_processor(self.processor_dir)
+            self._local.processor = self.load_processor(self.processor_dir)
             self._local.keep_frames = examples.frames_to_keep(self.budget, self._local.processor)
         return self._local.processor
 

@@ -34,7 +34,6 @@ from mrrm_jax.backbones import checkpoint
 from mrrm_jax.interop import convert
 from mrrm_jax.core import reward
 from mrrm_jax.interop import torch_files
-from mrrm_jax.data import formatting
 from mrrm_jax.core.lora import LoraSpec
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -112,7 +111,7 @@ def import_peft(base_hf_dir, adapter_dir, out_dir) -> pathlib.Path:
         raise ValueError(f"base checkpoint {base_hf_dir}: {error}") from error
     factors, lora_spec = _read_lora(adapter_dir, cfg)
     head_config, head_params = _read_head(adapter_dir, cfg.text.hidden_size)
-    processor = formatting.load_processor(_processor_source(adapter_dir, base_hf_dir))
+    processor = backbones.load_processor(_processor_source(adapter_dir, base_hf_dir))
 
     convert.convert_dir(base_hf_dir, out_dir / checkpoint.BASE_DIR)
     checkpoint.save_trainable(out_dir, {"lora": factors, "head": head_params}, head_config, lora_spec)

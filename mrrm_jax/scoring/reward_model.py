@@ -71,7 +71,7 @@ class RewardModel:
         if dtype is not None:
             config = config.replace(dtype=dtype, param_dtype=dtype)
         config = config.replace(attention=attention or inference_backend(config.attention))
-        processor = formatting.load_processor(reward_dir / checkpoint.PROCESSOR_DIR)
+        processor = backbones.load_processor(reward_dir / checkpoint.PROCESSOR_DIR)
         return cls(backbones.with_processor(config, processor), params, head_config, trainable["head"], processor,
                    **shape)
 

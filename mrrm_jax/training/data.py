@@ -12,7 +12,7 @@ import grain
 import jax
 
 from mrrm_jax import backbones
-from mrrm_jax.data import examples, formatting, pipeline, records, synthetic, tfds_records
+from mrrm_jax.data import examples, pipeline, records, synthetic, tfds_records
 from mrrm_jax.training.spec import ConfigError, DataSpec, ProcessorSpec
 
 
@@ -34,7 +34,7 @@ def open_processor(spec: ProcessorSpec, base_dir: str, workdir: pathlib.Path):
             except TypeError as error:
                 raise ConfigError(f"processor.kwargs {spec.settings} for a {spec.model_type} processor: {error}") from error
     try:
-        return out, formatting.load_processor(out)
+        return out, backbones.load_processor(out)
     except (OSError, ValueError) as error:
         raise ConfigError(f"processor {out}: {error}") from error
 
@@ -77,7 +77,7 @@ def batches(source: pathlib.Path | str, train: bool, spec: DataSpec, budget: exa
     worker processes; evaluation reads one pass in order, in this process."""
     # A JSONL's media are under its directory unless `media_root` says otherwise; TFDS holds its own.
     media_root = spec.media_root or (source.parent if isinstance(source, pathlib.Path) else None)
-    prepare = pipeline.PrepareExample(processor, budget, seed + (0 if train else 1), media_root, media_transform,
+    prepare = pipeline.PrepareExample(processor, backbones.load_processor, budget, seed + (0 if train else 1), media_root, media_transform,
                                       packing.row)
     return pipeline.batches(record_items(source), prepare, packing, seed, spec.num_epochs if train else 1,
                             spec.num_workers if train else 0, jax.process_index(), jax.process_count(),
