@@ -15,7 +15,7 @@ from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoPr
 from transformers.video_utils import VideoMetadata, load_video
 
 from mrrm_jax.data import media
-from mrrm_jax.backbones.molmo2.preprocess import rgb_array
+from mrrm_jax.data.media import rgb_array
 from mrrm_jax.backbones.qwen3_vl.preprocess import (Qwen3VLVisionOptions, image_patches, resize_bicubic,
                                                video_frame_indices, video_patches, video_timestamps)
 

@@ -16,6 +16,14 @@ from PIL import Image, ImageOps
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3]; transparency composited onto white, as transformers does for PIL input."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return np.asarray(image.convert("RGB"))
+
+
 def load_image(path) -> Image.Image:
     """RGB, or RGBA kept as is: Molmo2's image processor composites alpha onto white itself
     (transformers' `load_image` would drop the alpha instead). EXIF orientation is applied.

@@ -61,14 +61,6 @@ class VisionOptions:
     use_frame_special_tokens: bool = True
 
 
-def rgb_array(image: Image.Image) -> np.ndarray:
-    """uint8 [H, W, 3]; transparency composited onto white, as transformers does for PIL input."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    return np.asarray(image.convert("RGB"))
-
-
 @functools.lru_cache(maxsize=256)
 def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """torch's `compute_source_index_and_lambda` (align_corners=False) in float32: for every output
@@ -241,7 +233,7 @@ def image_inputs(images: list[Image.Image], options: VisionOptions, max_crops: i
     crops, pooling, grids, offset = [], [], [], 0
     patches_per_crop = (options.crop_size // options.patch_size) ** 2
     for image in images:
-        image_crops, windows, grid = _image_inputs_one(rgb_array(image), options, max_crops)
+        image_crops, windows, grid = _image_inputs_one(media.rgb_array(image), options, max_crops)
         pooling.append(np.where(windows >= 0, windows + offset, -1))
         crops.append(image_crops)
         grids.append(grid)

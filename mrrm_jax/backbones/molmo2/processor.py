@@ -22,6 +22,7 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from mrrm_jax.backbones.molmo2 import preprocess
 from mrrm_jax.backbones.molmo2.preprocess import VisionOptions
 from mrrm_jax.backbones.molmo2.hf_batch import batch_from_processor
+from mrrm_jax.data import media
 from mrrm_jax.data.processor_dir import (IMAGE_CONFIG, PROCESSOR_CONFIG, VIDEO_CONFIG, budget_frame_counts,
                                          plain_tokenizer, read_chat_template, read_json, video_metadata_dict,
                                          write_processor_dir)
@@ -134,7 +135,7 @@ class Molmo2Processor:
             outputs.update(preprocess.image_inputs(images, options, max_crops, normalized=False))
             replacements[self.image_token] = [preprocess.image_tokens(g, options) for g in outputs["image_grids"]]
         if video is not None:
-            frames = np.asarray(video) if isinstance(video, np.ndarray) else np.stack([preprocess.rgb_array(f) for f in video])
+            frames = np.asarray(video) if isinstance(video, np.ndarray) else np.stack([media.rgb_array(f) for f in video])
             frames, timestamps = preprocess.sample_video(frames, video_metadata_dict(video_metadata, len(frames)),
                                                          options, num_frames)
             outputs.update(preprocess.video_inputs(frames, options, normalized=False))

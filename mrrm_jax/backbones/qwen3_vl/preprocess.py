@@ -303,7 +303,7 @@ def _patches(frames_thwc: np.ndarray, options: Qwen3VLVisionOptions) -> tuple[np
 
 
 def image_patches(image_hwc_uint8: np.ndarray, options: Qwen3VLVisionOptions) -> tuple[np.ndarray, Grid]:
-    """One RGB image (uint8 [H, W, 3]; `preprocess.rgb_array` converts a PIL image as transformers does,
+    """One RGB image (uint8 [H, W, 3]; `media.rgb_array` converts a PIL image as transformers does,
     alpha onto white) -> (patches_px float32 [h * w, 3 * temporal * patch^2], image_grid_thw (1, h, w)).
     The image is its own frame `temporal_patch_size` times."""
     _check_rgb(image_hwc_uint8[None], "an image: [H, W, 3]")
@@ -328,7 +328,7 @@ def video_patches(frames_thwc_uint8: np.ndarray, options: Qwen3VLVisionOptions) 
 def _check_rgb(frames_thwc: np.ndarray, expected: str):
     if frames_thwc.ndim != 4 or frames_thwc.shape[-1] != 3 or frames_thwc.dtype != np.uint8:
         raise ValueError(f"expected uint8 RGB pixels ({expected}), got {frames_thwc.dtype} with the frames shaped "
-                         f"{frames_thwc.shape[1:]}; convert PIL images with preprocess.rgb_array")
+                         f"{frames_thwc.shape[1:]}; convert PIL images with media.rgb_array")
 
 
 def video_frame_indices(total_frames: int, fps: float | None, options: Qwen3VLVisionOptions) -> np.ndarray:

@@ -33,7 +33,6 @@ from transformers.utils.chat_template_utils import render_jinja_template
 
 from mrrm_jax.data import media
 from mrrm_jax.backbones.qwen3_vl import preprocess as qwen3_vl_preprocess
-from mrrm_jax.backbones.molmo2.preprocess import rgb_array
 from mrrm_jax.data.processor_dir import (IMAGE_CONFIG, PROCESSOR_CONFIG, VIDEO_CONFIG,
                                          budget_frame_counts, plain_tokenizer, processor_class, read_chat_template,
                                          read_json, video_metadata_dict, write_processor_dir)
@@ -162,10 +161,10 @@ class Qwen3VLProcessor:
         options, outputs = self._options(**attempt), {}
         image_grids, video_grids, timestamps = [], [], []
         if images:
-            patches, image_grids = zip(*(qwen3_vl_preprocess.image_patches(rgb_array(im), options) for im in images))
+            patches, image_grids = zip(*(qwen3_vl_preprocess.image_patches(media.rgb_array(im), options) for im in images))
             outputs.update(pixel_values=np.concatenate(patches), image_grid_thw=np.asarray(image_grids, np.int64))
         if video is not None:
-            frames = np.asarray(video) if isinstance(video, np.ndarray) else np.stack([rgb_array(f) for f in video])
+            frames = np.asarray(video) if isinstance(video, np.ndarray) else np.stack([media.rgb_array(f) for f in video])
             metadata = video_metadata_dict(video_metadata, len(frames))
             picked = qwen3_vl_preprocess.video_frame_indices(metadata["total_num_frames"], metadata["fps"], options)
             patches, grid = qwen3_vl_preprocess.video_patches(media.picked_frames(frames, metadata, picked), options)
