@@ -1,1 +1,1 @@
-"""Benchmarks: release-format converters (formats), metrics as pure functions (metrics), reports (report)."""
+"""Benchmarks: release-format converters (formats), metrics as pure functions (metrics), the scoring run (runner), reports (report)."""

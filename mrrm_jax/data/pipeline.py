@@ -275,6 +275,12 @@ class _PackedBatchIterator(grain.DatasetIterator):
             self._rows = [[]]
         self._next_row = 0
 
+    def close(self) -> None:
+        """Stops the workers; the examples held for packing are let go with them (grain's workers hand
+        them over in shared memory, released when the last reference goes)."""
+        self._rows, self._carry_out = [], []
+        super().close()
+
     def __next__(self) -> dict:
         rows = []
         while len(rows) < self.config.rows_per_batch:

@@ -1,1 +1,1 @@
-"""Network layers every backbone shares: attention (XLA, blockwise, Pallas), the decoder stack, rope, dense layers, HF config helpers."""
+"""Network layers every backbone shares: attention (XLA, blockwise, Pallas), the decoder stack, rope, dense layers, and the transformers config and checkpoint names they share."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import logging
 import pathlib
 import shutil
@@ -344,7 +345,11 @@ class _Run:
                                 self.processor)
             return results
         finally:
-            self.train_iter.close()  # its worker processes' prefetched batches sit in shared memory
+            # The workers' batches and the packer's examples sit in shared memory, unlinked as their arrays
+            # are freed, by a grain thread that Python's exit stops with its queue undone: close and
+            # collect now, while it runs.
+            self.train_iter.close()
+            gc.collect()
             self.writer.close()
             self.skip_log.close()
             self.checkpoints.close()
