@@ -25,17 +25,37 @@ def _stream(seed: int, count: int = 60) -> list[dict]:
             for _ in range(count)]
 
 
+def _first_fit(examples: list[dict], budget: packing.RowBudget) -> list[list[int]] | None:
+    """First fit of the whole list, written out here: each example into the first row with room for its
+    tokens, crops, pooled tokens and one more example; None when one is larger than a row."""
+    rows = []
+    for index, example in enumerate(examples):
+        if example["tokens"].shape[1] > budget.row_tokens or _crops(example) > budget.row_crops:
+            return None
+        for row in rows:
+            if (sum(examples[i]["tokens"].shape[1] for i in row) + example["tokens"].shape[1] <= budget.row_tokens
+                    and sum(map(_crops, (examples[i] for i in row))) + _crops(example) <= budget.row_crops
+                    and 4 * (sum(map(_crops, (examples[i] for i in row))) + _crops(example)) <= budget.row_pooled
+                    and len(row) < budget.row_examples):
+                row.append(index)
+                break
+        else:
+            rows.append([index])
+    return rows
+
+
+def _crops(example: dict) -> int:
+    return example["crops"].shape[1] if "crops" in example else 0
+
+
 def _cheapest(shapes: BatchShapes, examples: list[dict]):
-    """(rows x row tokens, placement) of the cheapest shape, from `packing.first_fit` of the whole list;
-    None when no shape holds the examples in `max_rows` rows."""
-    with_media = any(packing.media_counts(e)["crops"] for e in examples)
+    """(rows x row tokens, placement) of the cheapest shape, by first fit of the whole list; None when no
+    shape holds the examples in `max_rows` rows."""
+    with_media = any(map(_crops, examples))
     best = None
     for budget in shapes.shapes[with_media]:
-        try:
-            rows = packing.first_fit(examples, budget)
-        except ValueError:
-            continue
-        if len(rows) <= shapes.max_rows:
+        rows = _first_fit(examples, budget)
+        if rows is not None and len(rows) <= shapes.max_rows:
             cost = next(r for r in shapes.row_buckets if r >= len(rows)) * budget.row_tokens
             best = min(best, (cost, rows), key=lambda c: c[0]) if best else (cost, rows)
     return best

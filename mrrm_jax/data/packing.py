@@ -88,25 +88,35 @@ def exceeds(example: dict, budget: RowBudget) -> list[str]:
     return [f"{counts[name]} {name} (limit {limits[name]})" for name in counts if counts[name] > limits[name]]
 
 
+# What an empty row has used of its budget (`RowBudget.fits`).
+EMPTY_ROW = {"tokens": 0, "examples": 0, **dict.fromkeys(MEDIA_RESOURCES, 0)}
+
+
+def with_example(used: dict, example: dict) -> dict:
+    """A row's used resources with `example` added (a new dict)."""
+    media = media_counts(example)
+    return {"tokens": used["tokens"] + example["tokens"].shape[1], "examples": used["examples"] + 1,
+            **{name: used[name] + media[name] for name in media}}
+
+
+def first_fitting_row(used_rows, example: dict, budget: RowBudget) -> int:
+    """The first of the rows (their used resources) that `example` fits; len(used_rows): a new row."""
+    return next((row for row, used in enumerate(used_rows) if budget.fits(used, example)), len(used_rows))
+
+
 def first_fit(examples: list[dict], budget: RowBudget) -> list[list[int]]:
     """Example indices per row, first-fit in the given order. An example larger than a row is an error."""
-    rows, used = [], []
+    rows, used_rows = [], []
     for index, example in enumerate(examples):
         over = exceeds(example, budget)
         if over:
             raise ValueError(f"example {index} does not fit an empty row: {', '.join(over)}")
-        for row, counts in zip(rows, used):
-            if budget.fits(counts, example):
-                break
-        else:
-            row, counts = [], {"tokens": 0, "examples": 0, **dict.fromkeys(MEDIA_RESOURCES, 0)}
-            rows.append(row)
-            used.append(counts)
-        row.append(index)
-        counts["tokens"] += example["tokens"].shape[1]
-        for name, count in media_counts(example).items():
-            counts[name] += count
-        counts["examples"] += 1
+        row = first_fitting_row(used_rows, example, budget)
+        if row == len(rows):
+            rows.append([])
+            used_rows.append(EMPTY_ROW)
+        rows[row].append(index)
+        used_rows[row] = with_example(used_rows[row], example)
     return rows
 
 

@@ -165,20 +165,16 @@ class Filling:
         """This batch with `examples` too (self unchanged); None when no shape holds them all."""
         placements, size = self.placements, self.size
         for example in examples:
-            tokens, media = example["tokens"].shape[1], packing.media_counts(example)
             grown = []
             for budget, rows, used in placements:
                 if packing.exceeds(example, budget):
                     continue
-                row = next((r for r, counts in enumerate(used) if budget.fits(counts, example)), len(rows))
+                row = packing.first_fitting_row(used, example, budget)
                 if row == self.shapes.max_rows:
                     continue
-                before = used[row] if row < len(rows) else {"tokens": 0, "examples": 0,
-                                                            **dict.fromkeys(packing.MEDIA_RESOURCES, 0)}
-                counts = {"tokens": before["tokens"] + tokens, "examples": before["examples"] + 1,
-                          **{name: before[name] + media[name] for name in media}}
-                indices = (rows[row] if row < len(rows) else ()) + (size,)
-                grown.append((budget, rows[:row] + (indices,) + rows[row + 1:], used[:row] + (counts,) + used[row + 1:]))
+                before, indices = (used[row], rows[row]) if row < len(rows) else (packing.EMPTY_ROW, ())
+                grown.append((budget, rows[:row] + (indices + (size,),) + rows[row + 1:],
+                              used[:row] + (packing.with_example(before, example),) + used[row + 1:]))
             if not grown:
                 return None
             placements, size = tuple(grown), size + 1
