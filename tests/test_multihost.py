@@ -355,6 +355,10 @@ class _StackedIterator:
         for it, s in zip(self.iterators, state):
             it.set_state(s)
 
+    def close(self) -> None:  # the trainer closes its iterator when the run ends
+        for it in self.iterators:
+            it.close()
+
 
 def reference_run(workdir: pathlib.Path, shared: pathlib.Path) -> None:
     """1 process, 8 devices; the trainer reads what `PROCESSES` processes would read together."""
