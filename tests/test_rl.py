@@ -11,6 +11,7 @@ import pytest
 
 from mrrm_jax.data import media
 from mrrm_jax.rl import trl, tunix, verl
+from mrrm_jax.rl.client import LocalScorer
 from tests.benchmark_files import ANSWERS
 from tests.test_serve import media_root, serve  # noqa: F401  (media_root is a fixture)
 
@@ -51,6 +52,20 @@ def test_tunix_reward_fn_over_http_and_in_process(model, url, media_root):
     np.testing.assert_allclose(in_process(prompts=prompts, completions=completions, image=images), expected, atol=1e-5)
     with pytest.raises(ValueError, match="blocks of num_generations"):
         over_http(prompts=prompts[:4], completions=completions[:4])
+
+
+def test_in_process_scorer_in_both_modes(model, media_root):
+    """`LocalScorer` scores groups as the model does: in one pass per group, or one per response."""
+    groups = [{"prompt": PROMPTS[0], "responses": ANSWERS[:3], "image": "a.png"},
+              {"prompt": PROMPTS[1], "responses": ANSWERS[:2]}]
+    image = [media.load_image(media_root / "a.png")]
+    np.testing.assert_allclose(np.concatenate(LocalScorer(model, media_root).score(groups)),
+                               _direct(model, media_root), atol=1e-5)
+    single = np.concatenate([model.score_single(PROMPTS[0], ANSWERS[:3], images=image),
+                             model.score_single(PROMPTS[1], ANSWERS[:2])])
+    np.testing.assert_allclose(np.concatenate(LocalScorer(model, media_root, mode="single").score(groups)), single,
+                               atol=1e-5)
+    assert not np.allclose(single, _direct(model, media_root), atol=1e-3)  # the two modes are different passes
 
 
 def test_trl_reward_func_groups_by_prompt_within_the_slice(model, url, media_root):
