@@ -5,7 +5,8 @@
 Needs libtpu (`pip install -e '.[tpu]'`); no TPU and no weights: parameters, optimizer state and
 the batch are abstract (shapes, dtypes and shardings only). Prints the per-chip memory that XLA
 plans (arguments, outputs, temporaries) against the chip's HBM and the step's FLOPs per chip, and
-exits 1 if it does not fit. XLA's cost analysis counts a loop body (a scanned layer, the micro-step
+exits 1 if it does not fit; with `model.remat="auto"` it first prints each policy's plan and takes the
+first that fits (`aot.resolve_remat`). XLA's cost analysis counts a loop body (a scanned layer, the micro-step
 loop) once; `--flops` adds the whole step's FLOPs, from three shallow unrolled compiles extrapolated
 over depth (`aot.step_flops`; three more compiles).
 """
@@ -30,6 +31,11 @@ def main(argv) -> None:
     del argv
     try:
         spec = run_spec.parse(_CONFIG.value, training=False)
+        if spec.model.remat == "auto":
+            spec, plan = aot.resolve_remat(spec, aot.topology_devices(_TOPOLOGY.value))
+            print("model.remat='auto': " + ", ".join(
+                f"{policy} {'refused' if n is None else f'{n / 2**30:.2f} GiB'}" for policy, n in plan.items())
+                  + f" per chip -> {spec.model.remat}")
         r = aot.compile_for(spec, _TOPOLOGY.value)
     except run_spec.ConfigError as error:
         sys.exit(f"error: {error}")

@@ -1,4 +1,5 @@
-"""Ahead-of-time compilation of the real train step for a TPU slice, from any host (tools/aot_compile.py).
+"""Ahead-of-time compilation of the real train step: for a TPU slice from any host (tools/aot_compile.py),
+and for `model.remat="auto"`, which picks the rematerialisation policy from XLA's memory plan.
 
 Parameters, optimizer state and the batch are abstract (shapes, dtypes, shardings), so neither a TPU
 nor weights are needed, only libtpu.
@@ -8,13 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 
 from mrrm_jax.core import sharding
 from mrrm_jax.training import step
-from mrrm_jax.training.spec import RunSpec, check_mesh
+from mrrm_jax.training.spec import ConfigError, RunSpec, check_mesh
+
+log = logging.getLogger(__name__)
 
 # HBM per device that XLA lets a program use, GiB, as its out-of-memory errors name it.
 HBM_GIB = {"TPU v4": 30.75, "TPU v5 lite": 15.75, "TPU v5": 95.74}
@@ -58,6 +62,60 @@ class Report:
     @property
     def fits(self) -> bool:
         return self.hbm_gib is not None and self.total_gib <= self.hbm_gib
+
+
+# Remat policies from the least recomputation to the most (`models/decoder.py`): "auto" takes the first
+# whose compiled step fits. "dots" keeps every matmul output, "dots_no_batch" those without a batch axis
+# (the weights' products), "full" only the layer inputs.
+REMAT_ORDER = ("none", "dots", "dots_no_batch", "full")
+# Device memory "auto" leaves outside XLA's plan: the runtime's own buffers, the input pipeline's
+# transfers, and the plan's error.
+REMAT_MARGIN = 0.1
+
+
+def planned_bytes(spec: RunSpec, devices) -> int | None:
+    """Per-device bytes XLA plans for the step (arguments + outputs - donated + temporaries); None when
+    the compiler refuses it for memory (TPU compiles check the chip's HBM themselves)."""
+    try:
+        memory = _compile(spec, devices).memory_analysis()
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        return None
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes)
+
+
+def device_memory_bytes(spec: RunSpec, device) -> int:
+    """The memory "auto" plans against: `model.remat_budget_gib`, else a TPU chip's HBM (`HBM_GIB`; a
+    topology's devices report no memory), else the device's allocator limit (GPUs)."""
+    if spec.remat_budget_gib:
+        return int(spec.remat_budget_gib * 2**30)
+    if device.device_kind in HBM_GIB:
+        return int(HBM_GIB[device.device_kind] * 2**30)
+    stats = device.memory_stats()
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    raise ConfigError(f"model.remat='auto' needs the device's memory, and a {device.device_kind!r} device reports "
+                      "none: set model.remat_budget_gib")
+
+
+def resolve_remat(spec: RunSpec, devices) -> tuple[RunSpec, dict[str, int | None]]:
+    """`spec` with `model.remat="auto"` replaced by the first of `REMAT_ORDER` whose step fits the device
+    with `REMAT_MARGIN` to spare, and the plan: policy -> planned bytes per device (None: refused), for
+    the policies tried. No policy fitting is a `ConfigError` with the plan."""
+    budget = (1 - REMAT_MARGIN) * device_memory_bytes(spec, devices[0])
+    plan = {}
+    gib = lambda n: "refused" if n is None else f"{n / 2**30:.2f} GiB"
+    for policy in REMAT_ORDER:
+        candidate = dataclasses.replace(spec, model=spec.model.replace(remat=policy))
+        plan[policy] = planned_bytes(candidate, devices)
+        if plan[policy] is not None and plan[policy] <= budget:
+            log.info("model.remat='auto': %s (per device, of %s usable: %s)", policy, gib(budget),
+                     ", ".join(f"{p} {gib(b)}" for p, b in plan.items()))
+            return candidate, plan
+    raise ConfigError(f"model.remat='auto': no policy's step fits {gib(budget)} per device (the device's memory "
+                      f"less {REMAT_MARGIN:.0%}): " + ", ".join(f"{p} {gib(b)}" for p, b in plan.items()))
 
 
 def topology_devices(topology: str):

@@ -20,7 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dims = ml_collections.ConfigDict({"vision": {}, "adapter": {}, "text": {}})
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"
-    c.model.remat = "none"
+    c.model.remat = "none"  # "none" | "dots" | "dots_no_batch" | "full" | "auto": the least recompute that fits
+    c.model.remat_budget_gib = 0.0  # "auto"'s device memory; 0: what the device reports (TPU/GPU; CPU reports none)
     c.model.attention = "xla"
     c.model.scan_unroll = 1
 

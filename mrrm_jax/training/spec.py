@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # configs are ConfigDicts; the spec itself needs no ml_collec
 
 # Keys that may differ between a run and the checkpoint it resumes (the rest must match).
 RESUMABLE_CHANGES = ("train.num_steps", "log_every", "checkpoint.every_steps", "checkpoint.keep",
-                     "eval.every_steps", "eval.controls", "data.num_workers", "data.num_threads")
+                     "eval.every_steps", "eval.controls", "data.num_workers", "data.num_threads",
+                     "model.remat_budget_gib")
 EVAL_CONTROLS = ("black", "frozen")  # media blanked at evaluation: the model must lose its accuracy
 
 
@@ -92,6 +93,7 @@ class RunSpec:
     checkpoint_keep: int
     eval_every: int
     eval_controls: tuple[str, ...]
+    remat_budget_gib: float  # device memory for `model.remat="auto"`; 0: the device's own
     # The config's keys and values that a resumed run must share with its checkpoint (all but
     # RESUMABLE_CHANGES), as written into every checkpoint.
     fingerprint: dict = dataclasses.field(repr=False, compare=False)
@@ -150,7 +152,7 @@ def parse(cfg: ml_collections.ConfigDict, training: bool = True) -> RunSpec:
         optimizer=OptimizerSpec(c.train.learning_rate, c.train.warmup_steps, c.train.weight_decay, c.train.clip_norm),
         mesh=c.mesh.to_dict(), log_every=c.log_every, checkpoint_every=c.checkpoint.every_steps,
         checkpoint_keep=c.checkpoint.keep, eval_every=c.eval.every_steps, eval_controls=tuple(c.eval.controls),
-        fingerprint=_fingerprint(c))
+        remat_budget_gib=c.model.remat_budget_gib, fingerprint=_fingerprint(c))
 
 
 def check_mesh(spec: RunSpec, mesh, process_count: int) -> None:
@@ -168,8 +170,9 @@ def check_mesh(spec: RunSpec, mesh, process_count: int) -> None:
 def _model(m):
     _check(m.type in backbones.BACKBONES, f"model.type={m.type!r}: expected one of {sorted(backbones.BACKBONES)}")
     _check(m.attention in BACKENDS, f"model.attention={m.attention!r}: expected one of {sorted(BACKENDS)}")
-    remats = ("none", *REMAT_POLICIES)
+    remats = ("none", *REMAT_POLICIES, "auto")  # "auto": resolved by `aot.resolve_remat` on the devices
     _check(m.remat in remats, f"model.remat={m.remat!r}: expected one of {remats}")
+    _check(m.remat_budget_gib >= 0, f"model.remat_budget_gib={m.remat_budget_gib} must be 0 (the device's) or more")
     for key in ("param_dtype", "dtype"):
         try:
             jnp.dtype(m[key])

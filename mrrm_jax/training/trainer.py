@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from mrrm_jax.backbones import checkpoint
 from mrrm_jax.core import reward
 from mrrm_jax.core import sharding
-from mrrm_jax.training import step
+from mrrm_jax.training import aot, step
 from mrrm_jax.core import tree_paths
 from mrrm_jax.data import pipeline
 from mrrm_jax.training import data as training_data
@@ -219,6 +219,8 @@ class _Run:
         self.train_file, self.eval_file, self.processor, processor = workdir_files(spec, workdir)
         check_row_media(spec, processor)
         spec = dataclasses.replace(spec, model=backbones.with_processor(spec.model, processor))
+        if spec.model.remat == "auto":  # before anything builds the model: the policy whose step fits
+            spec, _ = aot.resolve_remat(spec, list(mesh.devices.flat))
         self.spec, self.workdir, self.mesh = spec, workdir, mesh
         self.local_rows = spec.train.rows_per_step // jax.process_count()
         self.train_iter = iter(self._batches(self.train_file, train=True, rows=self.local_rows))
