@@ -1,0 +1,170 @@
+"""`python -m mrrm_jax.prepare` on each source's release files (tests/release_files.py): every row becomes
+the record or the counted skip written down for it by hand; bad input, resume, workers."""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from mrrm_jax.sources import conversion
+from tests import release_files
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mrrm_jax.prepare", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def lines(path: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check_against_expectations(out: pathlib.Path, dataset: str, expected: dict) -> None:
+    records = {r["id"].split("/", 1)[1]: r for r in lines(out / "records.jsonl")}
+    skips = lines(out / "skipped.jsonl")
+    want_records = {k: v for k, v in expected.items() if v[0] == "record"}
+    assert sorted(records) == sorted(want_records)
+    for key, (_, responses, rankings, *prompt) in want_records.items():
+        record = records[key]
+        assert record["source"] == dataset
+        permutation = record["permutation"]
+        assert sorted(permutation) == list(range(len(responses)))
+        assert record["responses"] == [responses[i] for i in permutation]
+        assert record["rankings"] == [rankings[i] for i in permutation]
+        if prompt:
+            assert record["prompt"] == prompt[0]
+        assert "<image>" not in record["prompt"]
+        for kind in ("image", "video"):
+            if kind in record:
+                path = out / record[kind]
+                assert path.exists() and path.resolve().is_relative_to(out.resolve())
+                if kind == "image":
+                    Image.open(path).load()
+    want_skips = {k: v[1] for k, v in expected.items() if v[0] == "skip"}
+    assert len(skips) == len(want_skips)
+    for key, reason in want_skips.items():
+        named = [s for s in skips if re.search(rf"(^|[ (/]){re.escape(key)}([):]|$)", s["detail"] + " " + s["id"])]
+        assert [s["skip"] for s in named] == [reason], (key, named)
+    report = json.loads((out / "prepare_report.json").read_text())
+    assert report["records_read"] == len(expected)
+    assert report["records_written"] == len(want_records)
+    assert {k: v["count"] for k, v in report["skipped"].items()} == {
+        r: list(want_skips.values()).count(r) for r in set(want_skips.values())}
+    assert report["ties"]["pairwise_dropped"] == list(want_skips.values()).count("pairwise_tie")
+
+
+@pytest.mark.parametrize("dataset", sorted(release_files.WRITERS))
+def test_each_source_converts_as_released(dataset, tmp_path):
+    input_path, media_root, expected = release_files.write(dataset, tmp_path / "release")
+    out = tmp_path / "out"
+    result = run_cli(f"--dataset={dataset}", f"--input={input_path}", f"--out={out}",
+                     *([f"--media_root={media_root}"] if media_root else []))
+    assert result.returncode == 0, result.stderr
+    summary = [line for line in result.stderr.splitlines() if line.startswith("[prepare]")]
+    assert len(summary) == 1 and f"read {len(expected)}," in summary[0]
+    check_against_expectations(out, dataset, expected)
+
+
+def test_mm_rlhf_reads_its_parquet_copy_the_same(tmp_path):
+    root, _, expected = release_files.write("mm_rlhf", tmp_path / "release")
+    out = tmp_path / "out"
+    run = conversion.settings("mm_rlhf", str(root / "data" / "train-00000-of-00001.parquet"), str(out), str(root))
+    conversion.prepare(run)
+    check_against_expectations(out, "mm_rlhf", expected)
+    video = next(r for r in lines(out / "records.jsonl") if "video" in r)
+    assert video["sampling_interval"] == 0.5 and len(list((out / video["video"]).iterdir())) == 3
+
+
+@pytest.mark.parametrize("label", ["better", "agree"])
+def test_pku_saferlhf_label_option(label, tmp_path):
+    root, _, expected = release_files.pku_saferlhf(tmp_path / "release", label=label)
+    result = run_cli("--dataset=pku_saferlhf", f"--input={root}", f"--out={tmp_path / 'out'}", f"--option=label={label}")
+    assert result.returncode == 0, result.stderr
+    check_against_expectations(tmp_path / "out", "pku_saferlhf", expected)
+
+
+def test_bad_input_is_one_error_line(tmp_path):
+    root, _, _ = release_files.write("rlaif_v", tmp_path / "release")
+    cases = {
+        "--dataset=rlaif": ["--dataset=rlaif", f"--input={root}", f"--out={tmp_path / 'a'}"],
+        "missing input": ["--dataset=rlaif_v", f"--input={tmp_path / 'nowhere'}", f"--out={tmp_path / 'b'}"],
+        "bad option": ["--dataset=pku_saferlhf", f"--input={root}", f"--out={tmp_path / 'c'}", "--option=label=kind"],
+    }
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "RLAIF-V-Dataset_000.parquet").write_bytes(b"PAR1 not parquet at all")
+    cases["unreadable parquet"] = ["--dataset=rlaif_v", f"--input={broken}", f"--out={tmp_path / 'd'}"]
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "notes.txt").write_text("mine")
+    cases["foreign --out"] = ["--dataset=rlaif_v", f"--input={root}", f"--out={tmp_path / 'e'}"]
+    for name, args in cases.items():
+        result = run_cli(*args)
+        assert result.returncode == 2, (name, result.stderr)
+        errors = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(errors) == 1 and errors[0].startswith("error: "), (name, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_an_interrupted_run_resumes_without_duplicates(tmp_path, monkeypatch):
+    root, _, expected = release_files.write("wildvision", tmp_path / "release")
+    whole = conversion.prepare(conversion.settings("wildvision", str(root), str(tmp_path / "whole")))
+    monkeypatch.setattr(conversion, "CHUNK_ROWS", 2)
+    saves = []
+
+    def save_then_die(*args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:  # the second chunk's records are written, its state is not: a kill just then
+            raise KeyboardInterrupt
+        return real_save(*args, **kwargs)
+    real_save = conversion._save_state
+    monkeypatch.setattr(conversion, "_save_state", save_then_die)
+    run = conversion.settings("wildvision", str(root), str(tmp_path / "out"))
+    with pytest.raises(KeyboardInterrupt):
+        conversion.prepare(run)
+    monkeypatch.setattr(conversion, "_save_state", real_save)
+    assert len(lines(tmp_path / "out" / "records.jsonl")) == 2  # chunk 1's and chunk 2's records
+    resumed = conversion.prepare(run)
+    check_against_expectations(tmp_path / "out", "wildvision", expected)
+    assert (tmp_path / "out" / "records.jsonl").read_text() == (tmp_path / "whole" / "records.jsonl").read_text()
+    assert {k: resumed[k] for k in ("records_read", "skipped")} == {k: whole[k] for k in ("records_read", "skipped")}
+    again = conversion.prepare(run)  # complete: left as it is
+    assert again["records_written"] == whole["records_written"]
+    assert len(lines(tmp_path / "out" / "records.jsonl")) == whole["records_written"]
+    with pytest.raises(conversion.PrepareError, match="other arguments .*seed"):
+        conversion.prepare(conversion.settings("wildvision", str(root), str(tmp_path / "out"), seed=1))
+
+
+def test_workers_give_the_same_records_in_the_same_order(tmp_path):
+    root, _, _ = release_files.write("llava_critic", tmp_path / "release")
+    one = conversion.prepare(conversion.settings("llava_critic", str(root), str(tmp_path / "one")))
+    two = conversion.prepare(conversion.settings("llava_critic", str(root), str(tmp_path / "two")), workers=2)
+    assert (tmp_path / "one" / "records.jsonl").read_text() == (tmp_path / "two" / "records.jsonl").read_text()
+    assert one["skipped"] == two["skipped"]
+
+
+def test_limit_and_seed(tmp_path):
+    root, _, _ = release_files.write("nectar", tmp_path / "release")
+    assert conversion.prepare(conversion.settings("nectar", str(root), str(tmp_path / "a"), limit=1))["records_read"] == 1
+    orders = []
+    for seed in (0, 1):
+        conversion.prepare(conversion.settings("nectar", str(root), str(tmp_path / f"seed{seed}"), seed=seed))
+        orders.append(lines(tmp_path / f"seed{seed}" / "records.jsonl")[0]["permutation"])
+    assert orders[0] != orders[1]
+
+
+def test_embedded_images_are_written_once_per_content(tmp_path):
+    root, _, _ = release_files.write("rlaif_v", tmp_path / "release")  # r1 and r2 share their picture
+    report = conversion.prepare(conversion.settings("rlaif_v", str(root), str(tmp_path / "out")))
+    records = lines(tmp_path / "out" / "records.jsonl")
+    assert records[0]["image"] == records[1]["image"] and report["media_files_written"] == 1
+    assert report["media_bytes_written"] == (tmp_path / "out" / records[0]["image"]).stat().st_size
+    assert Image.open(io.BytesIO((tmp_path / "out" / records[0]["image"]).read_bytes())).size == (160, 120)
