@@ -122,11 +122,11 @@ def mr2bench(root: pathlib.Path, video: bool = False, num: int = 5):
     if video:  # a frame directory without fps or sampling_interval: the authors' 4 s spacing
         frame_dir(root / "videos" / "frames", 6, 70)
         records.append({**records[0], "id": "mr2_frames", "video": "videos/frames"})
-    records.append({"id": "mr2_three", "prompt": "?", "responses": ANSWERS[:3], "rankings": [1, 2, 3]})
+    records.append({"id": "mr2_one", "prompt": "?", "responses": ANSWERS[:1], "rankings": [1]})
     records.append({"id": "mr2_all_tied", "prompt": "?", "responses": ANSWERS, "rankings": [1, 1, 1, 1]})
     path = root / ("mr2bench_video.json" if video else "mr2bench_image.json")
     path.write_text(json.dumps(records))
-    return path, root, {"mr2_three", "mr2_all_tied"}
+    return path, root, {"mr2_one", "mr2_all_tied"}
 
 
 def jsonl(root: pathlib.Path):

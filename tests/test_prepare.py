@@ -168,3 +168,53 @@ def test_embedded_images_are_written_once_per_content(tmp_path):
     assert records[0]["image"] == records[1]["image"] and report["media_files_written"] == 1
     assert report["media_bytes_written"] == (tmp_path / "out" / records[0]["image"]).stat().st_size
     assert Image.open(io.BytesIO((tmp_path / "out" / records[0]["image"]).read_bytes())).size == (160, 120)
+
+
+# -- decontamination -----------------------------------------------------------------------------------
+
+def write_vl_rewardbench(path: pathlib.Path, items: list[tuple[str, str, bytes]]) -> None:
+    """VL-RewardBench's parquet (data/test-00000-of-00001.parquet): its columns, the image embedded."""
+    rows = [{"id": item_id, "query": query, "response": ["good", "bad"], "image": {"bytes": raw, "path": None},
+             "human_ranking": [0, 1], "models": ["m1", "m2"], "judge": "human", "rationale": "",
+             "query_source": "RLAIF-V", "ground_truth": ""} for item_id, query, raw in items]
+    schema = release_files.pa.schema([
+        ("id", release_files.pa.string()), ("query", release_files.pa.string()),
+        ("response", release_files.pa.list_(release_files.pa.string())), ("image", release_files.IMAGE_TYPE),
+        ("human_ranking", release_files.pa.list_(release_files.pa.int64())),
+        ("models", release_files.pa.list_(release_files.pa.string())), ("judge", release_files.pa.string()),
+        ("rationale", release_files.pa.string()), ("query_source", release_files.pa.string()),
+        ("ground_truth", release_files.pa.string())])
+    release_files.write_parquet(path, rows, schema)
+
+
+def test_decontamination_drops_every_planted_duplicate_and_keeps_every_near_miss(tmp_path):
+    picture = release_files.picture
+    colour, count = "What is the colour of the large ellipse?", "How many shapes are there?"
+    bench = tmp_path / "vlrb" / "data" / "test-00000-of-00001.parquet"
+    write_vl_rewardbench(bench, [("RLAIF-V_1", "<image>\n" + colour, release_files.encoded(picture(100))),
+                                 ("RLAIF-V_2", count, release_files.encoded(picture(101)))])
+    rows = {  # idx -> (question, image bytes, a duplicate of)
+        "exact": (colour, release_files.encoded(picture(100)), "RLAIF-V_1"),
+        "jpeg": ("  what is the COLOUR of the large ellipse ?? ", release_files.encoded(picture(100), "JPEG", quality=60),
+                 "RLAIF-V_1"),
+        "resized": (count, release_files.encoded(picture(101).resize((80, 60)), "JPEG", quality=85), "RLAIF-V_2"),
+        "other_question": ("Describe the background gradient.", release_files.encoded(picture(100)), None),
+        "other_image": (colour, release_files.encoded(picture(102)), None),
+        "longer_question": ("How many shapes are there in the top half?", release_files.encoded(picture(101)), None),
+    }
+    release = tmp_path / "release"
+    release_files.write_parquet(release / "RLAIF-V-Dataset_000.parquet",
+                                [release_files.rlaif_v_row(idx, q, raw) for idx, (q, raw, _) in rows.items()],
+                                release_files.RLAIF_SCHEMA)
+    result = run_cli("--dataset=rlaif_v", f"--input={release}", f"--out={tmp_path / 'out'}", f"--decontaminate={bench}")
+    assert result.returncode == 0, result.stderr
+    kept = {r["id"].split("/")[1] for r in lines(tmp_path / "out" / "records.jsonl")}
+    assert kept == {idx for idx, (_, _, duplicate) in rows.items() if duplicate is None}
+    dropped = {s["id"].split("/")[1]: s for s in lines(tmp_path / "out" / "skipped.jsonl")}
+    assert {idx: s["skip"] for idx, s in dropped.items()} == {idx: "contaminated" for idx, v in rows.items() if v[2]}
+    for idx, skip in dropped.items():
+        assert rows[idx][2] in skip["detail"]
+    report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
+    assert report["decontamination"]["hits"]["vl_rewardbench"]["count"] == 3
+    assert report["decontamination"]["indexed"] == {"vl_rewardbench": 2}
+    assert "benchmark duplicates: vl_rewardbench 3" in result.stderr
