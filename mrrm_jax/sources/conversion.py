@@ -1,4 +1,4 @@
-"""One conversion run: a release -> DIR/records.jsonl + DIR/media/ + DIR/prepare_report.json.
+"""One conversion run: a release -> DIR/records.jsonl, DIR/media/, DIR/skipped.jsonl, DIR/prepare_report.json.
 
     reader (main process, streaming) -> chunks of rows -> workers: convert, check media, decontaminate,
     finish (empty answers out, ties, permutation), write media -> main: append records in input order
@@ -14,8 +14,8 @@ Embedded images are written once per content (media/<source>/<sha256 prefix>.<ex
 release's media tree are hard-linked (copied across file systems) under media/<source>/ with their
 tree path, so a prepared directory stands alone.
 
-Resume: after every chunk the records file is flushed and `prepare_state.json` records the rows read,
-the records file's length and the report so far. A run into the same --out with the same arguments
+Resume: after every chunk the output files are flushed and `prepare_state.json` records the rows read,
+the output files' lengths and the report so far. A run into the same --out with the same arguments
 continues from there (the records file cut back to that length); other arguments are refused; a
 finished directory is left as it is.
 """

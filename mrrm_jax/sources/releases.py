@@ -32,7 +32,6 @@ class Source:
     read: Callable[[pathlib.Path], Iterator[tuple[str, object]]]  # --input -> (position, row)
     convert: Callable[[str, dict, Context], Candidate]
     options: dict = dataclasses.field(default_factory=dict)  # --option keys -> (default, allowed values or None)
-    media: str = "none"  # "embedded" (bytes in the rows), "tree" (files under --media_root), "none" (text)
 
 
 def _where(position: str, row: dict, key: str) -> str:
@@ -78,7 +77,7 @@ def convert_mm_rlhf(position: str, row: dict, context: Context) -> Candidate:
     if row.get("final_ranking") is not None:
         rankings = ranks(row["final_ranking"], len(responses), where, "final_ranking")
     else:  # the card's fallback: a dense rank of the three aspect scores' mean
-        scores = [ranks_free(row.get(a), len(responses), where, a) for a in MM_RLHF_ASPECTS]
+        scores = [_scores(row.get(a), len(responses), where, a) for a in MM_RLHF_ASPECTS]
         rankings = dense_rank_descending([sum(s) / len(s) for s in zip(*scores)])
     image, video = row.get("image") or None, row.get("video") or None
     if bool(image) == bool(video):
@@ -93,7 +92,7 @@ def convert_mm_rlhf(position: str, row: dict, context: Context) -> Candidate:
     return candidate
 
 
-def ranks_free(value, count: int, where: str, name: str) -> list[float]:
+def _scores(value, count: int, where: str, name: str) -> list[float]:
     if not isinstance(value, list) or len(value) != count or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         raise Skip("bad_rankings", f"{where}: no 'final_ranking', and field {name!r} is not {count} numbers")
@@ -158,25 +157,17 @@ def read_vlfeedback(path: pathlib.Path):
     """Rows with their image's bytes from the zip attached as `_image_bytes` (None when not there; the
     converter then looks under --media_root for an unzipped merged_images/)."""
     root = path if path.is_dir() else path.parent
-    archive = root / VLFEEDBACK_ZIP
-    with zipfile.ZipFile(archive) if archive.exists() else _NoZip() as images:
-        members = set(images.namelist())
+    images = zipfile.ZipFile(root / VLFEEDBACK_ZIP) if (root / VLFEEDBACK_ZIP).exists() else None
+    try:
+        members = set(images.namelist()) if images else set()
         for position, row in jsonl_rows(files(path, "vlfeedback_80k.jsonl")):
             if isinstance(row, dict):
                 name = f"merged_images/{row.get('id')}.jpg"
                 row["_image_bytes"] = images.read(name) if name in members else None
             yield position, row
-
-
-class _NoZip:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def namelist(self):
-        return []
+    finally:
+        if images:
+            images.close()
 
 
 def _completions(value, where: str) -> list[dict]:
@@ -343,12 +334,12 @@ def convert_pku_saferlhf(position: str, row: dict, context: Context) -> Candidat
 
 
 SOURCES = {
-    "mm_rlhf": Source(read_mm_rlhf, convert_mm_rlhf, {"sampling_interval": ("0.5", None)}, media="tree"),
-    "llava_critic": Source(read_llava_critic, convert_llava_critic, media="embedded"),
-    "rlaif_v": Source(read_rlaif_v, convert_rlaif_v, media="embedded"),
-    "vlfeedback": Source(read_vlfeedback, convert_vlfeedback, media="embedded"),
-    "povid": Source(read_povid, convert_povid, media="tree"),
-    "wildvision": Source(read_wildvision, convert_wildvision, media="embedded"),
+    "mm_rlhf": Source(read_mm_rlhf, convert_mm_rlhf, {"sampling_interval": ("0.5", None)}),
+    "llava_critic": Source(read_llava_critic, convert_llava_critic),
+    "rlaif_v": Source(read_rlaif_v, convert_rlaif_v),
+    "vlfeedback": Source(read_vlfeedback, convert_vlfeedback),
+    "povid": Source(read_povid, convert_povid),
+    "wildvision": Source(read_wildvision, convert_wildvision),
     "tulu": Source(read_message_pairs, convert_message_pair),
     "skywork": Source(read_message_pairs, convert_message_pair),
     "nectar": Source(read_nectar, convert_nectar),
