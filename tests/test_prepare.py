@@ -218,3 +218,20 @@ def test_decontamination_drops_every_planted_duplicate_and_keeps_every_near_miss
     assert report["decontamination"]["hits"]["vl_rewardbench"]["count"] == 3
     assert report["decontamination"]["indexed"] == {"vl_rewardbench": 2}
     assert "benchmark duplicates: vl_rewardbench 3" in result.stderr
+
+
+def test_prepared_records_train_with_their_media(tmp_path):
+    """The demo trainer reads a prepared directory as it is: images and a frame folder under media/, the
+    frame folder's sampling interval, every record used (no skip of any kind)."""
+    root, _, _ = release_files.write("mm_rlhf", tmp_path / "release")
+    out = tmp_path / "out"
+    conversion.prepare(conversion.settings("mm_rlhf", str(root), str(out)))
+    done = subprocess.run([sys.executable, "-m", "mrrm_jax.train", "--config=configs/demo.py",
+                           f"--workdir={tmp_path / 'run'}", f"--config.data.train={out / 'records.jsonl'}",
+                           "--config.data.eval=", "--config.train.num_steps=2", "--config.log_every=1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = lines(tmp_path / "run" / "metrics.jsonl")
+    counts = [m for m in metrics if m["kind"] == "counts"][-1]
+    assert not any(v for k, v in counts.items() if k not in ("step", "kind")), counts
+    assert [m["step"] for m in metrics if m["kind"] == "train"] == [1, 2]
