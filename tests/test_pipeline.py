@@ -295,3 +295,42 @@ def test_a_whole_pass_without_an_example_raises_but_one_good_record_is_enough():
     assert isinstance(error, pipeline.PipelineError)
     assert re.fullmatch(r"19 records in a row gave no example, a whole pass over this process's 10 records and "
                         r"more: bad_json x19 \(records (r\d, ){3}\.\.\.\)", str(error))
+
+
+def test_a_mixture_counts_each_source_and_resumes_exactly(tmp_path, processor_dir, tiny_models):
+    """Three prepared sources mixed 2:1:1 by Grain's mix: each source's examples and skips counted, in
+    proportion to its weight, and a restored iterator continues with the identical batches."""
+    from mrrm_jax.sources import conversion
+    from mrrm_jax.training import data as training_data
+    from tests import release_files
+    files = []
+    for name in ("mm_rlhf", "rlaif_v", "tulu"):
+        root, media_root, _ = release_files.write(name, tmp_path / name / "release")
+        conversion.prepare(conversion.settings(name, str(root), str(tmp_path / name / "out")))
+        files.append(tmp_path / name / "out" / "records.jsonl")
+    mixture = training_data.Mixture(tuple(files), ("mm_rlhf", "rlaif_v", "tulu"), (2.0, 1.0, 1.0))
+    config = Molmo2Config.from_hf_dict(oracle.tiny_hf_config().to_dict())
+
+    def mixed():
+        prepare = pipeline.PrepareExample(processor_dir, backbones.load_processor, examples.Budget(1024, 512, max_frames=4),
+                                          seed=3, media_root=None, row=ROW, sources=mixture.names)
+        packing_config = pipeline.PackingConfig(ROW, backbones.media(config), rows_per_batch=2, window=6,
+                                                sources=mixture.names)
+        return pipeline.batches(training_data.mixture_items(mixture), prepare, packing_config, seed=3, num_epochs=None,
+                                mixture=list(mixture.weights))
+    iterator = iter(mixed())
+    reference = [next(iterator) for _ in range(10)]
+    by_source = np.sum([b["source_counts"] for b in reference], 0)  # [source, (examples, skips)]
+    read = by_source.sum(1)
+    assert (by_source[:, 0] > 0).all() and by_source[:, 1].sum() == 0  # prepared records: none skipped
+    assert read[0] == pytest.approx(2 * read[1], rel=0.25) and read[1] == pytest.approx(read[2], rel=0.25)
+    # counted as read: the examples of a window's rows still waiting to be emitted are counted already
+    emitted = sum((b["labels"] >= 0).sum() for b in reference)
+    assert emitted <= by_source[:, 0].sum() <= emitted + ROW.row_examples * 2
+    iterator = iter(mixed())
+    for _ in range(4):
+        next(iterator)
+    state = json.loads(json.dumps(iterator.get_state()))
+    resumed = iter(mixed())
+    resumed.set_state(state)
+    assert all(_equal(next(resumed), b) for b in reference[4:10])

@@ -95,12 +95,13 @@ class PrepareExample:
     """
 
     def __init__(self, processor_dir, load_processor, budget: examples.Budget, seed: int, media_root,
-                 media_transform: str = "none", row: packing.RowBudget | None = None):
+                 media_transform: str = "none", row: packing.RowBudget | None = None, sources: tuple[str, ...] = ()):
         if media_transform not in MEDIA_TRANSFORMS:
             raise ValueError(f"media_transform={media_transform!r}: expected one of {MEDIA_TRANSFORMS}")
         self.processor_dir, self.load_processor, self.budget = str(processor_dir), load_processor, budget
         self.row = row  # the packed row every example must fit: one that does not is a skip, not a crash
         self.seed, self.media_transform = seed, media_transform
+        self.sources = sources  # a mixture's source names: a record id "NAME/..." is counted under NAME
         self.media_root = None if media_root is None else pathlib.Path(media_root)
         self._local = threading.local()
 
@@ -118,10 +119,11 @@ class PrepareExample:
         return self._local.processor
 
     def __call__(self, index: int, item) -> dict:
-        """`item`: (record id, record) from JSONL, media under `media_root`; or (record id, record,
-        {name: bytes}) from TFDS (`tfds_records.RecordSource`), media inside."""
+        """`item`: (record id, record) from JSONL, media under `media_root`; or (record id, record, files)
+        with the record's own media: `records.MediaBlobs` from TFDS (`tfds_records.RecordSource`), the
+        source's `records.MediaDir` in a mixture."""
         record_id, record = item[:2]
-        files = records.MediaBlobs(item[2]) if len(item) == 3 else records.MediaDir(self.media_root)
+        files = item[2] if len(item) == 3 else records.MediaDir(self.media_root)
         counts = collections.Counter()
         example = skip = None
         try:
@@ -145,7 +147,8 @@ class PrepareExample:
             counts["unexpected_error"] += 1
             example, skip = None, Skipped(record_id, "unexpected_error", _detail(f"{type(error).__name__}: {error}"))
             log.exception("skipped %s: unexpected %s: %s", record_id, type(error).__name__, error)
-        return {"example": example, "counts": count_vector(counts), "skip": skip}
+        source = self.sources.index(record_id.split("/", 1)[0]) if self.sources else -1
+        return {"example": example, "counts": count_vector(counts), "skip": skip, "source": source}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +162,7 @@ class PackingConfig:
     # skipped for a data reason (too_long, missing_file, ...) are left out of the share: they say nothing
     # of whether the pipeline works, and left in, a corpus of many of them would hide a broken one.
     max_unexpected_error_rate: float = 0.5
+    sources: tuple[str, ...] = ()  # a mixture's sources: batches count examples and skips per source
 
 
 # A row whose fullest budget is below this share, packed from one window's examples alone, waits for the
@@ -206,14 +210,16 @@ class _PackedBatchIterator(grain.DatasetIterator):
         self._carry_out: list[tuple[int, dict]] = []  # (arrival index in this window, example)
         self._rows: list[list[dict]] = []  # examples per row, packed as they are emitted
         self._counts = np.zeros(len(COUNT_KEYS), np.int64)
+        self._by_source = np.zeros((len(config.sources), 2), np.int64)
         self._skips: list[Skipped] = []
         self._next_row = 0
         self._exhausted = False
 
-    def _read(self) -> tuple[list[dict], np.ndarray, list[Skipped]]:
-        """The next window's examples in arrival order, and the counts and skips of every record read for
-        them. Raises `PipelineError` for too many unexpected errors or a whole pass without an example."""
+    def _read(self) -> tuple[list[dict], np.ndarray, list[Skipped], np.ndarray]:
+        """The next window's examples in arrival order, and the counts, skips and per-source counts of
+        every record read for them. Raises `PipelineError` for too many unexpected errors or a whole pass without an example."""
         window, counts, skips = [], np.zeros(len(COUNT_KEYS), np.int64), []
+        by_source = np.zeros((len(self.config.sources), 2), np.int64)  # [source, (examples, skips)]
         unexpected = barren = 0  # barren: records since the last example
         while len(window) < self.config.window:
             try:
@@ -223,6 +229,8 @@ class _PackedBatchIterator(grain.DatasetIterator):
                 self._check_errors(skips, unexpected, len(window))
                 break
             counts += item["counts"]
+            if self.config.sources:
+                by_source[item["source"], int(item["example"] is None)] += 1
             if item["example"] is not None:
                 window.append(item["example"])
                 barren = 0
@@ -241,7 +249,7 @@ class _PackedBatchIterator(grain.DatasetIterator):
                 raise PipelineError(
                     f"{barren} records in a row gave no example, a whole pass over this process's {self._records} "
                     f"records and more: {most_common(skips[-barren:], 'reason')}")
-        return window, counts, skips
+        return window, counts, skips, by_source
 
     def _check_errors(self, skips: list[Skipped], unexpected: int, examples: int) -> None:
         """`PipelineError` if `unexpected` errors are over the limit in a window of `examples` examples."""
@@ -257,7 +265,7 @@ class _PackedBatchIterator(grain.DatasetIterator):
         carried = self._carry_out
         self._previous_start, self._window_start = self._window_start, self._parent.get_state()
         self._carried_in = [index for index, _ in carried]
-        arrivals, self._counts, self._skips = self._read()
+        arrivals, self._counts, self._skips, self._by_source = self._read()
         # Carried examples first, so the rows they open fill up with this window's; each part longest
         # first (stable): identical on every re-read.
         order = [(None, example) for _, example in _longest_first(carried)] + _longest_first(list(enumerate(arrivals)))
@@ -289,6 +297,7 @@ class _PackedBatchIterator(grain.DatasetIterator):
                 first = self._next_row == 0
                 row["counts"] = self._counts if first else np.zeros_like(self._counts)
                 row["skips"] = self._skips if first else []
+                row["source_counts"] = self._by_source if first else np.zeros_like(self._by_source)
                 rows.append(row)
                 self._next_row += 1
             elif self._exhausted:
@@ -309,7 +318,7 @@ class _PackedBatchIterator(grain.DatasetIterator):
         # .get: a state saved before carrying existed restores as one that carried nothing.
         if state.get("carried"):  # re-read the previous window: it ends where this one starts
             self._parent.set_state(state["previous_window_start"])
-            previous, _, _ = self._read()
+            previous, *_ = self._read()
             self._carry_out = [(index, previous[index]) for index in state["carried"]]
         else:
             self._parent.set_state(state["window_start"])
@@ -334,13 +343,16 @@ def most_common(skips: list[Skipped], field: str) -> str:
 
 def _empty_row(config: PackingConfig) -> dict:
     return {**packing.pack_row([], config.row, config.media), "counts": np.zeros(len(COUNT_KEYS), np.int64),
-            "skips": []}
+            "skips": [], "source_counts": np.zeros((len(config.sources), 2), np.int64)}
+
+
+HOST_KEYS = ("counts", "skips", "source_counts")  # a batch's bookkeeping, not model input
 
 
 def _stack(rows: list[dict]) -> dict:
-    host = ("counts", "skips")
-    batch = {name: np.concatenate([row[name] for row in rows]) for name in rows[0] if name not in host}
+    batch = {name: np.concatenate([row[name] for row in rows]) for name in rows[0] if name not in HOST_KEYS}
     batch["counts"] = np.sum([row["counts"] for row in rows], axis=0)
+    batch["source_counts"] = np.sum([row["source_counts"] for row in rows], axis=0)
     batch["skips"] = [skip for row in rows for skip in row["skips"]]
     return batch
 
@@ -359,17 +371,33 @@ def record_dataset(items, seed: int, num_epochs: int | None, shard_index: int = 
     return dataset.repeat(num_epochs)
 
 
+def mixed_dataset(sources: list, weights: list[float], seed: int, shard_index: int = 0,
+                  shard_count: int = 1) -> grain.MapDataset:
+    """Several sources' items, each shard shuffled anew per epoch and repeated without end, interleaved by
+    Grain's `MapDataset.mix` in proportion to `weights`: element i is a fixed function of (seed, i), so
+    the mixed order, and with it the iterator's state, restores exactly."""
+    parts = [record_dataset(items, seed + number, None, shard_index, shard_count)
+             for number, items in enumerate(sources)]
+    return grain.MapDataset.mix(parts, weights)
+
+
 def batches(items, prepare: PrepareExample, packing_config: PackingConfig, seed: int, num_epochs: int | None,
             num_workers: int = 0, shard_index: int = 0, shard_count: int = 1, shuffle: bool = True,
-            num_threads: int = 1) -> grain.IterDataset:
+            num_threads: int = 1, mixture: list[float] | None = None) -> grain.IterDataset:
     """The whole pipeline; iterate it (`iter(...)`) for batches, save its iterator's state with Orbax.
 
+    `mixture`: `items` is a list of sources' items, mixed with these weights (`mixed_dataset`).
     `num_workers` processes each run `num_threads` reader threads, each thread with its own processor
     (a few seconds to open): on a small host, one thread per worker process is the fast setting.
     """
-    dataset = record_dataset(items, seed, num_epochs, shard_index, shard_count, shuffle)
+    if mixture is None:
+        dataset = record_dataset(items, seed, num_epochs, shard_index, shard_count, shuffle)
+        records = len(range(shard_index, len(items), shard_count))
+    else:
+        dataset = mixed_dataset(items, mixture, seed, shard_index, shard_count)
+        records = None  # a whole pass is not defined for a mixture: the barren-pass check is off
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(4 * num_threads, 8))
     dataset = dataset.map_with_index(prepare).to_iter_dataset(read)
     if num_workers:
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return PackedBatches(dataset, packing_config, records=len(range(shard_index, len(items), shard_count)))
+    return PackedBatches(dataset, packing_config, records=records)

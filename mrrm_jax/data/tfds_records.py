@@ -82,7 +82,7 @@ def _media_files(record: dict, root: pathlib.Path) -> dict[str, bytes]:
 
 
 class RecordSource:
-    """A grain source over a TFDS data source: (record id, record, {media name: bytes}) per element."""
+    """A grain source over a TFDS data source: (record id, record, `records.MediaBlobs` of its media) per element."""
 
     def __init__(self, data_source):
         self.data_source = data_source
@@ -98,7 +98,7 @@ class RecordSource:
         except json.JSONDecodeError:
             record = line
         media = element["media"]
-        return record_id, record, {_text(n): bytes(d) for n, d in zip(media["name"], media["data"])}
+        return record_id, record, records.MediaBlobs({_text(n): bytes(d) for n, d in zip(media["name"], media["data"])})
 
 
 def _text(value) -> str:

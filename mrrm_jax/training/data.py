@@ -6,6 +6,7 @@ shapes it is given; the model is not its business.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import grain
@@ -39,9 +40,32 @@ def open_processor(spec: ProcessorSpec, base_dir: str, workdir: pathlib.Path):
         raise ConfigError(f"processor {out}: {error}") from error
 
 
-def data_file(spec: DataSpec, split: str, workdir: pathlib.Path, seed: int) -> pathlib.Path | str | None:
-    """The JSONL of a split, or a "tfds:DATA_DIR:SPLIT" spec; "synthetic" writes the demo corpus into
-    the workdir first."""
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+    """Prepared sources trained on together: each one's records file, name (its directory's) and weight."""
+    files: tuple[pathlib.Path, ...]
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+
+
+def mixture(spec: DataSpec) -> Mixture:
+    files, names = [], []
+    for entry, _ in spec.mixture:
+        path = pathlib.Path(entry)
+        file = path / "records.jsonl" if path.is_dir() else path
+        if not file.is_file():
+            raise ConfigError(f"data.mixture: {entry!r} is not a prepared directory (no records.jsonl) or a JSONL file")
+        name = (path if path.is_dir() else path.parent).name or "source"
+        names.append(name if name not in names else f"{name}_{len(names)}")
+        files.append(file)
+    return Mixture(tuple(files), tuple(names), tuple(weight for _, weight in spec.mixture))
+
+
+def data_file(spec: DataSpec, split: str, workdir: pathlib.Path, seed: int) -> pathlib.Path | str | Mixture | None:
+    """The JSONL of a split, a "tfds:DATA_DIR:SPLIT" spec, or the training split's `Mixture`;
+    "synthetic" writes the demo corpus into the workdir first."""
+    if split == "train" and spec.mixture:
+        return mixture(spec)
     name = getattr(spec, split)
     if not name:
         return None
@@ -71,14 +95,23 @@ def record_items(source: pathlib.Path | str):
         raise ConfigError(f"data {source!r}: expected tfds:DATA_DIR:SPLIT of a prepared dataset ({error})") from error
 
 
-def batches(source: pathlib.Path | str, train: bool, spec: DataSpec, budget: examples.Budget, processor: pathlib.Path,
-            packing: pipeline.PackingConfig, seed: int, media_transform: str = "none") -> grain.IterDataset:
+def mixture_items(sources: Mixture) -> list[list]:
+    """Each source's items, ids prefixed with the source's name, media under its own directory."""
+    return [[(f"{name}/{record_id}", record, records.MediaDir(file.parent)) for record_id, record in records.read_jsonl(file)]
+            for file, name in zip(sources.files, sources.names)]
+
+
+def batches(source: pathlib.Path | str | Mixture, train: bool, spec: DataSpec, budget: examples.Budget,
+            processor: pathlib.Path, packing: pipeline.PackingConfig, seed: int,
+            media_transform: str = "none") -> grain.IterDataset:
     """This process's share of a split's records as packed batches: training shuffles and repeats in
     worker processes; evaluation reads one pass in order, in this process."""
     # A JSONL's media are under its directory unless `media_root` says otherwise; TFDS holds its own.
     media_root = spec.media_root or (source.parent if isinstance(source, pathlib.Path) else None)
-    prepare = pipeline.PrepareExample(processor, backbones.load_processor, budget, seed + (0 if train else 1), media_root, media_transform,
-                                      packing.row)
-    return pipeline.batches(record_items(source), prepare, packing, seed, spec.num_epochs if train else 1,
-                            spec.num_workers if train else 0, jax.process_index(), jax.process_count(),
-                            shuffle=train, num_threads=spec.num_threads)
+    mixed = isinstance(source, Mixture)
+    prepare = pipeline.PrepareExample(processor, backbones.load_processor, budget, seed + (0 if train else 1), media_root,
+                                      media_transform, packing.row, sources=source.names if mixed else ())
+    return pipeline.batches(mixture_items(source) if mixed else record_items(source), prepare, packing, seed,
+                            spec.num_epochs if train else 1, spec.num_workers if train else 0, jax.process_index(),
+                            jax.process_count(), shuffle=train, num_threads=spec.num_threads,
+                            mixture=list(source.weights) if mixed else None)

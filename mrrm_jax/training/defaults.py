@@ -35,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # a JSONL file in the paper's schema, or "synthetic" (the demo corpus, made in the workdir)
     c.data.eval = ""
+    # ((DIR, weight), ...): train on prepared directories (`python -m mrrm_jax.prepare`) mixed by weight,
+    # with data.train empty. Pairs, not a dict: a path's dots cannot be ConfigDict keys.
+    c.data.mixture = ()
     c.data.media_root = ""  # "" = the JSONL file's directory
     c.data.num_epochs = -1  # -1: repeat for as many steps as `train.num_steps`
     c.data.num_workers = 0  # grain worker processes decoding media (0: in the training process)

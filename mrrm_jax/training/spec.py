@@ -49,6 +49,7 @@ class ProcessorSpec:
 class DataSpec:
     train: str  # a JSONL file, "tfds:DATA_DIR:SPLIT" or "synthetic"
     eval: str  # the same, or "" for none
+    mixture: tuple[tuple[str, float], ...]  # (prepared directory or JSONL, weight) per source, or ()
     media_root: str  # "" = the JSONL file's directory
     num_epochs: int | None  # None: repeat for as many steps as the run takes
     num_workers: int
@@ -112,8 +113,9 @@ def parse(cfg: ml_collections.ConfigDict, training: bool = True) -> RunSpec:
            f"train.rows_per_step={c.train.rows_per_step} is not a multiple of train.grad_accum={c.train.grad_accum}")
     _check(c.train.objective in reward.OBJECTIVES,
            f"train.objective={c.train.objective!r}: expected one of {reward.OBJECTIVES}")
-    if training and not c.data.train:
-        _fail("data.train is empty: give a JSONL file, tfds:DATA_DIR:SPLIT or 'synthetic'")
+    if training and not c.data.train and not c.data.mixture:
+        _fail("data.train is empty: give a JSONL file, tfds:DATA_DIR:SPLIT or 'synthetic', or data.mixture")
+    _check_mixture(c.data)
     if training and c.model.preset and not c.model.base_dir:
         _fail(f"model.preset={c.model.preset!r} needs model.base_dir (a converted checkpoint); "
              "a preset alone only serves tools/aot_compile.py")
@@ -143,7 +145,7 @@ def parse(cfg: ml_collections.ConfigDict, training: bool = True) -> RunSpec:
     return RunSpec(
         seed=c.seed, model=model, base_dir=c.model.base_dir, processor=processor, head=head,
         lora=lora.LoraSpec(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout) if c.lora.rank else None,
-        data=DataSpec(c.data.train, c.data.eval, c.data.media_root,
+        data=DataSpec(c.data.train, c.data.eval, tuple((str(d), float(w)) for d, w in c.data.mixture), c.data.media_root,
                       None if c.data.num_epochs == -1 else c.data.num_epochs, c.data.num_workers,
                       c.data.num_threads, c.data.synthetic.to_dict()),
         budget=budget, row=row, window=p.window,
@@ -231,6 +233,18 @@ def _fingerprint(cfg: ml_collections.ConfigDict) -> dict:
                 flat[key] = list(v) if isinstance(v, tuple) else v
     visit("", json.loads(cfg.to_json()))
     return flat
+
+
+def _check_mixture(data) -> None:
+    if not data.mixture:
+        return
+    _check(not data.train, f"data.train={data.train!r} and data.mixture are both set: give one")
+    _check(data.num_epochs == -1, "data.mixture repeats every source for as long as the run: data.num_epochs must be -1")
+    _check(not data.media_root, "data.mixture: each prepared directory holds its own media; data.media_root must be empty")
+    for entry in data.mixture:
+        _check(isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
+               and isinstance(entry[1], (int, float)) and entry[1] > 0,
+               f"data.mixture entry {entry!r}: expected (DIR, weight > 0)")
 
 
 def _get(cfg, dotted: str):

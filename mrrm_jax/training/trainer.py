@@ -73,7 +73,7 @@ def to_global(local: dict, mesh, micro_steps: int | None = None) -> dict:
     """A host batch [rows_local, ...] -> global arrays; with `micro_steps`, [micro, rows, ...]."""
     out = {}
     for name, value in local.items():
-        if name in ("counts", "skips", "media_kind"):
+        if name in (*pipeline.HOST_KEYS, "media_kind"):
             continue  # host-side bookkeeping
         if micro_steps is not None:
             value = value.reshape(micro_steps, -1, *value.shape[1:])
@@ -206,9 +206,9 @@ def workdir_files(spec: RunSpec, workdir: pathlib.Path) -> tuple:
             _barrier("workdir files")  # also when it raised: the others then raise the same error
 
 
-def packing_config(spec: RunSpec, rows: int) -> pipeline.PackingConfig:
-    """Batches of `rows` packed rows shaped for the spec's model."""
-    return pipeline.PackingConfig(spec.row, backbones.media(spec.model), rows, spec.window)
+def packing_config(spec: RunSpec, rows: int, sources: tuple[str, ...] = ()) -> pipeline.PackingConfig:
+    """Batches of `rows` packed rows shaped for the spec's model (counted per source for a mixture)."""
+    return pipeline.PackingConfig(spec.row, backbones.media(spec.model), rows, spec.window, sources=sources)
 
 
 class _Run:
@@ -225,6 +225,8 @@ class _Run:
         self.local_rows = spec.train.rows_per_step // jax.process_count()
         self.train_iter = iter(self._batches(self.train_file, train=True, rows=self.local_rows))
         self.counts = np.zeros(len(pipeline.COUNT_KEYS), np.int64)
+        self.sources = self.train_file.names if isinstance(self.train_file, training_data.Mixture) else ()
+        self.source_counts = np.zeros((len(self.sources), 2), np.int64)  # [source, (examples, skips)]
 
         tx = step.optimizer(spec)
         make_state = functools.partial(step.init_state, spec, tx=tx)
@@ -249,8 +251,17 @@ class _Run:
 
     def _batches(self, source, train: bool, rows: int, media_transform: str = "none"):
         spec = self.spec
+        sources = source.names if isinstance(source, training_data.Mixture) else ()
         return training_data.batches(source, train, spec.data, spec.budget, self.processor,
-                                     packing_config(spec, rows), spec.seed, media_transform)
+                                     packing_config(spec, rows, sources), spec.seed, media_transform)
+
+    def _per_source(self) -> dict:
+        """A mixture's records so far that gave an example, and that were skipped, per source."""
+        if not self.sources:
+            return {}
+        totals = _total(self.source_counts)
+        return {f"{kind}/{name}": int(totals[number, column]) for number, name in enumerate(self.sources)
+                for column, kind in enumerate(("examples", "skipped"))}
 
     # checkpoints
 
@@ -262,6 +273,8 @@ class _Run:
         step_, state, run = restored
         if jax.process_index() == 0:  # the saved counts are all processes' together (`_total`): one carries them on
             self.counts = np.array([run["counts"].get(k, 0) for k in pipeline.COUNT_KEYS], np.int64)
+            saved = run.get("source_counts", {})
+            self.source_counts = np.array([saved.get(name, [0, 0]) for name in self.sources], np.int64).reshape(-1, 2)
         log.info("resumed from step %d", step_)
         return state
 
@@ -274,7 +287,8 @@ class _Run:
                               "was changed; use a new --workdir or the config that wrote them.")
 
     def _save(self, step_: int, force: bool = False) -> None:
-        run = {"config": self.spec.fingerprint, "counts": dict(zip(pipeline.COUNT_KEYS, _total(self.counts).tolist()))}
+        run = {"config": self.spec.fingerprint, "counts": dict(zip(pipeline.COUNT_KEYS, _total(self.counts).tolist())),
+               **({"source_counts": dict(zip(self.sources, _total(self.source_counts).tolist()))} if self.sources else {})}
         self.checkpoints.save(step_, self.state, self.train_iter.get_state(), run, force)
 
     # evaluation
@@ -316,6 +330,7 @@ class _Run:
                     log.info("data exhausted after %d epochs", spec.data.num_epochs)
                     break
                 self.counts += local["counts"]
+                self.source_counts += local["source_counts"]
                 self.skip_log.write(step_ + 1, local["skips"])
                 batch = to_global(local, self.mesh, spec.train.grad_accum)
                 self.state, metrics = self.step_fn(self.state, self.base, batch, rng)
@@ -323,7 +338,8 @@ class _Run:
                 throughput.add(local)
                 if step_ % spec.log_every == 0 or step_ == spec.train.num_steps:
                     scalars = {**_step_scalars(jax.device_get(metrics)), **throughput.take(),
-                               "skipped": int(_total(self.counts)[: pipeline.COUNT_KEYS.index("crops_reduced")].sum())}
+                               "skipped": int(_total(self.counts)[: pipeline.COUNT_KEYS.index("crops_reduced")].sum()),
+                               **self._per_source()}
                     self.writer.write(step_, scalars)
                     self.writer.progress(step_, scalars)
                 if step_ % spec.checkpoint_every == 0:
