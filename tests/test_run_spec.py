@@ -31,6 +31,10 @@ BROKEN = [
     ({"head.pooling": "middle"}, "head: pooling='middle': expected one of"),
     ({"log_every": 0}, "log_every=0 must be at least 1"),
     ({"data.train": ""}, "data.train is empty"),
+    ({"data.mixture": (("/prepared/a", 1.0),)}, "data.train='synthetic' and data.mixture are both set"),
+    ({"data.train": "", "data.mixture": (("/prepared/a", 0.0),)}, r"data.mixture entry \('/prepared/a', 0.0\)"),
+    ({"data.train": "", "data.mixture": (("/prepared/a", 1.0),), "data.num_epochs": 3},
+     "data.num_epochs must be -1"),
 ]
 
 
