@@ -117,3 +117,16 @@ def qwen3vl_4b(mesh: dict, grad_accum: int, remat: str = "full", rows_per_step: 
                                            "row_patches": 4 * max_vision_tokens, "row_examples": 16,
                                            "max_responses": 8, "pool_slots": 9, "window": 128})
     return c
+
+
+# The paper's ten sources by release size (thousands of records): MM-RLHF 16.3, LLaVA-Critic pairwise 40.2,
+# RLAIF-V 83.1, VLFeedback 80.3, POVID 17.2, WildVision battle 6.2, Tulu 3 mixture 271.4, Skywork 80K v0.2
+# 77, Nectar 183, PKU-SafeRLHF (the three generators' train splits) ~73.9. The paper gives no weights:
+# these sample as concatenating the ten would.
+PAPER_SOURCE_WEIGHTS = {"mm_rlhf": 16.3, "llava_critic": 40.2, "rlaif_v": 83.1, "vlfeedback": 80.3, "povid": 17.2,
+                        "wildvision": 6.2, "tulu": 271.4, "skywork": 77.0, "nectar": 183.0, "pku_saferlhf": 73.9}
+
+
+def paper_mixture(prepared_root: str) -> tuple[tuple[str, float], ...]:
+    """`data.mixture` over the ten sources prepared under `prepared_root/<name>`."""
+    return tuple((f"{prepared_root}/{name}", weight) for name, weight in PAPER_SOURCE_WEIGHTS.items())
