@@ -28,7 +28,7 @@ setup(
         "av==18.1.0",
         "psutil==7.2.2",
         "tensorboardX==2.6.5",
-        "pyarrow==26.0.1",  # VL-RewardBench's parquet
+        "pyarrow==25.0.1",  # parquet releases and benchmarks (25: the newest apache-beam 2.78 accepts)
         "matplotlib==3.10.8",  # evaluation plots
         "fastapi==0.165.0",  # the reward server
         "pydantic==2.13.4",
@@ -45,5 +45,7 @@ setup(
             "pytest==9.0.3",
         ],
         "tpu": ["jax[tpu]==0.10.2"],
+        # `prepare --runner=direct|dataflow|...`: the conversion as a Beam pipeline (brings protobuf 6)
+        "beam": ["apache-beam==2.78.0"],
     },
 )

@@ -1,9 +1,9 @@
 """Conversion speed and memory: `python -m mrrm_jax.prepare` on a generated RLAIF-V release.
 
-    python bench/prepare.py [--rows=20000] [--workers=1,2]
+    python bench/prepare.py [--rows=20000] [--runs=local:1,local:2,direct:2]
 
 Writes RLAIF-V-style parquet shards (the release's nine columns, a distinct 320x240 JPEG embedded per
-row, 1,000 rows per shard), then runs the command once per worker count into a fresh --out and
+row, 1,000 rows per shard), then runs the command once per runner and worker count into a fresh --out and
 prints records/s and the peak RSS of the command's main process (the reader and writer; the
 streaming claim is about this one). Worker processes hold one chunk of rows each on top.
 """
@@ -59,24 +59,29 @@ def write_release(root: pathlib.Path, rows: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=20000)
-    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--runs", default="local:1,local:2,direct:2",
+                        help="RUNNER:WORKERS pairs: local worker processes, or Beam's DirectRunner in "
+                             "multi-processing mode with that many workers")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         release = pathlib.Path(tmp) / "release"
         size = write_release(release, args.rows)
         print(f"release: {args.rows} rows, {size / 2**20:.1f} MiB of parquet in {len(list(release.iterdir()))} shards")
-        for workers in map(int, args.workers.split(",")):
-            out = pathlib.Path(tmp) / f"out{workers}"
+        for run in args.runs.split(","):
+            runner, workers = run.split(":")
+            out = pathlib.Path(tmp) / f"out-{runner}-{workers}"
+            parallel = ([f"--workers={workers}"] if runner == "local" else
+                        [f"--runner={runner}", f"--beam_option=--direct_num_workers={workers}",
+                         "--beam_option=--direct_running_mode=multi_processing"])
             started = time.perf_counter()
             child = subprocess.Popen([sys.executable, "-m", "mrrm_jax.prepare", "--dataset=rlaif_v", f"--input={release}",
-                                      f"--out={out}", f"--workers={workers}"], stdout=subprocess.DEVNULL)
+                                      f"--out={out}", *parallel], stdout=subprocess.DEVNULL)
             _, status, usage = os.wait4(child.pid, 0)
             seconds = time.perf_counter() - started
             if status != 0:
                 sys.exit(f"error: prepare exited with {status}")
-            print(f"workers={workers}: {args.rows / seconds:,.0f} records/s ({seconds:.1f} s), "
+            print(f"runner={runner} workers={workers}: {args.rows / seconds:,.0f} records/s ({seconds:.1f} s), "
                   f"main process peak RSS {usage.ru_maxrss / 2**10:.0f} MiB")
-
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,7 @@ import sys
 import pytest
 from PIL import Image
 
-from mrrm_jax.sources import conversion
+from mrrm_jax.sources import beam_runner, conversion
 from tests import release_files
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -187,7 +187,9 @@ def write_vl_rewardbench(path: pathlib.Path, items: list[tuple[str, str, bytes]]
     release_files.write_parquet(path, rows, schema)
 
 
-def test_decontamination_drops_every_planted_duplicate_and_keeps_every_near_miss(tmp_path):
+def planted_release(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, dict]:
+    """An RLAIF-V release with three rows that duplicate a VL-RewardBench item and three near misses:
+    (release, benchmark file, {idx: (question, image bytes, the benchmark item it duplicates or None)})."""
     picture = release_files.picture
     colour, count = "What is the colour of the large ellipse?", "How many shapes are there?"
     bench = tmp_path / "vlrb" / "data" / "test-00000-of-00001.parquet"
@@ -206,6 +208,11 @@ def test_decontamination_drops_every_planted_duplicate_and_keeps_every_near_miss
     release_files.write_parquet(release / "RLAIF-V-Dataset_000.parquet",
                                 [release_files.rlaif_v_row(idx, q, raw) for idx, (q, raw, _) in rows.items()],
                                 release_files.RLAIF_SCHEMA)
+    return release, bench, rows
+
+
+def test_decontamination_drops_every_planted_duplicate_and_keeps_every_near_miss(tmp_path):
+    release, bench, rows = planted_release(tmp_path)
     result = run_cli("--dataset=rlaif_v", f"--input={release}", f"--out={tmp_path / 'out'}", f"--decontaminate={bench}")
     assert result.returncode == 0, result.stderr
     kept = {r["id"].split("/")[1] for r in lines(tmp_path / "out" / "records.jsonl")}
@@ -263,3 +270,80 @@ def test_the_demo_trains_on_a_mixture_of_three_prepared_sources(tmp_path):
     resumed = train("--config.train.num_steps=3")
     assert resumed[-1]["step"] == 3
     assert all(resumed[-1][f"examples/{n}"] >= steps[-1][f"examples/{n}"] for n in ("mm_rlhf", "rlaif_v", "tulu"))
+
+
+# -- the Beam runner -----------------------------------------------------------------------------------
+
+def same_outputs(one: pathlib.Path, other: pathlib.Path) -> None:
+    for name in ("records.jsonl", "skipped.jsonl"):
+        assert (one / name).read_bytes() == (other / name).read_bytes(), name
+    reports = [json.loads((out / "prepare_report.json").read_text()) for out in (one, other)]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in reports[:1]] == [
+        {k: v for k, v in r.items() if k != "seconds"} for r in reports[1:]]
+    assert sorted(p.relative_to(one) for p in one.rglob("*") if "media" in p.parts) == sorted(
+        p.relative_to(other) for p in other.rglob("*") if "media" in p.parts)
+
+
+def test_beam_direct_runner_writes_the_local_runners_files(tmp_path):
+    """Every source, a release of several files (one of them empty), decontamination: the Beam pipeline's
+    records, skips, report and media are the local runner's, byte for byte."""
+    for dataset in sorted(release_files.WRITERS):
+        root, media_root, _ = release_files.write(dataset, tmp_path / dataset / "release")
+        media = str(media_root) if media_root else None
+        conversion.prepare(conversion.settings(dataset, str(root), str(tmp_path / dataset / "local"), media))
+        beam_runner.prepare(conversion.settings(dataset, str(root), str(tmp_path / dataset / "beam"), media), "direct", [])
+        same_outputs(tmp_path / dataset / "local", tmp_path / dataset / "beam")
+        assert not (tmp_path / dataset / "beam" / beam_runner.SHARDS_DIR).exists()
+    release, bench, rows = planted_release(tmp_path / "planted")
+    table = release_files.pq.read_table(release / "RLAIF-V-Dataset_000.parquet")
+    for shard, (start, stop) in enumerate([(0, 2), (2, 2), (2, len(rows))]):
+        release_files.pq.write_table(table.slice(start, stop - start), release / f"RLAIF-V-Dataset_{shard:03d}.parquet")
+    for runner in ("local", "direct"):
+        run = conversion.settings("rlaif_v", str(release), str(tmp_path / "planted" / runner), decontaminate=[str(bench)])
+        report = conversion.prepare(run) if runner == "local" else beam_runner.prepare(run, runner, [])
+        assert report["decontamination"]["hits"]["vl_rewardbench"]["count"] == 3
+        assert report["records_read"] == len(rows)
+    same_outputs(tmp_path / "planted" / "local", tmp_path / "planted" / "direct")
+
+
+def test_beam_runner_resumes_per_file(tmp_path, monkeypatch):
+    root, _, _ = release_files.write("pku_saferlhf", tmp_path / "release")
+    rows = (root / "data" / "Alpaca-7B" / "train.jsonl").read_text().splitlines(keepends=True)
+    (root / "data" / "Alpaca-7B" / "train.jsonl").write_text("".join(rows[:3]))
+    (root / "data" / "Alpaca-7B" / "z_test.jsonl").write_text("".join(rows[3:]))
+    conversion.prepare(conversion.settings("pku_saferlhf", str(root), str(tmp_path / "local")))
+    run = conversion.settings("pku_saferlhf", str(root), str(tmp_path / "beam"))
+    monkeypatch.setattr(beam_runner, "_merge", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # killed after the pipeline, before the files were joined
+        beam_runner.prepare(run, "direct", [])
+    monkeypatch.undo()
+    shards = tmp_path / "beam" / beam_runner.SHARDS_DIR
+    assert sorted(p.name for p in shards.glob("*.report.json")) == ["00000.report.json", "00001.report.json"]
+    (shards / "00001.report.json").unlink()  # as if file 1's bundle had not finished
+    with pytest.raises(conversion.PrepareError, match="--runner=beam"):  # the local runner leaves it alone
+        conversion.prepare(run)
+    real_read, marks = beam_runner._read_shard, tmp_path / "marks"
+    marks.mkdir()
+
+    def read_marked(item, dataset):  # runs pickled, maybe elsewhere: it leaves its mark on disk
+        (marks / str(item[0])).touch()
+        yield from real_read(item, dataset)
+    monkeypatch.setattr(beam_runner, "_read_shard", read_marked)
+    beam_runner.prepare(run, "direct", [])
+    assert sorted(p.name for p in marks.iterdir()) == ["1"]  # file 0 was done
+    same_outputs(tmp_path / "local", tmp_path / "beam")
+
+
+def test_beam_runner_from_the_command_line(tmp_path):
+    root, _, expected = release_files.write("llava_critic", tmp_path / "release")
+    result = run_cli("--dataset=llava_critic", f"--input={root}", f"--out={tmp_path / 'out'}", "--runner=direct",
+                     "--beam_option=--direct_num_workers=2", "--beam_option=--direct_running_mode=multi_processing")
+    assert result.returncode == 0, result.stderr
+    check_against_expectations(tmp_path / "out", "llava_critic", expected)
+    for args, message in (
+            (["--runner=spark_streaming"], "unknown --runner"), (["--runner=direct", "--limit=2"], "--limit"),
+            (["--runner=direct", "--workers=2"], "direct_num_workers")):
+        result = run_cli("--dataset=llava_critic", f"--input={root}", f"--out={tmp_path / 'bad'}", *args)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr
+        assert "Traceback" not in result.stderr

@@ -7,12 +7,15 @@ Rules applied to every source alike (docs/data.md):
 - empty responses are dropped with their ranks (the authors' loader does the same);
 - a 2-response tie is dropped and counted (its label would be a coin flip under the N-way loss); an
   N-way tie below first place is kept, and a record whose responses are all tied is dropped;
-- responses are permuted by `default_rng([seed, source, row number])` (the authors' loader never shuffles, and
-  pairwise releases put the chosen answer first); the record keeps the permutation:
-  `responses[i] = release_responses[permutation[i]]`.
+- responses are permuted by `default_rng([seed, source, position])`, the position being the row's file
+  and row within it (the authors' loader never shuffles, and pairwise releases put the chosen answer
+  first); the record keeps the permutation: `responses[i] = release_responses[permutation[i]]`. A row's
+  order depends on nothing but its own place in the release, so any runner gives the same records.
 Embedded images are written once per content (media/<source>/<sha256 prefix>.<ext>), files of a
 release's media tree are hard-linked (copied across file systems) under media/<source>/ with their
 tree path, so a prepared directory stands alone.
+
+The local runner is below; `beam_runner.py` runs the same per-row function in an Apache Beam pipeline.
 
 Resume: after every chunk the output files are flushed and `prepare_state.json` records the rows read,
 the output files' lengths and the report so far. A run into the same --out with the same arguments
@@ -108,16 +111,16 @@ class _Worker:
     index: decontamination.Index | None
 
 
-def _start_worker(run: Settings, index: decontamination.Index | None) -> None:
+def start_worker(run: Settings, index: decontamination.Index | None) -> None:
     _Worker.source, _Worker.settings, _Worker.index = releases.SOURCES[run.dataset], run, index
     _Worker.context = releases.Context(run.media_root, dict(run.options))
 
 
 def _convert_chunk(chunk: list[tuple[int, str, object]]) -> list[dict]:
-    return [_convert_row(number, position, row) for number, position, row in chunk]
+    return [convert_row(position, row) for _, position, row in chunk]
 
 
-def _convert_row(number: int, position: str, row) -> dict:
+def convert_row(position: str, row) -> dict:
     """One row's outcome: {"record", "media_bytes", "media_files", "events"} or {"skip", "id", "detail"},
     with "contaminated": [(benchmark, item id)] for a decontamination hit."""
     run = _Worker.settings
@@ -134,7 +137,7 @@ def _convert_row(number: int, position: str, row) -> dict:
             if hits:
                 return {"skip": "contaminated", "id": record_id, "contaminated": [(h.benchmark, h.id) for h in hits],
                         "detail": f"{position}: image and prompt match {hits[0].benchmark} item {hits[0].id}"}
-        record = _finished(candidate, record_id, np.random.default_rng([run.seed, _stream(run.dataset), number]), where)
+        record = _finished(candidate, record_id, np.random.default_rng([run.seed, _stream(run.dataset), _stream(position)]), where)
         written = {}
         if image is not None:
             written["image"] = _write_image(candidate, *image)
@@ -153,9 +156,9 @@ def _convert_row(number: int, position: str, row) -> dict:
                 "detail": f"{position}: {type(error).__name__}: {error}"}
 
 
-def _stream(dataset: str) -> int:
-    """A per-source stream of the permutation generator: row n of two sources is shuffled independently."""
-    return int.from_bytes(hashlib.sha256(dataset.encode()).digest()[:4], "little")
+def _stream(name: str) -> int:
+    """A name as a 32-bit word of the permutation generator's seed."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
 
 
 def _finished(candidate, record_id: str, rng: np.random.Generator, where: str) -> dict:
@@ -269,6 +272,18 @@ class Report:
             if len(hit["examples"]) < EXAMPLE_IDS:
                 hit["examples"].append(f"{outcome['id']} ~ {item}")
 
+    def merge(self, later: Report) -> None:
+        """Adds the counts of the rows after these (a Beam shard's); the examples stay the first ones."""
+        self.read, self.written = self.read + later.read, self.written + later.written
+        self.responses.update(later.responses)
+        self.events.update(later.events)
+        self.media_bytes, self.media_files = self.media_bytes + later.media_bytes, self.media_files + later.media_files
+        for mine, theirs in ((self.skipped, later.skipped), (self.hits, later.hits)):
+            for key, entry in theirs.items():
+                kept = mine.setdefault(key, {"count": 0, "examples": []})
+                kept["count"] += entry["count"]
+                kept["examples"] = (kept["examples"] + entry["examples"])[:EXAMPLE_IDS]
+
     def as_dict(self, run: Settings, index_info: dict) -> dict:
         return {"dataset": run.dataset, "input": str(run.input), "records_read": self.read,
                 "records_written": self.written,
@@ -290,6 +305,14 @@ def summary(report: dict) -> str:
             f"skipped {sum(v['count'] for v in skipped.values())}{f' ({reasons})' if reasons else ''}"
             f"{f'; benchmark duplicates: {hits}' if hits else ''}; media "
             f"{report['media_bytes_written'] / 2**20:.1f} MiB written")
+
+
+def outcome_line(outcome: dict) -> tuple[str, bytes]:
+    """Which output file one row's outcome goes to, and its JSON line there: the record, or the skip."""
+    if "record" in outcome:
+        return RECORDS_FILE, (json.dumps(outcome["record"], ensure_ascii=False) + "\n").encode()
+    skip = {k: outcome[k] for k in ("id", "skip", "detail")}
+    return SKIPS_FILE, (json.dumps(skip, ensure_ascii=False) + "\n").encode()
 
 
 def _numbered_rows(run: Settings, start: int) -> Iterator[tuple[int, str, object]]:
@@ -316,11 +339,11 @@ def _outcomes(run: Settings, index, start: int, workers: int) -> Iterator[list[d
     """Each chunk's outcomes in input order; with workers, at most IN_FLIGHT_PER_WORKER chunks each ahead."""
     chunks = _chunks(_numbered_rows(run, start), CHUNK_ROWS)
     if workers <= 1:
-        _start_worker(run, index)
+        start_worker(run, index)
         yield from map(_convert_chunk, chunks)
         return
     # spawn: the reader's pyarrow threads must not be forked mid-flight
-    with concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _start_worker,
+    with concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), start_worker,
                                                 (run, index)) as pool:
         pending = collections.deque()
         for chunk in chunks:
@@ -331,9 +354,9 @@ def _outcomes(run: Settings, index, start: int, workers: int) -> Iterator[list[d
             yield pending.popleft().result()
 
 
-def _open_state(run: Settings) -> dict | None:
-    """The saved state of a run into --out with these settings, None for a new --out; a PrepareError
-    for another run's directory."""
+def open_state(run: Settings, runner: str) -> dict | None:
+    """The saved state of a run into --out with these settings and runner, None for a new --out; a
+    PrepareError for another run's directory."""
     state_path = run.out / STATE_FILE
     if not state_path.exists():
         if run.out.exists() and any(run.out.iterdir()):
@@ -344,32 +367,55 @@ def _open_state(run: Settings) -> dict | None:
         diffs = sorted(k for k in run.fingerprint() if state["settings"].get(k) != run.fingerprint()[k])
         raise PrepareError(f"--out {run.out} holds a conversion with other arguments ({', '.join(diffs)}): "
                            "use the same arguments to resume it, or a new --out")
+    if state["runner"] != runner and not state["complete"]:
+        raise PrepareError(f"--out {run.out} holds a conversion the {state['runner']} runner started: resume it with "
+                           f"--runner={state['runner']}")
     return state
+
+
+def write_state(run: Settings, runner: str, complete: bool, **fields) -> None:
+    """DIR/prepare_state.json, replaced whole: the settings, the runner, whether it is done, and `fields`."""
+    write_whole(run.out / STATE_FILE, json.dumps({"settings": run.fingerprint(), "runner": runner,
+                                                  "complete": complete, **fields}))
+
+
+def write_whole(path: pathlib.Path, text: str) -> None:
+    """Writes under a temporary name and renames: a reader or a killed run never sees half a file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def _save_state(run: Settings, rows_done: int, lengths: dict, report: Report, index_info: dict,
                 complete: bool) -> None:
-    state = {"settings": run.fingerprint(), "rows_done": rows_done, "lengths": lengths,
-             "complete": complete, "report": report.as_dict(run, index_info)}
-    temporary = run.out / f".{STATE_FILE}.tmp"
-    temporary.write_text(json.dumps(state))
-    os.replace(temporary, run.out / STATE_FILE)
+    write_state(run, "local", complete, rows_done=rows_done, lengths=lengths, report=report.as_dict(run, index_info))
+
+
+def decontamination_index(run: Settings) -> tuple[decontamination.Index | None, dict]:
+    """The benchmarks' index of --decontaminate (None without it) and what the report says of it."""
+    if not run.decontaminate:
+        return None, {}
+    try:
+        index, left_out = decontamination.build_index(list(run.decontaminate))
+    except (OSError, ValueError) as error:
+        raise PrepareError(f"--decontaminate: {error}") from error
+    return index, {"indexed": index.indexed, "not_indexed": left_out}
+
+
+def write_report(run: Settings, report: Report, index_info: dict, started: float) -> dict:
+    result = {**report.as_dict(run, index_info), "seconds": round(time.perf_counter() - started, 3)}
+    write_whole(run.out / REPORT_FILE, json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def prepare(run: Settings, workers: int = 1) -> dict:
     """Converts (or resumes converting) the release; returns the report, also in DIR/prepare_report.json."""
-    state = _open_state(run)
+    state = open_state(run, "local")
     if state is not None and state["complete"]:
         log.warning("%s is complete already; nothing to do", run.out)
         return state["report"]
     started = time.perf_counter()
-    index, index_info = None, {}
-    if run.decontaminate:
-        try:
-            index, left_out = decontamination.build_index(list(run.decontaminate))
-        except (OSError, ValueError) as error:
-            raise PrepareError(f"--decontaminate: {error}") from error
-        index_info = {"indexed": index.indexed, "not_indexed": left_out}
+    index, index_info = decontamination_index(run)
     run.out.mkdir(parents=True, exist_ok=True)
     report = Report(state["report"] if state else None)
     rows_done = state["rows_done"] if state else 0
@@ -383,9 +429,8 @@ def prepare(run: Settings, workers: int = 1) -> dict:
         for outcomes in _outcomes(run, index, rows_done, workers):
             for outcome in outcomes:
                 report.add(outcome)
-                line = outcome["record"] if "record" in outcome else {k: outcome[k] for k in ("id", "skip", "detail")}
-                outputs[RECORDS_FILE if "record" in outcome else SKIPS_FILE].write(
-                    (json.dumps(line, ensure_ascii=False) + "\n").encode())
+                name, line = outcome_line(outcome)
+                outputs[name].write(line)
             for file in outputs.values():
                 file.flush()
             rows_done += len(outcomes)
@@ -396,6 +441,4 @@ def prepare(run: Settings, workers: int = 1) -> dict:
         for file in outputs.values():
             file.close()
     _save_state(run, rows_done, {n: (run.out / n).stat().st_size for n in outputs}, report, index_info, True)
-    result = {**report.as_dict(run, index_info), "seconds": round(time.perf_counter() - started, 3)}
-    (run.out / REPORT_FILE).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return write_report(run, report, index_info, started)

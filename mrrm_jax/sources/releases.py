@@ -29,9 +29,18 @@ class Context:
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    read: Callable[[pathlib.Path], Iterator[tuple[str, object]]]  # --input -> (position, row)
+    shards: Callable[[pathlib.Path], list[pathlib.Path]]  # --input -> the release's row files, sorted
+    rows: Callable[[list[pathlib.Path]], Iterator[tuple[str, object]]]  # those files -> (position, row)
     convert: Callable[[str, dict, Context], Candidate]
     options: dict = dataclasses.field(default_factory=dict)  # --option keys -> (default, allowed values or None)
+
+    def read(self, path: pathlib.Path) -> Iterator[tuple[str, object]]:
+        """Every row of the release at `path` (its folder, or one of its row files), in order."""
+        return self.rows(self.shards(path))
+
+
+def _matching(pattern: str) -> Callable[[pathlib.Path], list[pathlib.Path]]:
+    return lambda path: files(path, pattern)
 
 
 def _where(position: str, row: dict, key: str) -> str:
@@ -61,10 +70,13 @@ def _under(root: pathlib.Path, name: str, where: str, name_field: str) -> pathli
 
 # -- 1. MM-RLHF: data.jsonl (or its parquet copy), media unzipped under the root -------------------
 
-def read_mm_rlhf(path: pathlib.Path):
+def mm_rlhf_shards(path: pathlib.Path) -> list[pathlib.Path]:
     if path.is_dir() and (path / "data.jsonl").exists():
-        path = path / "data.jsonl"
-    paths = files(path, "data/*.parquet")
+        return [path / "data.jsonl"]
+    return files(path, "data/*.parquet")
+
+
+def mm_rlhf_rows(paths: list[pathlib.Path]):
     return (parquet_rows if paths[0].suffix == ".parquet" else jsonl_rows)(paths)
 
 
@@ -111,10 +123,6 @@ _FIRST, _SECOND = {"first", "1", "a"}, {"second", "2", "b"}
 TIE_WINDOW_CHARS = 300  # "equally good" counts as the verdict only near the end of the judgment
 
 
-def read_llava_critic(path: pathlib.Path):
-    return parquet_rows(files(path, "pairwise/*.parquet"))
-
-
 def convert_llava_critic(position: str, row: dict, context: Context) -> Candidate:
     where = _where(position, row, "id")
     turns = messages(row.get("conversations"), where, "conversations", "from", "value")
@@ -137,10 +145,6 @@ def convert_llava_critic(position: str, row: dict, context: Context) -> Candidat
 
 # -- 3. RLAIF-V: parquet shards at the root, one chosen/rejected pair per row ------------------------
 
-def read_rlaif_v(path: pathlib.Path):
-    return parquet_rows(files(path, "RLAIF-V-Dataset_*.parquet"))
-
-
 def convert_rlaif_v(position: str, row: dict, context: Context) -> Candidate:
     where = _where(position, row, "idx")
     return Candidate(_row_id(row, "idx", position), strip_placeholders(field(row, "question", str, where)),
@@ -153,14 +157,14 @@ def convert_rlaif_v(position: str, row: dict, context: Context) -> Candidate:
 VLFEEDBACK_ZIP = "merged_images.zip"
 
 
-def read_vlfeedback(path: pathlib.Path):
-    """Rows with their image's bytes from the zip attached as `_image_bytes` (None when not there; the
-    converter then looks under --media_root for an unzipped merged_images/)."""
-    root = path if path.is_dir() else path.parent
+def vlfeedback_rows(paths: list[pathlib.Path]):
+    """Rows with their image's bytes from the zip beside the jsonl attached as `_image_bytes` (None when
+    not there; the converter then looks under --media_root for an unzipped merged_images/)."""
+    root = paths[0].parent
     images = zipfile.ZipFile(root / VLFEEDBACK_ZIP) if (root / VLFEEDBACK_ZIP).exists() else None
     try:
         members = set(images.namelist()) if images else set()
-        for position, row in jsonl_rows(files(path, "vlfeedback_80k.jsonl")):
+        for position, row in jsonl_rows(paths):
             if isinstance(row, dict):
                 name = f"merged_images/{row.get('id')}.jpg"
                 row["_image_bytes"] = images.read(name) if name in members else None
@@ -207,8 +211,8 @@ def convert_vlfeedback(position: str, row: dict, context: Context) -> Candidate:
 
 # -- 5. POVID: one JSON array; images are COCO train2014 files under --media_root ---------------------
 
-def read_povid(path: pathlib.Path):
-    for path_ in files(path, "*.json"):
+def povid_rows(paths: list[pathlib.Path]):
+    for path_ in paths:
         try:
             rows = json.loads(path_.read_text())  # ~21 MB of text, no media: read whole
         except json.JSONDecodeError as error:
@@ -243,10 +247,6 @@ def convert_povid(position: str, row: dict, context: Context) -> Candidate:
 WILDVISION_WINNERS = {"model_a": [1, 2], "model_b": [2, 1], "tie": [1, 1], "tie (bothbad)": [1, 1]}
 
 
-def read_wildvision(path: pathlib.Path):
-    return parquet_rows(files(path, "**/*.parquet"))
-
-
 def convert_wildvision(position: str, row: dict, context: Context) -> Candidate:
     where = _where(position, row, "question_id")
     winner = row.get("winner")
@@ -264,10 +264,6 @@ def convert_wildvision(position: str, row: dict, context: Context) -> Candidate:
 
 
 # -- 7, 8. Tulu 3 preference mixture, Skywork-Reward 80K: chosen/rejected message lists ---------------
-
-def read_message_pairs(path: pathlib.Path):
-    return parquet_rows(files(path, "**/*.parquet"))
-
 
 def convert_message_pair(position: str, row: dict, context: Context) -> Candidate:
     where = _where(position, row, "id")
@@ -297,10 +293,6 @@ def hh_turns(transcript: str, where: str) -> list[tuple[str, str]]:
     return [("user" if role == "Human" else "assistant", text) for role, text in turns]
 
 
-def read_nectar(path: pathlib.Path):
-    return parquet_rows(files(path, "**/*.parquet"))
-
-
 def convert_nectar(position: str, row: dict, context: Context) -> Candidate:
     where = position
     answers = field(row, "answers", list, where)
@@ -317,10 +309,6 @@ PKU_LABELS = {"safer": ("safer_response_id",), "better": ("better_response_id",)
               "agree": ("safer_response_id", "better_response_id")}
 
 
-def read_pku_saferlhf(path: pathlib.Path):
-    return jsonl_rows(files(path, "**/*.jsonl"))
-
-
 def convert_pku_saferlhf(position: str, row: dict, context: Context) -> Candidate:
     where = position
     prompt, responses = field(row, "prompt", str, where), [field(row, f"response_{i}", str, where) for i in (0, 1)]
@@ -334,14 +322,15 @@ def convert_pku_saferlhf(position: str, row: dict, context: Context) -> Candidat
 
 
 SOURCES = {
-    "mm_rlhf": Source(read_mm_rlhf, convert_mm_rlhf, {"sampling_interval": ("0.5", None)}),
-    "llava_critic": Source(read_llava_critic, convert_llava_critic),
-    "rlaif_v": Source(read_rlaif_v, convert_rlaif_v),
-    "vlfeedback": Source(read_vlfeedback, convert_vlfeedback),
-    "povid": Source(read_povid, convert_povid),
-    "wildvision": Source(read_wildvision, convert_wildvision),
-    "tulu": Source(read_message_pairs, convert_message_pair),
-    "skywork": Source(read_message_pairs, convert_message_pair),
-    "nectar": Source(read_nectar, convert_nectar),
-    "pku_saferlhf": Source(read_pku_saferlhf, convert_pku_saferlhf, {"label": ("safer", tuple(PKU_LABELS))}),
+    "mm_rlhf": Source(mm_rlhf_shards, mm_rlhf_rows, convert_mm_rlhf, {"sampling_interval": ("0.5", None)}),
+    "llava_critic": Source(_matching("pairwise/*.parquet"), parquet_rows, convert_llava_critic),
+    "rlaif_v": Source(_matching("RLAIF-V-Dataset_*.parquet"), parquet_rows, convert_rlaif_v),
+    "vlfeedback": Source(_matching("vlfeedback_80k.jsonl"), vlfeedback_rows, convert_vlfeedback),
+    "povid": Source(_matching("*.json"), povid_rows, convert_povid),
+    "wildvision": Source(_matching("**/*.parquet"), parquet_rows, convert_wildvision),
+    "tulu": Source(_matching("**/*.parquet"), parquet_rows, convert_message_pair),
+    "skywork": Source(_matching("**/*.parquet"), parquet_rows, convert_message_pair),
+    "nectar": Source(_matching("**/*.parquet"), parquet_rows, convert_nectar),
+    "pku_saferlhf": Source(_matching("**/*.jsonl"), jsonl_rows, convert_pku_saferlhf,
+                           {"label": ("safer", tuple(PKU_LABELS))}),
 }
