@@ -58,9 +58,10 @@ def test_the_train_step_compiles_for_a_tpu_slice():
 
 
 @pytest.mark.slow
-def test_step_flops_extrapolated_over_depth_match_the_unrolled_step():
-    """aot.step_flops (three shallow compiles, linear in depth) == XLA's count of the whole step
-    compiled unrolled, on the demo model made deeper (4 ViT and 5 LM layers), with 2 micro-steps."""
+def test_step_costs_extrapolated_over_depth_match_the_unrolled_step():
+    """aot.step_costs (three shallow compiles, linear in depth) == XLA's count of the whole step's FLOPs
+    and the collectives' bytes compiled unrolled, on the demo model made deeper (4 ViT and 5 LM layers),
+    with 2 micro-steps."""
     from configs import demo
     from mrrm_jax.training import aot
     from mrrm_jax.training import spec as run_spec
@@ -74,4 +75,29 @@ def test_step_flops_extrapolated_over_depth_match_the_unrolled_step():
     spec = run_spec.parse(cfg)
     unrolled = aot._compile(dataclasses.replace(spec, model=spec.model.replace(scan_unroll=5)), aot.topology_devices("v5p:2x2x1"))
     # XLA counts the micro-step loop's body once: one micro-step of every layer, plus the update.
-    np.testing.assert_allclose(aot.step_flops(spec, "v5p:2x2x1"), 2 * aot._flops(unrolled), rtol=5e-3)
+    costs = aot.step_costs(spec, "v5p:2x2x1")
+    np.testing.assert_allclose(costs.flops, 2 * aot._flops(unrolled), rtol=5e-3)
+    whole = aot.collective_bytes(unrolled)
+    assert whole["all-gather"] > 0  # FSDP gathers each layer's weights
+    for op, n in whole.items():
+        np.testing.assert_allclose(costs.collective_bytes[op], 2 * n, rtol=1e-2, atol=1024, err_msg=op)
+
+
+def test_collective_bytes_of_a_hand_written_program():
+    """An all-gather of f32[8, 128] (4 KiB) and an all-reduce of f32[16] (64 B) over 4 chips."""
+    from jax.experimental import topologies
+
+    from mrrm_jax.training import aot
+
+    mesh = Mesh(np.array(topologies.get_topology_desc("v5p:2x2x1", "tpu").devices), ("x",))
+
+    def program(x, y):
+        gathered = jax.lax.with_sharding_constraint(x * 2, NamedSharding(mesh, PartitionSpec()))
+        summed = jax.shard_map(lambda b: jax.lax.psum(b, "x"), mesh=mesh, in_specs=PartitionSpec(), out_specs=PartitionSpec())(y)
+        return gathered, summed
+    compiled = jax.jit(program).lower(
+        jax.ShapeDtypeStruct((8, 128), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec("x"))),
+        jax.ShapeDtypeStruct((16,), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))).compile()
+    found = aot.collective_bytes(compiled)
+    assert found["all-gather"] == 8 * 128 * 4 and found["all-reduce"] == 16 * 4, found
+    assert found["reduce-scatter"] == found["all-to-all"] == found["collective-permute"] == 0

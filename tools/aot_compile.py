@@ -7,8 +7,8 @@ the batch are abstract (shapes, dtypes and shardings only). Prints the per-chip 
 plans (arguments, outputs, temporaries) against the chip's HBM and the step's FLOPs per chip, and
 exits 1 if it does not fit; with `model.remat="auto"` it first prints each policy's plan and takes the
 first that fits (`aot.resolve_remat`). XLA's cost analysis counts a loop body (a scanned layer, the micro-step
-loop) once; `--flops` adds the whole step's FLOPs, from three shallow unrolled compiles extrapolated
-over depth (`aot.step_flops`; three more compiles).
+loop) once; `--flops` adds the whole step's FLOPs and collective bytes per chip, from three shallow
+unrolled compiles extrapolated over depth (`aot.step_costs`; three more compiles).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from mrrm_jax.training import spec as run_spec
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file (configs/*.py)", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "e.g. v5p:2x2x1, v4:2x2x1, v5e:4x4")
-_FLOPS = flags.DEFINE_bool("flops", False, "also count the whole step's FLOPs (every layer and micro-step)")
+_FLOPS = flags.DEFINE_bool("flops", False, "also count the whole step's FLOPs and collective bytes (every layer and micro-step)")
 
 
 def main(argv) -> None:
@@ -53,7 +53,9 @@ def main(argv) -> None:
     if not r.fits:
         sys.exit(f"does not fit: {r.total_gib:.2f} GiB > {r.hbm_gib} GiB")
     if _FLOPS.value:
-        print(f"FLOPs per chip per step: {aot.step_flops(spec, _TOPOLOGY.value):.3e}")
+        costs = aot.step_costs(spec, _TOPOLOGY.value)
+        print(f"FLOPs per chip per step: {costs.flops:.3e}; collective results per chip per step: "
+              + ", ".join(f"{op} {n / 2**30:.2f} GiB" for op, n in costs.collective_bytes.items()))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
+import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mrrm_jax.core import sharding
 from mrrm_jax.training import step
@@ -151,11 +154,41 @@ def compile_for(spec: RunSpec, topology: str) -> Report:
                   HBM_GIB.get(kind))
 
 
-def step_flops(spec: RunSpec, topology: str) -> float:
-    """FLOPs per device of one whole optimizer step: every layer and every micro-step counted.
+# Collective opcodes of compiled HLO. An async pair (`all-gather-start` / `-done`) is counted at its -done,
+# whose result is the collective's; an `async-start` wrapper calls a computation holding the plain op.
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_COLLECTIVE = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = (?P<type>.+?) (?P<op>" + "|".join(COLLECTIVES)
+                         + r")(?P<part>-start|-done)?\(")
+_ARRAY = re.compile(r"\b(pred|[su](?:8|16|32|64)|bf16|f(?:16|32|64))\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8}
+
+
+def collective_bytes(compiled) -> dict[str, int]:
+    """Per device, the bytes of every collective's result in the compiled program, by opcode (each loop
+    body counted once, as XLA's cost analysis counts FLOPs). The bytes a chip sends are about the result
+    x (n-1)/n for an all-gather over n devices, the input x (n-1)/n for a reduce-scatter and twice the
+    result x (n-1)/n for an all-reduce (ring algorithms)."""
+    totals = dict.fromkeys(COLLECTIVES, 0)
+    for line in compiled.as_text().splitlines():
+        match = _COLLECTIVE.match(line)
+        if match is not None and match["part"] != "-start":
+            totals[match["op"]] += sum(_BYTES[dtype] * math.prod(int(n) for n in dims.split(",") if n)
+                                       for dtype, dims in _ARRAY.findall(match["type"]))
+    return totals
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCosts:
+    flops: float  # per device
+    collective_bytes: dict[str, float]  # per device, by opcode (`collective_bytes`)
+
+
+def step_costs(spec: RunSpec, topology: str) -> StepCosts:
+    """FLOPs and collective bytes per device of one whole optimizer step: every layer and micro-step counted.
 
     XLA counts a loop body once, and compiling the full depth unrolled takes too long; but the layers
-    of a stack are identical, so the step's FLOPs are linear in each stack's depth. Three shallow
+    of a stack are identical, so the step's FLOPs and collectives are linear in each stack's depth. Three shallow
     unrolled compiles (2/2, 3/2 and 2/3 ViT/LM layers) give the intercept and the cost of one more
     layer of each stack; times `grad_accum` micro-steps (the optimizer update, counted with each, is
     under 1e-6 of a micro-step). Depth 1 is avoided: a lone LM layer is also the first, whose backward
@@ -163,9 +196,13 @@ def step_flops(spec: RunSpec, topology: str) -> float:
     model, the extra layers' counts vary by ~0.3% (XLA's fusion choices), hence the test's tolerance.
     """
     devices, config = topology_devices(topology), spec.model
-    count = lambda v, t: _flops(_compile(dataclasses.replace(spec, model=config.shallow(v, t)), devices))
+
+    def count(vision_layers: int, text_layers: int) -> np.ndarray:
+        compiled = _compile(dataclasses.replace(spec, model=config.shallow(vision_layers, text_layers)), devices)
+        return np.array([_flops(compiled), *collective_bytes(compiled).values()], np.float64)
     base = count(2, 2)
     per_vision_layer, per_text_layer = count(3, 2) - base, count(2, 3) - base
     one_micro_step = (base + (config.vision.num_layers - 2) * per_vision_layer
                       + (config.text.num_layers - 2) * per_text_layer)
-    return spec.train.grad_accum * one_micro_step
+    step = spec.train.grad_accum * one_micro_step
+    return StepCosts(float(step[0]), dict(zip(COLLECTIVES, step[1:].tolist())))

@@ -127,7 +127,7 @@ class Molmo2Config:
         return dataclasses.replace(self, **changes)
 
     def shallow(self, vision_layers: int, text_layers: int) -> Molmo2Config:
-        """This model with fewer layers, unrolled (aot.step_flops); the ViT's feature layers moved to its last ones."""
+        """This model with fewer layers, unrolled (aot.step_costs); the ViT's feature layers moved to its last ones."""
         features = tuple(vision_layers - 1 - rank for rank in range(len(self.adapter.feature_layers)))
         return self.replace(vision=dataclasses.replace(self.vision, num_layers=vision_layers),
                             adapter=dataclasses.replace(self.adapter, feature_layers=features),

@@ -103,7 +103,7 @@ class Qwen3VLConfig:
         return {"visual": self.vision.num_layers, "language_model": self.text.num_layers}
 
     def shallow(self, vision_layers: int, text_layers: int) -> Qwen3VLConfig:
-        """This model with fewer layers, unrolled (aot.step_flops); the deepstack taps, as many as before,
+        """This model with fewer layers, unrolled (aot.step_costs); the deepstack taps, as many as before,
         moved onto the remaining ViT layers (their mergers cost the same wherever they tap)."""
         deepstack = tuple(min(layer, vision_layers - 1) for layer in self.vision.deepstack_layers)
         return self.replace(vision=dataclasses.replace(self.vision, num_layers=vision_layers, deepstack_layers=deepstack),
