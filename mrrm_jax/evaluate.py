@@ -2,9 +2,11 @@
 
     python -m mrrm_jax.evaluate --checkpoint=DIR --benchmark=NAME --data=PATH [--media_root=DIR] \\
         --output=OUT_DIR [--order=as_is|shuffle|rotations] [--seed=0] [--mode=multi|single] [--batch_size=4] \\
-        [--row_tokens=4096] [--row_crops=32] [--dtype=...] [--attention=...] [--limit=N] [--field_map=prompt:KEY,...]
+        [--row_tokens=4096] [--row_crops=32] [--dtype=...] [--attention=...] [--limit=N] [--field_map=prompt:KEY,...] \\
+        [--distributed [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]]
 
-The logic lives in `mrrm_jax.benchmarks.runner`; this is the command line around it.
+The logic lives in `mrrm_jax.benchmarks.runner`; this is the command line around it. With
+`--distributed`, every process scores its share of the records and process 0 writes the report.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ def main(argv) -> None:
                 raise runner.EvaluationError(f"--{name} is required")
         if not pathlib.Path(_CHECKPOINT.value).is_dir():
             raise runner.EvaluationError(f"--checkpoint {_CHECKPOINT.value} is not a directory")
+        try:
+            model_flags.start_processes()
+        except ValueError as error:
+            raise runner.EvaluationError(str(error)) from error
 
         def load_model():
             try:
@@ -56,6 +62,8 @@ def main(argv) -> None:
     except (runner.EvaluationError, formats.BenchmarkError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    if result is None:  # another process's share: process 0 writes the report
+        return
     print(report.summary(result))
     if result["num_scored"] == 0:
         print(f"error: no record could be scored ({result['num_errors']} errors; see "

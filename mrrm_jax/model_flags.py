@@ -1,4 +1,5 @@
-"""The command-line flags that load a `RewardModel` for offline scoring (`score`, `evaluate`)."""
+"""The command-line flags that load a `RewardModel` for offline scoring (`score`, `evaluate`), on one process
+or several."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pathlib
 
 from absl import flags
 
+from mrrm_jax import process_flags
 from mrrm_jax.core import host_malloc
 
 _ROWS = flags.DEFINE_integer("batch_size", 4, "Packed rows per forward pass (over all local devices).")
@@ -16,8 +18,20 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute and 
 _ATTENTION = flags.DEFINE_enum("attention", None, ["xla", "blockwise", "pallas", "cudnn"],
                                "Attention backend (default: the saved model's, with "
                                "its dense 'xla' reference run as 'blockwise').")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Run as one of several processes (jax.distributed, with "
+                                  "--coordinator_address/--num_processes/--process_id or the cluster's own "
+                                  "detection): each scores every n-th record on its own devices into a part "
+                                  "file; process 0 joins the parts into the output.")
 _CACHE = flags.DEFINE_string("compilation_cache", "~/.cache/mrrm_jax/xla", "Where compiled programs are kept for "
                              "the next run (JAX's persistent compilation cache); '' = compile anew every run.")
+
+
+def start_processes() -> None:
+    """Joins the other processes under --distributed; a usage error for process flags without it."""
+    if process_flags.given() and not _DISTRIBUTED.value:
+        raise ValueError(f"{', '.join(process_flags.given())} need --distributed")
+    if _DISTRIBUTED.value:
+        process_flags.initialize()
 
 
 def load_reward_model(checkpoint: str):

@@ -1,11 +1,14 @@
 """Score a JSONL file of records with a multi-response reward model.
 
     python -m mrrm_jax.score --checkpoint=DIR --input=in.jsonl --output=out.jsonl [--mode=single] \\
-        [--batch_size=4] [--row_tokens=4096] [--row_crops=32] [--dtype=...] [--attention=...]
+        [--batch_size=4] [--row_tokens=4096] [--row_crops=32] [--dtype=...] [--attention=...] \\
+        [--distributed [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]]
 
 The logic lives in `mrrm_jax.scoring.reward_model` (`RewardModel`, `score_file`); this is the command line
 around it. `--mode=single` is the conventional baseline: every response in its own pass (same head,
-same read-position rule), for comparison.
+same read-position rule), for comparison. With `--distributed`, every process scores its share of the
+records and process 0 writes the output (`mrrm_jax.scoring.shards`); a killed run resumes from the part
+files beside the output.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ _MODE = flags.DEFINE_enum("mode", "multi", ["multi", "single"], "multi: N respon
 
 def main(argv):
     del argv
+    try:
+        model_flags.start_processes()
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     try:
         model = model_flags.load_reward_model(_CHECKPOINT.value)
     except (OSError, ValueError, KeyError) as error:

@@ -19,11 +19,11 @@ import signal
 import sys
 import threading
 
-import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from mrrm_jax import process_flags
 from mrrm_jax.training import spec as run_spec
 from mrrm_jax.training import trainer
 from mrrm_jax.data.pipeline import PipelineError
@@ -31,10 +31,6 @@ from mrrm_jax.training.checkpoints import UnusableCheckpoints
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file (configs/*.py)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/mrrm_jax_run", "run directory: checkpoints, metrics, demo data")
-# Passed to jax.distributed.initialize (None: JAX's own detection, JAX_COORDINATOR_ADDRESS or the cluster's).
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "with config.distributed: HOST:PORT of process 0")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "with config.distributed: how many processes")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "with config.distributed: this process's id, 0 .. n-1")
 
 
 def stop_on_sigterm() -> threading.Event:
@@ -53,14 +49,13 @@ def main(argv) -> None:
     # has (we use only its tokenizer classes), and the data workers started later inherit this.
     os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
     cfg = _CONFIG.value
-    given = [f"--{f.name}" for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID) if f.value is not None]
-    if given and not cfg.distributed:
-        raise app.UsageError(f"{', '.join(given)} need --config.distributed=True")
+    if process_flags.given() and not cfg.distributed:
+        raise app.UsageError(f"{', '.join(process_flags.given())} need --config.distributed=True")
     stop = stop_on_sigterm()
     try:
         spec = run_spec.parse(cfg)  # before JAX starts: a config error is the only output
         if cfg.distributed:
-            jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+            process_flags.initialize()
         results = trainer.train(spec, _WORKDIR.value, stop)
     except (run_spec.ConfigError, trainer.RunError, UnusableCheckpoints, PipelineError) as error:
         sys.exit(f"error: {error}")

@@ -97,7 +97,7 @@ def load_base(base_dir: str | pathlib.Path, shardings=None, dtype=None,
     stored = flatten(ocp.metadata(base_dir / PARAMS_DIR).metadata)
     stacked_names = sorted({re.sub(r"/layers/\d+/", "/layers/", n) for n in stored if n.split("/")[0] not in skip})
     if shardings is None:
-        shardings_by_name = {n: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for n in stacked_names}
+        shardings_by_name = {n: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) for n in stacked_names}
     else:
         shardings_by_name = flatten(shardings)
 

@@ -3,7 +3,9 @@
 Writes OUT_DIR/scores.jsonl (one line per record: its scores in the file's response order, the order
 the model saw them in, `correct`, or `error`), report.json, report.md and PNG plots (`report`).
 Running again with the same OUT_DIR resumes: records already scored are kept, failed ones are tried
-again.
+again. Under `jax.distributed` every process scores its share of the records into a part file beside
+scores.jsonl and process 0 joins them and writes the report (`scoring.shards`); a killed run's parts
+are resumed by any number of processes.
 
 Order: a single-pass model sees the responses' order, and these releases list the preferred answer
 first. `shuffle` (default) presents each record in a permutation seeded by (seed, record index);
@@ -26,6 +28,7 @@ import numpy as np
 from mrrm_jax.benchmarks import formats, metrics, report
 from mrrm_jax.data import records
 from mrrm_jax.data.examples import Skip
+from mrrm_jax.scoring import shards
 from mrrm_jax.scoring.reward_model import prefetch
 
 SCORES_FILE, RUN_FILE = "scores.jsonl", "run.json"
@@ -108,8 +111,8 @@ def _write(out, lines: list[dict], progress: report.Progress) -> None:
 
 
 def read_done(path: pathlib.Path) -> list[dict]:
-    """The scored lines of an earlier run (a line cut short by a kill and error lines are dropped, so
-    those records are scored again); the file is rewritten with only those lines."""
+    """The scored lines of an earlier run (a line cut short and error lines are left out, so those
+    records are scored again)."""
     if not path.exists():
         return []
     done = []
@@ -120,11 +123,10 @@ def read_done(path: pathlib.Path) -> list[dict]:
             continue
         if isinstance(line, dict) and "scores" in line:
             done.append(line)
-    path.write_text("".join(json.dumps(line) + "\n" for line in done))
     return done
 
 
-def check_run(out_dir: pathlib.Path, settings: dict) -> None:
+def check_run(out_dir: pathlib.Path, settings: dict, share: shards.Share) -> None:
     """An OUT_DIR resumes only the run it holds: other settings would mix two evaluations."""
     run_file = out_dir / RUN_FILE
     if run_file.exists():
@@ -135,7 +137,8 @@ def check_run(out_dir: pathlib.Path, settings: dict) -> None:
             raise EvaluationError(f"{out_dir} holds an evaluation with other settings ({shown}); "
                                   "use another --output or delete it")
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps(settings, indent=1) + "\n")
+    if share.leader:
+        run_file.write_text(json.dumps(settings, indent=1) + "\n")
 
 
 def evaluate(model, benchmark: str, data: str, out_dir: str, media_root: str | None = None, order: str = "shuffle",
@@ -154,34 +157,38 @@ def evaluate(model, benchmark: str, data: str, out_dir: str, media_root: str | N
 
 
 def run(model, spec: formats.Benchmark, items: list, out_dir: pathlib.Path, settings: dict,
-        workers: int | None = None) -> dict:
-    """Scores converted records (`formats.read`) into `out_dir`, resuming what is there; returns the report."""
+        workers: int | None = None, share: shards.Share | None = None) -> dict | None:
+    """Scores converted records (`formats.read`) into `out_dir`, resuming what is there; returns the report
+    (None in processes other than 0, which write their share only)."""
     order, seed, mode = settings["order"], settings["seed"], settings["mode"]
-    check_run(out_dir, settings)
-    done = read_done(out_dir / SCORES_FILE)
-    done_indices = {line["index"] for line in done}
-    todo = [item for item in items if item.index not in done_indices]
+    share = share or shards.Share.of_this_process()
+    check_run(out_dir, settings, share)
+    scores_path, scored = out_dir / SCORES_FILE, lambda line: "scores" in line
+    done = read_done(scores_path)
+    done_indices = {line["index"] for line in done} | shards.done_indices(scores_path, scored)
+    mine = [item for item in items if share.holds(item.index)]
+    todo = [item for item in mine if item.index not in done_indices]
 
     keep = model.processor.frame_indices
     prepared = functools.partial(prepare, model=model, order=order, seed=seed, mode=mode, keep_frames=keep)
-    start, progress = time.time(), report.Progress(len(items), len(done))
+    start, progress = time.time(), report.Progress(len(mine), len(mine) - len(todo))
     examples_of = lambda result: [] if isinstance(result, formats.RecordError) else result[2]
-    with open(out_dir / SCORES_FILE, "a") as out:
+    with shards.open_part(scores_path, share, scored) as out:
         results = prefetch(prepared, todo, workers or min(4, os.cpu_count() or 1), ahead=32)
         for run in model.score_runs(results, examples_of):
             _write(out, [_error_line(result) if isinstance(result, formats.RecordError) else
                          scored_line(result, scores, mode) for result, scores in run], progress)
     progress.close()
+    shards.wait_for_all("evaluate")
+    if not share.leader:
+        return None
     elapsed = time.time() - start
-    lines = read_lines(out_dir / SCORES_FILE)
+    lines = shards.join(scores_path, earlier=done)
     scored_now = sum("scores" in line for line in lines) - len(done)
     timing = {"seconds": round(elapsed, 3), "records_scored_in_this_run": scored_now,
               "records_per_s": round(scored_now / elapsed, 3) if elapsed else None,
-              "compiled_programs": len(model.programs), "devices": model.mesh.size}
+              "compiled_programs": len(model.programs), "devices": model.mesh.size * share.count,
+              "processes": share.count}
     result = report.build(lines, spec, settings["benchmark"], settings, timing)
     report.write(result, lines, out_dir)
     return result
-
-
-def read_lines(path: pathlib.Path) -> list[dict]:
-    return [json.loads(text) for text in path.read_text().splitlines() if text.strip()]

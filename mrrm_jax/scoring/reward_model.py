@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mrrm_jax.scoring import batch_shapes
+from mrrm_jax.scoring import batch_shapes, shards
 from mrrm_jax.backbones import checkpoint
 from mrrm_jax.core import lora
 from mrrm_jax.core import reward
@@ -163,9 +163,12 @@ def prefetch(fn, items, workers: int, ahead: int):
 
 
 def score_file(model: RewardModel, input_path: pathlib.Path, output_path: pathlib.Path, mode: str = "multi",
-               workers: int | None = None) -> tuple[int, int]:
-    """Scores every record of a JSONL file; returns (scored, failed). Records are read, decoded and
-    formatted by `workers` threads ahead of the model."""
+               workers: int | None = None, share: shards.Share | None = None) -> tuple[int, int]:
+    """Scores every record of a JSONL file; returns (scored, failed) of this process's share. Records are
+    read, decoded and formatted by `workers` threads ahead of the model. Under `jax.distributed` each
+    process scores its share into a part file and process 0 joins them (`shards`); the parts of a killed
+    run are resumed."""
+    share = share or shards.Share.of_this_process()
     lines = input_path.read_text().splitlines()
     media_files = records.MediaDir(input_path.parent)
     keep_frames = model.processor.frame_indices
@@ -187,8 +190,10 @@ def score_file(model: RewardModel, input_path: pathlib.Path, output_path: pathli
     scored = failed = 0
     start = time.time()
     examples_of = lambda prepared: prepared[1] if isinstance(prepared[1], list) else []
-    todo = (index for index, line in enumerate(lines) if line.strip())
-    with open(output_path, "w") as out:
+    finished = lambda line: "scores" in line or "error" in line
+    done = shards.done_indices(output_path, finished)
+    todo = [index for index, line in enumerate(lines) if line.strip() and share.holds(index) and index not in done]
+    with shards.open_part(output_path, share, finished) as out:
         prepared = prefetch(prepare, todo, workers or min(4, os.cpu_count() or 1), ahead=8)
         for run in model.score_runs(prepared, examples_of):
             for (entry, examples), scores in run:
@@ -198,8 +203,13 @@ def score_file(model: RewardModel, input_path: pathlib.Path, output_path: pathli
                 else:
                     out.write(json.dumps({**entry, "scores": np.concatenate(scores).tolist()}) + "\n")
                     scored += 1
-            print(f"\r{scored + failed}/{len(lines)} records, {time.time() - start:.1f}s", end="", file=sys.stderr)
+            out.flush()  # a killed run keeps every finished batch
+            print(f"\r{scored + failed}/{len(todo)} records, {time.time() - start:.1f}s", end="", file=sys.stderr)
     # The model's compiled programs so far (one per batch shape): what compiling cost this process.
-    print(f"\rscored {scored}, failed {failed} of {len(lines)} records in {time.time() - start:.1f}s; "
+    print(f"\rscored {scored}, failed {failed} of {len(todo)} records in {time.time() - start:.1f}s"
+          f"{f' (process {share.index} of {share.count})' if share.count > 1 else ''}; "
           f"{len(model.programs)} compiled programs", file=sys.stderr)
+    shards.wait_for_all("score_file")
+    if share.leader:
+        shards.join(output_path)
     return scored, failed
