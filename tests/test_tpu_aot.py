@@ -73,7 +73,8 @@ def test_step_costs_extrapolated_over_depth_match_the_unrolled_step():
     cfg.model.dims.adapter.feature_layers = (3, 1)
     cfg.train.grad_accum = 2
     spec = run_spec.parse(cfg)
-    unrolled = aot._compile(dataclasses.replace(spec, model=spec.model.replace(scan_unroll=5)), aot.topology_devices("v5p:2x2x1"))
+    unrolled = aot._compile(dataclasses.replace(spec, model=spec.model.replace(scan_unroll=5)), aot.topology_devices("v5p:2x2x1"),
+                            aot.COUNTING_OPTIONS)
     # XLA counts the micro-step loop's body once: one micro-step of every layer, plus the update.
     costs = aot.step_costs(spec, "v5p:2x2x1")
     np.testing.assert_allclose(costs.flops, 2 * aot._flops(unrolled), rtol=5e-3)
