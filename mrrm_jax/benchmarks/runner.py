@@ -113,17 +113,7 @@ def _write(out, lines: list[dict], progress: report.Progress) -> None:
 def read_done(path: pathlib.Path) -> list[dict]:
     """The scored lines of an earlier run (a line cut short and error lines are left out, so those
     records are scored again)."""
-    if not path.exists():
-        return []
-    done = []
-    for text in path.read_text().splitlines():
-        try:
-            line = json.loads(text)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(line, dict) and "scores" in line:
-            done.append(line)
-    return done
+    return shards.complete_lines(path, lambda line: "scores" in line) if path.exists() else []
 
 
 def check_run(out_dir: pathlib.Path, settings: dict, share: shards.Share) -> None:

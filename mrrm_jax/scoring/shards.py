@@ -46,7 +46,7 @@ def _parts(output: pathlib.Path) -> list[pathlib.Path]:
     return sorted(output.parent.glob(f"{output.name}.part-*-of-*"))
 
 
-def _complete_lines(path: pathlib.Path, keep: Callable[[dict], bool]) -> list[dict]:
+def complete_lines(path: pathlib.Path, keep: Callable[[dict], bool]) -> list[dict]:
     """The lines of `path` that a finished record wrote (a line cut short by a kill is dropped)."""
     lines = []
     for text in path.read_text().splitlines():
@@ -61,13 +61,13 @@ def _complete_lines(path: pathlib.Path, keep: Callable[[dict], bool]) -> list[di
 
 def done_indices(output: pathlib.Path, keep: Callable[[dict], bool]) -> set[int]:
     """Records that a part of an earlier or this run holds."""
-    return {line["index"] for part in _parts(output) for line in _complete_lines(part, keep)}
+    return {line["index"] for part in _parts(output) for line in complete_lines(part, keep)}
 
 
 def open_part(output: pathlib.Path, share: Share, keep: Callable[[dict], bool]):
     """This process's part, for appending: its complete lines of a killed run kept, a cut line dropped."""
     path = part_path(output, share)
-    kept = _complete_lines(path, keep) if path.exists() else []
+    kept = complete_lines(path, keep) if path.exists() else []
     path.write_text("".join(json.dumps(line) + "\n" for line in kept))
     return path.open("a")
 
@@ -84,7 +84,7 @@ def join(output: pathlib.Path, earlier: Iterable[dict] = ()) -> list[dict]:
     then the parts are deleted."""
     by_index: dict[int, dict] = {}
     parts = _parts(output)
-    for line in [*earlier, *(line for part in parts for line in _complete_lines(part, lambda _: True))]:
+    for line in [*earlier, *(line for part in parts for line in complete_lines(part, lambda _: True))]:
         held = by_index.get(line["index"])
         if held is None or ("scores" in line and "scores" not in held):
             by_index[line["index"]] = line
