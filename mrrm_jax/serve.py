@@ -1,7 +1,8 @@
 """The reward server for RL loops: a whole GRPO group scored in one forward pass.
 
     python -m mrrm_jax.serve --checkpoint=DIR [--host=127.0.0.1] [--port=8000] [--media_root=DIR] \\
-        [--max_batch_tokens=16384] [--max_wait_ms=5] [--group_size=0] [--group_timeout_s=30] [--api_key=...]
+        [--max_batch_tokens=16384] [--max_wait_ms=5] [--group_size=0] [--group_timeout_s=30] [--api_key=...] \\
+        [--deterministic]
 
 POST /score (native groups), POST /get_reward (OpenRLHF's remote reward model), GET /health (ready
 after warm-up), GET /metrics (Prometheus). The logic lives in `mrrm_jax.serving`.
@@ -44,6 +45,8 @@ _MODE = flags.DEFINE_enum("mode", "multi", ["multi", "single"], "multi: a group 
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile every batch shape before reporting ready.")
 _MAX_BODY_MB = flags.DEFINE_float("max_body_mb", 64.0, "Largest request body.")
 _REQUEST_TIMEOUT_S = flags.DEFINE_float("request_timeout_s", 120.0, "Per-request limit (504 after).")
+_DETERMINISTIC = flags.DEFINE_bool("deterministic", False, "Bit-identical scores however a group is batched: one "
+                                    "batch shape, a row per group (costs the packing).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute and parameter dtype.")
 
 
@@ -77,7 +80,7 @@ def main(argv) -> None:
     budget = batch_shapes.row_budget(model.processor, _ROW_TOKENS.value, _ROW_CROPS.value, _ROW_GROUPS.value,
                                      _MAX_RESPONSES.value)
     batcher = Batcher(model, budget, _MAX_BATCH_TOKENS.value // _ROW_TOKENS.value, _MAX_WAIT_MS.value / 1000,
-                      metrics.on_batch, _LENGTH_BUCKETS.value)
+                      metrics.on_batch, _LENGTH_BUCKETS.value, _DETERMINISTIC.value)
     settings = serving_app.ServeSettings(
         media_root=_MEDIA_ROOT.value, api_key=_API_KEY.value, mode=_MODE.value, reward=_REWARD.value,
         group_size=_GROUP_SIZE.value, group_timeout_s=_GROUP_TIMEOUT_S.value,

@@ -29,10 +29,10 @@ BUDGET = packing.RowBudget(row_tokens=1024, row_crops=16, row_pooled=16 * 25, ro
 
 
 @contextlib.contextmanager
-def serve(model, max_rows=2, max_wait_s=0.02, **settings):
+def serve(model, max_rows=2, max_wait_s=0.02, deterministic=False, **settings):
     """The app with its own batcher on a free loopback port, in this process; yields the base URL."""
     metrics = ServerMetrics()
-    batcher = Batcher(model, BUDGET, max_rows, max_wait_s, metrics.on_batch)
+    batcher = Batcher(model, BUDGET, max_rows, max_wait_s, metrics.on_batch, deterministic=deterministic)
     app = create_app(model, batcher, ServeSettings(**settings), metrics)
     batcher.warm_up()
     batcher.start()
@@ -167,7 +167,6 @@ def test_bad_requests_are_4xx_json_and_the_server_keeps_serving(url):
         ({"json": {"groups": [{"prompt": "p", "responses": []}]}}, 422, "groups.0.responses"),
         ({"json": {"groups": []}}, 422, "groups"),
         ({"json": {"groups": [{"prompt": "x" * (1 << 20), "responses": ["a"]}]}}, 422, "groups.0.prompt"),
-        ({"json": {"groups": [{"prompt": "p", "responses": ["a", ""]}]}}, 400, "groups[0].responses[1]"),
         ({"json": {"groups": [{"prompt": "p", "responses": ["a"], "image": "http://example.com/a.png"}]}}, 400,
          "groups[0].image[0]"),
         ({"json": {"groups": [{"prompt": "p", "responses": ["a"], "image": "../a.png"}]}}, 400, "groups[0]"),
@@ -213,7 +212,6 @@ def test_openrlhf_query_parsing():
     assert groups.extract_response(query, "Hi there?", special) == "It is red."
     assert groups.extract_response(query, None, special) == "It is red."
     assert groups.extract_response("Hi there? It is red.", "Hi there?", special) == "It is red."
-    assert groups.clean_prompt("<|image_pad|><|image_pad|>Hi there?", special) == "Hi there?"
     assert groups.parse_label('{"image": "a.png", "group": "g1"}', "labels[0]") == {"image": "a.png", "group": "g1"}
     assert groups.parse_label("plain answer 42", "labels[0]") == {} and groups.parse_label(None, "x") == {}
     with pytest.raises(ValueError, match="labels\\[0\\].image"):
@@ -260,3 +258,96 @@ def test_the_command_line_server_warms_up_then_serves(model, tiny_reward_dir, tm
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def test_blank_responses_get_the_group_floor(model, url):
+    answers = ANSWERS[:3]
+    reply = httpx.post(f"{url}/score", json={"groups": [
+        {"prompt": "Which answer fits?", "responses": [answers[0], "", answers[1], " \n", answers[2]]},
+        {"prompt": "Which answer fits?", "responses": ["", "  "]}]}, timeout=60).json()["groups"]
+    scores = model.score("Which answer fits?", answers)  # the blanks are not shown to the model
+    np.testing.assert_allclose(np.asarray(reply[0]["scores"])[[0, 2, 4]], scores, atol=1e-5)
+    assert reply[0]["scores"][1] == reply[0]["scores"][3] == pytest.approx(scores.min() - groups.BLANK_MARGIN)
+    assert reply[0]["blank"] == [1, 3] and reply[1] == {"scores": [0.0, 0.0], "blank": [0, 1]}
+    assert float(_metric(httpx.get(f"{url}/metrics").text, "mrrm_blank_responses_total")) >= 4
+    rollout = httpx.post(f"{url}/get_reward", json={"query": [_openrlhf_query(model, "Which answer fits?", "")],
+                                                     "prompts": ["Which answer fits?"]}, timeout=60).json()
+    assert rollout["rewards"] == [0.0] and rollout["extra_logs"]["blank_response"] == [1.0]
+
+
+def test_deterministic_scores_are_bit_identical_across_batch_compositions(model, media_root):
+    """One group, scored alone, behind other groups in one request, with a group with media, and among
+    concurrent requests: the same bits (without --deterministic a 2-row batch differs from a 1-row one
+    in the last bits)."""
+    target = {"prompt": "Which answer fits?", "responses": ANSWERS}
+    others = [{"prompt": f"Question {i}?", "responses": ANSWERS[i:i + 2]} for i in range(3)] + [GROUPS[1]]
+    with serve(model, max_rows=4, deterministic=True, media_root=str(media_root)) as base:
+        def scored(groups_):
+            reply = httpx.post(f"{base}/score", json={"groups": groups_}, timeout=60)
+            assert reply.status_code == 200, reply.text
+            return [g["scores"] for g in reply.json()["groups"]]
+
+        alone = scored([target])[0]
+        assert scored(others[:2] + [target])[2] == alone
+        assert scored([others[3], target, others[0]])[1] == alone
+        assert scored(others + [target] + others)[4] == alone
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            mixed = list(pool.map(lambda i: scored([others[i % 4], target] if i % 2 else [target]), range(12)))
+        assert all(groups_[-1] == alone for groups_ in mixed)
+    np.testing.assert_allclose(alone, model.score(target["prompt"], ANSWERS), atol=1e-5)
+
+
+class _Gated:
+    """The model with each batch held until `gate` is set (a long batch), or failing with `fail`."""
+
+    def __init__(self, model):
+        self._model, self.gate, self.fail = model, threading.Event(), None
+        self.gate.set()
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def score_batch(self, batch):
+        self.gate.wait(30)
+        if self.fail is not None:
+            raise self.fail
+        return self._model.score_batch(batch)
+
+
+def test_deadline_names_the_group_and_health_stays_truthful(model):
+    gated = _Gated(model)
+    with serve(gated, request_timeout_s=1.0, group_size=4, group_timeout_s=20) as base:
+        waiting = httpx.post(f"{base}/get_reward", json={"query": ["Q? A."], "prompts": ["Q?"],
+                                                          "labels": [json.dumps({"group": "uid-7"})]}, timeout=30)
+        assert waiting.status_code == 504, waiting.text
+        assert "query[0] (group 'uid-7', 1 of 4 arrived): not scored within 1.0 s" in waiting.json()["error"]
+
+        gated.gate.clear()
+        start = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            late = pool.submit(httpx.post, f"{base}/score", json={"groups": [GROUPS[0], GROUPS[0]]}, timeout=30)
+            for _ in range(40):  # answered while the model is on the held batch
+                busy = httpx.get(f"{base}/health", timeout=5)
+                if busy.json().get("busy_s", 0) > 0 or late.done():
+                    break
+                time.sleep(0.02)
+            assert busy.status_code == 200 and busy.json()["busy_s"] > 0, busy.text
+            late = late.result()
+        assert late.status_code == 504 and late.json()["field"] == "groups[0]", late.text
+        assert "groups[0], groups[1]: not scored within 1.0 s" in late.json()["error"]
+        time.sleep(max(0.0, start + 1.5 - time.monotonic()))
+        stalled = httpx.get(f"{base}/health", timeout=5)
+        assert stalled.status_code == 503 and "stalled" in stalled.json()["error"]
+        gated.gate.set()
+        reply = httpx.post(f"{base}/score", json={"groups": [GROUPS[0]]}, timeout=30)
+        np.testing.assert_allclose(reply.json()["groups"][0]["scores"], model.score(GROUPS[0]["prompt"], ANSWERS),
+                                   atol=1e-5)
+        assert httpx.get(f"{base}/health").status_code == 200
+
+        gated.fail = SystemExit("the device is gone")  # not an Exception: the model thread dies of it
+        gone = httpx.post(f"{base}/score", json={"groups": [GROUPS[0]]}, timeout=30)
+        assert gone.status_code == 503 and "died: SystemExit" in gone.json()["error"], gone.text
+        health = httpx.get(f"{base}/health", timeout=5)
+        assert health.status_code == 503 and "died: SystemExit: the device is gone" in health.json()["error"]
+        refused = httpx.post(f"{base}/score", json={"groups": [GROUPS[0]]}, timeout=30)
+        assert refused.status_code == 503 and "model thread is not running" in refused.json()["error"]

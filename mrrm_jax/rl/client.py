@@ -9,6 +9,8 @@ from __future__ import annotations
 import httpx
 import numpy as np
 
+from mrrm_jax.serving import groups as groups_lib
+
 
 class RewardClient:
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 180.0):
@@ -25,10 +27,13 @@ class RewardClient:
 
 class LocalScorer:
     """The same interface on a `RewardModel` in this process (no server); media refs resolve as the
-    server resolves them (paths under `media_root`, data: URIs, base64). `mode`: "multi" (a group in one
-    pass) or "single" (each response in its own, the baseline)."""
+    server resolves them (paths under `media_root`, data: URIs, base64) and blank responses get the
+    server's floor (`groups.with_blank_floor`). `mode`: "multi" (a group in one pass) or "single"
+    (each response in its own, the baseline)."""
 
     def __init__(self, model, media_root=None, mode: str = "multi"):
+        # Imported here: it brings the media decoders and jax, which an HTTP client inside a PyTorch
+        # trainer's process must not load.
         from mrrm_jax.serving import media_refs
 
         self.model, self.media_root, self.mode, self._load = model, media_root, mode, media_refs.load
@@ -38,10 +43,17 @@ class LocalScorer:
         for index, group in enumerate(groups):
             images = group.get("image") or []
             images = [images] if isinstance(images, str) else images
-            loaded = self._load(images, group.get("video"), self.media_root, f"groups[{index}]")
-            prepared.append(self.model.examples(group["prompt"], group["responses"], self.mode, **loaded))
-        return [np.concatenate(scores).tolist() for run in self.model.score_runs(prepared, lambda e: e)
-                for _, scores in run]
+            answered_a = groups_lib.answered(group["responses"])
+            examples = []
+            if answered_a:
+                loaded = self._load(images, group.get("video"), self.media_root, f"groups[{index}]")
+                examples = self.model.examples(group["prompt"], [group["responses"][i] for i in answered_a],
+                                               self.mode, **loaded)
+            prepared.append((group, answered_a, examples))
+        return [groups_lib.with_blank_floor(len(group["responses"]), answered_a,
+                                            np.concatenate(scores) if scores else np.zeros(0)).tolist()
+                for run in self.model.score_runs(prepared, lambda item: item[2])
+                for (group, answered_a, _), scores in run]
 
 
 def column_at(column, index: int):

@@ -10,6 +10,13 @@ not pay for a whole row; and a batch without media has no crops at all (no ViT).
 the cheapest shape (rows x row tokens) that holds it: at most 2 x length_buckets x (row buckets)
 programs.
 
+`deterministic`: one batch shape per media kind (a full row, `max_rows` rows) and each example a row
+of its own, at its start, never batched with an example of the other kind: a group then goes through
+the same program at the same offset whatever else is in the batch, so its scores are bit-identical
+however it was batched (XLA's results can differ in the last bit between batch shapes; on CPU a
+group scored in a 1-row and a 2-row batch differs by ~2e-8). It costs the packing: a batch holds at
+most `max_rows` groups and every row is paid for in full.
+
 An example larger than a full row (a long video, many responses) gets a one-row shape of its own,
 rounded up (`oversize`), so that offline scoring never refuses a record for its size; the server
 refuses it instead (`too_large`), as it compiles every shape before serving.
@@ -54,15 +61,23 @@ def _has_media(example: dict) -> bool:
     return any(packing.media_counts(example).values())
 
 
+def _has_media_room(budget: packing.RowBudget) -> bool:
+    return bool(budget.row_crops or budget.row_patches)
+
+
 class BatchShapes:
-    def __init__(self, budget: packing.RowBudget, media, max_rows: int, devices: int = 1, length_buckets: int = 3):
+    def __init__(self, budget: packing.RowBudget, media, max_rows: int, devices: int = 1, length_buckets: int = 3,
+                 deterministic: bool = False):
         """`media`: the backbone's media layout (`models.backbones.media`)."""
-        self.budget, self.media, self.devices = budget, media, devices
-        fractions = [0.5 ** k for k in reversed(range(length_buckets))]
+        self.media, self.devices, self.deterministic = media, devices, deterministic
+        self.budget = dataclasses.replace(budget, row_examples=1) if deterministic else budget
+        fractions = [0.5 ** k for k in reversed(range(1 if deterministic else length_buckets))]
         # with_media -> row shapes, smallest first
-        self.shapes = {m: [_scaled(budget, f, m) for f in fractions] for m in (False, True)}
-        self.row_buckets = sorted({-(-(1 << k) // devices) * devices for k in range(max(max_rows, 1).bit_length())
-                                   if 1 << k <= max_rows} | {-(-max_rows // devices) * devices})
+        self.shapes = {m: [_scaled(self.budget, f, m) for f in fractions] for m in (False, True)}
+        full = -(-max_rows // devices) * devices
+        self.row_buckets = [full] if deterministic else sorted(
+            {-(-(1 << k) // devices) * devices for k in range(max(max_rows, 1).bit_length()) if 1 << k <= max_rows}
+            | {full})
         self.max_rows = self.row_buckets[-1]
 
     def too_large(self, example: dict) -> list[str]:
@@ -121,7 +136,7 @@ class BatchShapes:
         packed += [packing.pack_row([], budget, self.media)] * (layout.num_rows - len(packed))
         batch = {name: np.concatenate([row[name] for row in packed]) for name in packed[0]
                  if name not in _TRAINING_ONLY}
-        if not (budget.row_crops or budget.row_patches):  # a text-only program: no ViT at all
+        if not _has_media_room(budget):  # a text-only program: no ViT at all
             for name in self.media.layout(budget):
                 del batch[name]
         return batch
@@ -169,6 +184,8 @@ class Filling:
             for budget, rows, used in placements:
                 if packing.exceeds(example, budget):
                     continue
+                if self.shapes.deterministic and _has_media(example) != _has_media_room(budget):
+                    continue  # each kind its own program
                 row = packing.first_fitting_row(used, example, budget)
                 if row == self.shapes.max_rows:
                     continue

@@ -42,11 +42,13 @@ class RewardModel:
     local device: the parameters are replicated and a batch's rows are split over a 1-D ('data',) mesh.
     The ViT runs only the crops that pooled tokens read, `vision_crops` at a time (its memory is bounded
     by one pass; each device runs its own rows' crops; None: the backbone's choice for the platform).
-    `programs` holds the batch shapes met so far: one compiled program each.
+    `programs` holds the batch shapes met so far: one compiled program each. `deterministic`: scores
+    bit-identical however a group is batched (`batch_shapes.BatchShapes`; costs the packing).
     """
 
     def __init__(self, config, params, head_config, head_params, processor, devices=None, rows: int = 4,
-                 row_tokens: int = 4096, row_crops: int = 32, vision_crops: int | None = None):
+                 row_tokens: int = 4096, row_crops: int = 32, vision_crops: int | None = None,
+                 deterministic: bool = False):
         self.config = config.replace(with_lm_head=False)
         self.backbone, self.head = backbones.module(self.config), reward.ValueHead(head_config)
         self.mesh = Mesh(np.asarray(devices if devices is not None else jax.local_devices()), ("data",))
@@ -54,7 +56,8 @@ class RewardModel:
         self.params, self.head_params = jax.device_put((params, head_params), replicated)
         self.processor, self.programs, self.vision_crops = processor, set(), vision_crops
         budget = batch_shapes.row_budget(processor, row_tokens, row_crops, row_examples=16, max_responses=16)
-        self.shapes = batch_shapes.BatchShapes(budget, backbones.media(self.config), rows, self.mesh.size)
+        self.shapes = batch_shapes.BatchShapes(budget, backbones.media(self.config), rows, self.mesh.size,
+                                              deterministic=deterministic)
         self._rows = NamedSharding(self.mesh, P("data"))
         self._scores = jax.jit(self._forward)
 
@@ -62,7 +65,7 @@ class RewardModel:
     def load(cls, reward_dir: str | pathlib.Path, dtype: str | None = None, attention: str | None = None,
              **shape) -> RewardModel:
         """`dtype`, `attention`: override the saved model's (without `attention`, the saved backend's
-        `attention.inference_backend`); `shape`: `rows`, `row_tokens`, `row_crops`."""
+        `attention.inference_backend`); `shape`: `rows`, `row_tokens`, `row_crops`, `deterministic`."""
         reward_dir = pathlib.Path(reward_dir)
         # The reward path never uses the LM head (design decision 8).
         config, base = checkpoint.load_base(reward_dir / checkpoint.BASE_DIR, dtype=dtype, skip=("lm_head",))

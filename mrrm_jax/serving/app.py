@@ -2,7 +2,9 @@
 
 The event loop only parses, validates and waits: media decoding and formatting run in a thread pool,
 the model in the batcher's one thread. Every failure is a JSON error `{"error", "field"}` with a 4xx
-status (5xx only for a failure of ours), and the server goes on serving.
+status (5xx for a failure of ours: 504 past a request's deadline naming the groups not scored, 503 when
+the model thread is not running), and the server goes on serving. Every response gets a score: a blank
+one (empty, whitespace) the group's floor (`groups.with_blank_floor`), reported in the answer.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from mrrm_jax.serving import groups as groups_lib
-from mrrm_jax.serving import media_refs
-from mrrm_jax.serving.batcher import Batcher, TooLarge
+from mrrm_jax.serving import media_refs, templates
+from mrrm_jax.serving.batcher import Batcher, ModelDown, TooLarge
 from mrrm_jax.serving.metrics import ServerMetrics
 
 MAX_TEXT = 200_000  # characters of one prompt or response; longer is refused by validation (422)
@@ -62,6 +64,7 @@ class ScoreRequest(BaseModel):
 
 class GroupScores(BaseModel):
     scores: list[float]
+    blank: list[int]  # indices of blank responses, scored at the group's floor
 
 
 class ScoreResponse(BaseModel):
@@ -140,9 +143,6 @@ def create_app(model, batcher: Batcher, settings: ServeSettings, metrics: Server
 
     def prepare(prompt: str, responses: list[str], images: list[str], video: str | None, field: str) -> list[dict]:
         """Model examples of one group (decoding and formatting, in a worker thread)."""
-        for index, response in enumerate(responses):
-            if not response:
-                raise RequestError(400, f"{field}.responses[{index}]", "empty response")
         try:
             loaded = media_refs.load(images, video, settings.media_root, field, keep_frames)
         except media_refs.RefError as error:
@@ -159,21 +159,41 @@ def create_app(model, batcher: Batcher, settings: ServeSettings, metrics: Server
         return examples
 
     async def score_group(prompt, responses, images, video, field) -> np.ndarray:
-        examples = await asyncio.get_running_loop().run_in_executor(
-            prep_pool, prepare, prompt, responses, images, video, field)
-        parts = await asyncio.gather(*(asyncio.wrap_future(batcher.submit(e)) for e in examples))
-        scores_n = np.concatenate(parts).astype(np.float64)
-        if not np.isfinite(scores_n).all():
-            raise RequestError(500, field, f"{field}: the model gave a non-finite score {scores_n.tolist()}")
-        return scores_n
+        """Scores [N] of one group, its blank responses at the floor."""
+        answered_a = groups_lib.answered(responses)
+        scores_a = np.zeros(0)
+        if answered_a:
+            examples = await asyncio.get_running_loop().run_in_executor(
+                prep_pool, prepare, prompt, [responses[i] for i in answered_a], images, video, field)
+            parts = await asyncio.gather(*(asyncio.wrap_future(batcher.submit(e)) for e in examples))
+            scores_a = np.concatenate(parts).astype(np.float64)
+            if not np.isfinite(scores_a).all():
+                raise RequestError(500, field, f"{field}: the model gave a non-finite score {scores_a.tolist()}")
+        metrics.blank_responses.inc(len(responses) - len(answered_a))
+        return groups_lib.with_blank_floor(len(responses), answered_a, scores_a)
 
     buffer = _GroupBuffer(score_group, settings.group_size, settings.group_timeout_s)
 
-    async def with_timeout(work):
-        try:
-            return await asyncio.wait_for(work, settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise RequestError(504, None, f"not scored within {settings.request_timeout_s} s") from None
+    async def by_deadline(works: dict[str, Any]) -> list:
+        """The results of `works` (what each is, for errors -> awaitable), in order, within the request's
+        deadline. The first failure in request order is the answer; past the deadline a 504 names what
+        is unfinished (a 503 if the model thread has stopped)."""
+        tasks = {name: asyncio.ensure_future(work) for name, work in works.items()}
+        _, pending = await asyncio.wait(tasks.values(), timeout=settings.request_timeout_s,
+                                        return_when=asyncio.FIRST_EXCEPTION)
+        for task in pending:
+            task.cancel()  # a cancelled group is skipped by the model thread
+        for task in tasks.values():
+            if task not in pending and task.exception() is not None:
+                raise task.exception()
+        if pending:
+            if not batcher.alive():
+                raise ModelDown(f"the model thread is not running ({batcher.stopped_by})")
+            names = [name for name, task in tasks.items() if task in pending]
+            raise RequestError(504, names[0].split(" ")[0], f"{', '.join(names)}: not scored within "
+                               f"{settings.request_timeout_s} s (the model has been on its current batch for "
+                               f"{batcher.busy_s():.1f} s; {batcher.queue_depth()} examples queued)")
+        return [task.result() for task in tasks.values()]
 
     @app.middleware("http")
     async def count(request: Request, call_next):
@@ -191,6 +211,10 @@ def create_app(model, batcher: Batcher, settings: ServeSettings, metrics: Server
     async def request_error(request: Request, error: RequestError):
         return _error(error.status, str(error), error.field)
 
+    @app.exception_handler(ModelDown)
+    async def model_down(request: Request, error: ModelDown):
+        return _error(503, str(error))
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError):
         first = error.errors()[0] if error.errors() else {}
@@ -203,9 +227,17 @@ def create_app(model, batcher: Batcher, settings: ServeSettings, metrics: Server
 
     @app.get("/health")
     async def health():
+        """Answered on the event loop, never behind the model: 503 while warming up, once the model
+        thread has stopped, or while one batch has held it longer than a request may wait."""
         if not app.state.ready:
             return _error(503, "warming up")
-        return {"status": "ready", "compiled_programs": len(model.programs)}
+        if not batcher.alive():
+            return _error(503, f"the model thread is not running ({batcher.stopped_by})")
+        busy_s = batcher.busy_s()
+        if busy_s > settings.request_timeout_s:
+            return _error(503, f"stalled: the model has been on one batch for {busy_s:.0f} s")
+        return {"status": "ready", "busy_s": round(busy_s, 3), "queue_depth": batcher.queue_depth(),
+                "compiled_programs": len(model.programs)}
 
     @app.get("/metrics", dependencies=[Depends(authorised)])
     async def prometheus():
@@ -216,9 +248,10 @@ def create_app(model, batcher: Batcher, settings: ServeSettings, metrics: Server
         def images(group: Group) -> list[str]:
             return [] if group.image is None else [group.image] if isinstance(group.image, str) else group.image
 
-        results = await with_timeout(asyncio.gather(*(
-            score_group(g.prompt, g.responses, images(g), g.video, f"groups[{i}]") for i, g in enumerate(body.groups))))
-        return {"groups": [{"scores": scores_n.tolist()} for scores_n in results]}
+        results = await by_deadline({f"groups[{i}]": score_group(g.prompt, g.responses, images(g), g.video,
+                                                                   f"groups[{i}]") for i, g in enumerate(body.groups)})
+        return {"groups": [{"scores": scores_n.tolist(), "blank": [j for j, r in enumerate(g.responses) if not r.strip()]}
+                           for g, scores_n in zip(body.groups, results)]}
 
     @app.post("/get_reward", response_model=RewardResponse, dependencies=[Depends(authorised), Depends(ready)])
     async def get_reward(body: RewardRequest):
@@ -227,7 +260,7 @@ def create_app(model, batcher: Batcher, settings: ServeSettings, metrics: Server
             value = getattr(body, name)
             if value is not None and len(value) != count:
                 raise RequestError(422, name, f"{name}: {len(value)} entries for {count} queries")
-        entries = []
+        entries, rules = [], []
         for i, query in enumerate(body.query):
             try:
                 label = groups_lib.parse_label(body.labels[i] if body.labels else None, f"labels[{i}]")
@@ -235,14 +268,19 @@ def create_app(model, batcher: Batcher, settings: ServeSettings, metrics: Server
                 raise RequestError(400, f"labels[{i}]", str(error)) from error
             raw_prompt = body.prompts[i] if body.prompts else None
             response = groups_lib.extract_response(query, raw_prompt, special)
-            if not response:
-                raise RequestError(400, f"query[{i}]", f"query[{i}]: no response after the prompt")
-            prompt = groups_lib.clean_prompt(raw_prompt or "", special)
+            prompt, rule = templates.question(raw_prompt or "", special)
             entries.append((groups_lib.group_key(prompt, label), prompt, response, label))
-        results = await with_timeout(buffer.score_entries(entries))
+            rules.append(rule)
+        futures = buffer.submit(entries)
+        results = await by_deadline({f"query[{i}] ({buffer.describe(entry[0])})": future
+                                     for i, (entry, future) in enumerate(zip(entries, futures))})
         rewards = [r[2] if settings.reward == "zscore" else r[0] for r in results]
+        # OpenRLHF logs the mean of each extra_logs list: one-hot rules read as the share of each rule.
         return {"rewards": rewards, "scores": [r[1] for r in results],
-                "extra_logs": {"raw_score": [r[0] for r in results], "group_size": [float(r[3]) for r in results]}}
+                "extra_logs": {"raw_score": [r[0] for r in results], "group_size": [float(r[3]) for r in results],
+                               "blank_response": [float(not e[2].strip()) for e in entries],
+                               **{f"prompt_rule/{name}": [float(rule == name) for rule in rules]
+                                  for name in templates.RULES}}}
 
     app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
     return app
@@ -259,7 +297,14 @@ class _GroupBuffer:
         self.waiting: dict[tuple, list[tuple[str, dict, str, asyncio.Future]]] = {}
         self.tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
 
-    async def score_entries(self, entries) -> list[tuple]:
+    def describe(self, key: tuple) -> str:
+        """A group key for an error, with how many of its entries have arrived while it waits."""
+        name = f"group {key[1]!r}" if key[0] == "group" else f"prompt {key[1][:60]!r}"
+        waiting = self.waiting.get(key)
+        return f"{name}, {len(waiting)} of {self.group_size} arrived" if waiting and self.group_size else name
+
+    def submit(self, entries) -> list[asyncio.Future]:
+        """One future per entry: (raw score, softmax, z-score, group size) once its group is scored."""
         loop = asyncio.get_running_loop()
         futures = []
         for key, prompt, response, label in entries:
@@ -274,7 +319,7 @@ class _GroupBuffer:
         if not self.group_size:
             for key in dict.fromkeys(e[0] for e in entries):
                 self._flush(key, self.waiting[key])
-        return list(await asyncio.gather(*futures))
+        return futures
 
     def _flush(self, key: tuple, group: list) -> None:
         if self.waiting.get(key) is not group:

@@ -37,16 +37,27 @@ class _Job:
     enqueued: float
 
 
+class ModelDown(RuntimeError):
+    """The model thread is not running (HTTP 503): it stopped, or died of an error it could not survive."""
+
+
 class Batcher:
+    """`deterministic`: every batch has the same shape and each group a row of its own at its start
+    (`BatchShapes`), so a group's scores are bit-identical whatever it is batched with."""
+
     def __init__(self, model, budget: packing.RowBudget, max_rows: int, max_wait_s: float, on_batch=None,
-                 length_buckets: int = 3):
+                 length_buckets: int = 3, deterministic: bool = False):
         self.model, self.budget, self.max_wait_s = model, budget, max_wait_s
-        self.shapes = BatchShapes(budget, backbones.media(model.config), max_rows, model.mesh.size, length_buckets)
+        self.shapes = BatchShapes(budget, backbones.media(model.config), max_rows, model.mesh.size, length_buckets,
+                                  deterministic)
         self.row_buckets = self.shapes.row_buckets
         self.on_batch = on_batch or (lambda groups, rows, fill, seconds: None)
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._carry: _Job | None = None
-        self._thread = threading.Thread(target=self._loop, name="model", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="model", daemon=True)
+        self._batch_started: float | None = None  # when the running batch began; None between batches
+        self._running: list[_Job] = []  # the running batch's jobs
+        self.stopped_by: str | None = None  # why the model thread ended, once it has
 
     def check(self, example: dict) -> None:
         """Raises `TooLarge` for a group no row can hold."""
@@ -57,12 +68,22 @@ class Batcher:
     def submit(self, example: dict) -> concurrent.futures.Future:
         """Scores [N] of one group, when its batch has run."""
         self.check(example)
+        if not self.alive():
+            raise ModelDown(f"the model thread is not running ({self.stopped_by or 'not started'})")
         job = _Job(example, concurrent.futures.Future(), time.monotonic())
         self._queue.put(job)
         return job.future
 
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def busy_s(self) -> float:
+        """How long the running batch has been on the model (0 between batches)."""
+        started = self._batch_started
+        return 0.0 if started is None else time.monotonic() - started
 
     def start(self) -> None:
         self._thread.start()
@@ -101,16 +122,33 @@ class Batcher:
             jobs.append(job)
             filling = grown
 
+    def _run(self) -> None:
+        try:
+            self._loop()
+            self.stopped_by = "stopped"
+        except BaseException as error:  # recorded for /health and every later request
+            self.stopped_by = f"died: {type(error).__name__}: {error}"
+            log.exception("the model thread died")
+            waiting = self._running + ([self._carry] if self._carry else [])
+            while not self._queue.empty():
+                waiting.append(self._queue.get_nowait())
+            down = ModelDown(f"the model thread is not running ({self.stopped_by})")
+            for job in filter(None, waiting):  # answered now, not at their deadline
+                if job.future.running() or job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(down)
+        finally:
+            self._batch_started = None
+
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
             jobs, layout = batch
-            running = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+            running = self._running = [job for job in jobs if job.future.set_running_or_notify_cancel()]
             if not running:
                 continue
             examples = [job.example for job in running]
             if len(running) < len(jobs):  # cancelled requests: lay out the rest again (rare)
                 layout = self.shapes.layout(examples)
-            start = time.monotonic()
+            start = self._batch_started = time.monotonic()
             try:
                 scores_ben = self.model.score_batch(self.shapes.pack(examples, layout))
                 for job, scores_n in zip(running, self.shapes.unpack(examples, layout, scores_ben)):
@@ -122,3 +160,5 @@ class Batcher:
                 for job in running:
                     if not job.future.done():
                         job.future.set_exception(error)
+            finally:
+                self._batch_started = None

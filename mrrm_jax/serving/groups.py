@@ -57,7 +57,7 @@ def _strip_template(text: str, special: re.Pattern, leading: bool) -> str:
 
 def extract_response(query: str, prompt: str | None, special: re.Pattern) -> str:
     """The response in `query`: what follows the prompt (or, without one in it, the last assistant turn),
-    chat-template tokens stripped from both ends."""
+    chat-template tokens stripped from both ends ("" when there is none: a blank response)."""
     if prompt and query.startswith(prompt):
         rest = query[len(prompt):]
     elif prompt and prompt in query:
@@ -68,9 +68,24 @@ def extract_response(query: str, prompt: str | None, special: re.Pattern) -> str
     return _strip_template(_strip_template(rest, special, leading=True), special, leading=False).strip()
 
 
-def clean_prompt(prompt: str, special: re.Pattern) -> str:
-    """The raw prompt without image placeholders or template tokens (the media come from the label)."""
-    return re.sub(r"[ \t]{2,}", " ", special.sub("", prompt)).strip()
+# A blank response (empty or whitespace only: EOS sampled first, common early in RL) has no tokens for the
+# model to read, and a score the model gave its template alone could exceed real answers (a reward a
+# policy could hack by stopping at once). It gets the group's lowest score minus this margin instead;
+# a group of blanks only gets 0 each (no preference, a zero advantage).
+BLANK_MARGIN = 1.0
+
+
+def answered(responses: list[str]) -> list[int]:
+    """Indices of the responses that are not blank, the ones the model scores."""
+    return [i for i, response in enumerate(responses) if response.strip()]
+
+
+def with_blank_floor(num_responses: int, answered_a: list[int], scores_a: np.ndarray) -> np.ndarray:
+    """Scores [N] of a group from the scores of its answered responses: blanks at the floor."""
+    floor = scores_a.min() - BLANK_MARGIN if len(scores_a) else 0.0
+    scores_n = np.full(num_responses, floor, np.float64)
+    scores_n[answered_a] = scores_a
+    return scores_n
 
 
 def group_key(prompt: str, label: dict) -> tuple:

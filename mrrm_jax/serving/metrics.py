@@ -25,6 +25,8 @@ class ServerMetrics:
         self.batch_seconds = prom.Histogram("mrrm_batch_seconds", "Model time per batch",
                                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
                                             registry=self.registry)
+        self.blank_responses = prom.Counter("mrrm_blank_responses", "Blank (empty, whitespace) responses, scored "
+                                            "at their group's floor", registry=self.registry)
         self.queue_depth = prom.Gauge("mrrm_queue_depth", "Groups waiting for the model", registry=self.registry)
         self.programs = prom.Gauge("mrrm_compiled_programs", "Compiled model programs (batch shapes)",
                                    registry=self.registry)
