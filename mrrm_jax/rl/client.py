@@ -6,6 +6,9 @@ Both take groups `{"prompt": str, "responses": [str], "image": ref | [refs] (opt
 
 from __future__ import annotations
 
+import base64
+import io
+
 import httpx
 import numpy as np
 
@@ -20,6 +23,15 @@ class RewardClient:
 
     def score(self, groups: list[dict]) -> list[list[float]]:
         reply = httpx.post(f"{self.url}/score", json={"groups": groups}, headers=self.headers, timeout=self.timeout_s)
+        return self._scores(reply)
+
+    async def score_async(self, groups: list[dict]) -> list[list[float]]:
+        """`score` without blocking an event loop (verl's reward workers, TRL's async rollouts)."""
+        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+            reply = await client.post(f"{self.url}/score", json={"groups": groups}, headers=self.headers)
+        return self._scores(reply)
+
+    def _scores(self, reply: httpx.Response) -> list[list[float]]:
         if reply.status_code != 200:
             raise RuntimeError(f"reward server {self.url}: HTTP {reply.status_code}: {reply.text[:500]}")
         return [group["scores"] for group in reply.json()["groups"]]
@@ -59,6 +71,29 @@ class LocalScorer:
 def column_at(column, index: int):
     """Row `index` of a framework's per-row column, None when the column is absent."""
     return None if column is None else column[index]
+
+
+def media_ref(value):
+    """A media value as the server takes it: a ref string as is (a path under its media root, a data:
+    URI, base64); a decoded image (PIL, as TRL and verl hand them over) as a PNG data URI; raw bytes or
+    a datasets `{"bytes", "path"}` cell as base64 (or its path); a list of them as a list. None, and ''
+    (a numpy string column's missing value, as tunix passes it), mean no media."""
+    if value is None or (isinstance(value, str) and not value):
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) or (hasattr(value, "tolist") and getattr(value, "ndim", 0) == 1):
+        refs = [ref for ref in map(media_ref, list(value)) if ref is not None]
+        return refs or None
+    if isinstance(value, dict):
+        return media_ref(value.get("bytes") or value.get("path"))
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode()
+    if hasattr(value, "save"):  # a PIL image
+        png = io.BytesIO()
+        value.save(png, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    raise TypeError(f"a media value must be a ref string, an image, bytes or a list of them; got {type(value).__name__}")
 
 
 def runs(keys: list) -> list[list[int]]:

@@ -1,23 +1,28 @@
-"""TRL: a reward function for `GRPOTrainer(reward_funcs=[...])`.
+"""TRL: one reward function for `GRPOTrainer` and for `AsyncGRPOTrainer` (trl.experimental.async_grpo).
 
-    trainer = GRPOTrainer(..., reward_funcs=[make_reward_func("http://127.0.0.1:8000")])
+    reward = make_reward_func("http://127.0.0.1:8000")
+    trainer = GRPOTrainer(..., reward_funcs=[reward])         # or AsyncGRPOTrainer(..., reward_funcs=[reward])
 
-TRL calls `reward_func(prompts=, completions=, completion_ids=, **columns)` on the local process's
-slice; the G generations of a prompt are adjacent but a group can be split across processes, so entries
-are grouped by prompt (and image) within the slice: a partial group is scored as a smaller group.
-Conversational prompts and completions (lists of messages) are reduced to their text. The image comes
-from the `image` or `images` column (a ref, or a list of refs).
+`GRPOTrainer` (TRL 1.16) calls `reward_func(prompts=, completions=, completion_ids=, **columns,
+trainer_state=, log_extra=, log_metric=)` on the local process's slice: the G completions of a prompt are
+adjacent, but a group can be split across processes, so entries are grouped by question and image
+within the slice (a partial group is scored as a smaller group). With an `image` column (one image
+per row) or `images` (a list per row) TRL hands over the decoded PIL images, also placed inside the
+conversational prompt's content parts; they are sent to the server as PNG data URIs. A column of ref
+strings (paths under the server's media root) works as well.
+
+`AsyncGRPOTrainer` calls it once per `RolloutGroup` (one prompt's G completions: one `/score` group),
+from a spawned rollout process, so the function is a picklable object, not a closure.
 """
 
 from __future__ import annotations
 
-import json
-
-from mrrm_jax.rl.client import RewardClient, column_at, score_entries
+from mrrm_jax.rl.client import RewardClient, column_at, media_ref, score_entries
+from mrrm_jax.serving import templates
 
 
 def _text(value) -> str:
-    """A string, or the text of a conversation: the last message's text parts."""
+    """A string, or the text of a conversation: the last message's text parts (image parts skipped)."""
     if isinstance(value, str):
         return value
     content = value[-1]["content"]
@@ -26,16 +31,32 @@ def _text(value) -> str:
     return "".join(part.get("text", "") for part in content if part.get("type") == "text")
 
 
-def make_reward_func(url: str, api_key: str | None = None):
-    client = RewardClient(url, api_key)
+def _question(prompt) -> str:
+    """The question of a prompt: a conversation's last user turn, or a string rendered by a template."""
+    if not isinstance(prompt, str):
+        prompt = _text([message for message in prompt if message["role"] == "user"] or prompt)
+    return templates.question(prompt)[0]
 
-    def mrrm_reward(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
+
+class RewardFunc:
+    """The reward function object (`make_reward_func`); `__name__` is the name TRL logs it under."""
+
+    def __init__(self, url: str, api_key: str | None = None, name: str = "mrrm_reward"):
+        self.url, self.api_key, self.__name__ = url, api_key, name
+
+    def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float]:
         images = kwargs.get("image", kwargs.get("images"))
+        refs: dict[int, object] = {}  # one encoding per image object: TRL repeats a row's images G times
         entries, keys = [], []
         for index, (prompt, completion) in enumerate(zip(prompts, completions)):
             image = column_at(images, index)
-            entries.append((_text(prompt), _text(completion), {"image": image, "video": column_at(kwargs.get("video"), index)}))
-            keys.append((json.dumps(prompt, sort_keys=True, default=str), json.dumps(image, default=str)))
-        return score_entries(client, entries, keys)
+            if image is not None and not isinstance(image, str):
+                image = refs.setdefault(id(image), media_ref(image))
+            question = _question(prompt)
+            entries.append((question, _text(completion), {"image": image, "video": column_at(kwargs.get("video"), index)}))
+            keys.append((question, str(image)))
+        return score_entries(RewardClient(self.url, self.api_key), entries, keys)
 
-    return mrrm_reward
+
+def make_reward_func(url: str, api_key: str | None = None) -> RewardFunc:
+    return RewardFunc(url, api_key)

@@ -72,7 +72,7 @@ class ScoreResponse(BaseModel):
 
 
 class RewardRequest(BaseModel):
-    query: list[str] = Field(min_length=1)
+    query: list[str]  # [] is answered with empty lists (OpenRLHF < 0.11.2 sends it to all but the first server)
     prompts: list[str] | None = None
     labels: list[Any] | None = None
 
@@ -179,6 +179,8 @@ def create_app(model, batcher: Batcher, settings: ServeSettings, metrics: Server
         deadline. The first failure in request order is the answer; past the deadline a 504 names what
         is unfinished (a 503 if the model thread has stopped)."""
         tasks = {name: asyncio.ensure_future(work) for name, work in works.items()}
+        if not tasks:
+            return []
         _, pending = await asyncio.wait(tasks.values(), timeout=settings.request_timeout_s,
                                         return_when=asyncio.FIRST_EXCEPTION)
         for task in pending:
