@@ -6,6 +6,7 @@ rewards each framework used are checked against the reward model scoring the sam
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import pickle
 
 import numpy as np
@@ -148,3 +149,71 @@ def test_openrlhf_remote_reward_client_one_rollout_per_call(model, media_root):
     np.testing.assert_allclose(rewards[:3], model.score("Describe the picture.", ANSWERS[:3], images=image), atol=1e-5)
     np.testing.assert_allclose(rewards[3:], model.score("Which answer fits?", ANSWERS[:3]), atol=1e-5)
     assert all(reply["extra_logs"]["prompt_rule/chatml"] == [1.0] for reply in replies)
+
+
+def _verl_rollout(tok, uid, messages, response, multi_modal_data=None):
+    """One rollout as verl's agent loop hands it to the reward loop: unpadded prompt and response ids, the
+    gen batch's row fields (uid, raw_prompt, ...)."""
+    import torch
+    from tensordict import TensorDict
+    from verl import DataProto
+
+    prompt_ids = torch.tensor(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True)["input_ids"])
+    response_ids = torch.tensor(tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+    input_ids = torch.cat([prompt_ids, response_ids])
+    batch = TensorDict({"prompts": prompt_ids[None], "responses": response_ids[None],
+                        "attention_mask": torch.ones_like(input_ids)[None], "input_ids": input_ids[None],
+                        "position_ids": torch.arange(len(input_ids))[None]}, batch_size=1)
+    row = {"uid": uid, "data_source": "mm", "raw_prompt": messages, "reward_model": {"ground_truth": ""},
+           "extra_info": {"index": 0}, "multi_modal_data": multi_modal_data or {}}
+    return DataProto(batch=batch, non_tensor_batch={k: np.array([v], dtype=object) for k, v in row.items()})
+
+
+def test_verl_reward_loop_groups_rollouts_by_uid_across_workers(model, media_root, tmp_path):
+    import random
+
+    import verl
+    from omegaconf import OmegaConf, open_dict
+    from PIL import Image
+    from verl.experimental.reward_loop import RewardLoopWorker
+
+    tok = rl_policies.tokenizer()
+    tok.save_pretrained(tmp_path / "policy")
+    picture = Image.open(media_root / "a.png").convert("RGB")
+    seeing = [{"role": "system", "content": "be brief ."},
+              {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the picture ."}]}]
+    asking = [{"role": "user", "content": "which answer fits ?"}]
+    answers = ["the sky is blue .", "a cat on a mat .", "it is red .", "no ."]
+    rollouts = [_verl_rollout(tok, "u-see", seeing, a, {"image": [picture]}) for a in answers[:3]]
+    rollouts += [_verl_rollout(tok, "u-ask", asking, a) for a in answers[1:]]
+    random.Random(0).shuffle(rollouts)  # out of order, interleaved
+
+    config = OmegaConf.load(pathlib.Path(verl.__file__).parent / "trainer/config/_generated_ppo_trainer.yaml")
+    with serve(model, max_rows=2, group_size=3, group_timeout_s=60) as base:
+        with open_dict(config):  # what the README's command-line keys set
+            config.actor_rollout_ref.model.path = str(tmp_path / "policy")
+            config.actor_rollout_ref.rollout.n = 3
+            config.reward.reward_manager.source = "importlib"
+            config.reward.reward_manager.name = "MrrmRewardManager"
+            config.reward.reward_manager.module.path = "pkg://mrrm_jax.rl.verl"
+            config.reward.mrrm = {"url": base}
+        workers = [RewardLoopWorker(config, reward_router_address=None) for _ in range(2)]
+        assert type(workers[0].reward_manager).__name__ == "MrrmRewardManager"
+
+        async def one(index, rollout):
+            await asyncio.sleep(0.2 * index)  # one at a time, each to a random worker, as verl's agent loop does
+            return await random.Random(index).choice(workers).compute_score(rollout)
+
+        async def run_all():
+            return await asyncio.gather(*(one(i, r) for i, r in enumerate(rollouts)))
+
+        outputs = asyncio.run(run_all())
+    by_uid: dict[str, list] = {}
+    for rollout, output in zip(rollouts, outputs):
+        by_uid.setdefault(rollout.non_tensor_batch["uid"][0], []).append((rollout, output["reward_score"]))
+    for uid, question, image in [("u-see", "describe the picture .", [picture]), ("u-ask", "which answer fits ?", None)]:
+        texts = [tok.decode(r.batch["responses"][0], skip_special_tokens=True) for r, _ in by_uid[uid]]
+        np.testing.assert_allclose([score for _, score in by_uid[uid]], model.score(question, texts, images=image),
+                                   atol=1e-5)
+    assert {o["reward_extra_info"]["mrrm_group_size"] for o in outputs} == {3.0}

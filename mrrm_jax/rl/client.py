@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 
 from mrrm_jax.serving import groups as groups_lib
+from mrrm_jax.serving import templates
 
 
 class RewardClient:
@@ -71,6 +72,24 @@ class LocalScorer:
 def column_at(column, index: int):
     """Row `index` of a framework's per-row column, None when the column is absent."""
     return None if column is None else column[index]
+
+
+def message_text(value) -> str:
+    """A string, or the text of a conversation: the last message's text parts (media parts skipped)."""
+    if isinstance(value, str):
+        return value
+    content = value[-1]["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+
+
+def question_of(prompt) -> str:
+    """The question of a prompt: a conversation's last user turn, or a string rendered by a chat template
+    (`serving.templates`)."""
+    if not isinstance(prompt, str):
+        prompt = message_text([message for message in prompt if message["role"] == "user"] or prompt)
+    return templates.question(prompt)[0]
 
 
 def media_ref(value):

@@ -17,25 +17,7 @@ from a spawned rollout process, so the function is a picklable object, not a clo
 
 from __future__ import annotations
 
-from mrrm_jax.rl.client import RewardClient, column_at, media_ref, score_entries
-from mrrm_jax.serving import templates
-
-
-def _text(value) -> str:
-    """A string, or the text of a conversation: the last message's text parts (image parts skipped)."""
-    if isinstance(value, str):
-        return value
-    content = value[-1]["content"]
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
-
-
-def _question(prompt) -> str:
-    """The question of a prompt: a conversation's last user turn, or a string rendered by a template."""
-    if not isinstance(prompt, str):
-        prompt = _text([message for message in prompt if message["role"] == "user"] or prompt)
-    return templates.question(prompt)[0]
+from mrrm_jax.rl.client import RewardClient, column_at, media_ref, message_text, question_of, score_entries
 
 
 class RewardFunc:
@@ -52,8 +34,8 @@ class RewardFunc:
             image = column_at(images, index)
             if image is not None and not isinstance(image, str):
                 image = refs.setdefault(id(image), media_ref(image))
-            question = _question(prompt)
-            entries.append((question, _text(completion), {"image": image, "video": column_at(kwargs.get("video"), index)}))
+            question = question_of(prompt)
+            entries.append((question, message_text(completion), {"image": image, "video": column_at(kwargs.get("video"), index)}))
             keys.append((question, str(image)))
         return score_entries(RewardClient(self.url, self.api_key), entries, keys)
 
