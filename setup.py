@@ -47,5 +47,11 @@ setup(
         "tpu": ["jax[tpu]==0.10.2"],
         # `prepare --runner=direct|dataflow|...`: the conversion as a Beam pipeline (brings protobuf 6)
         "beam": ["apache-beam==2.78.0"],
+        # The RL frameworks the slow tests run (tests/test_rl_frameworks.py): TRL with its datasets, and
+        # the dependencies of verl's reward loop, OpenRLHF's client and tunix's GRPO. verl, OpenRLHF and
+        # tunix themselves pin older transformers/tensordict/safetensors than ours while their reward paths
+        # run with ours: they come from tests/rl_frameworks.txt, installed with --no-deps.
+        "rl": ["trl==1.16.0", "datasets==5.2.0", "aiohttp==3.14.5", "pylatexenc==2.11", "tensordict==0.15.3",
+               "codetiming==1.4.0", "omegaconf==2.3.1", "hydra-core==1.3.8", "ray==2.60.0"],
     },
 )

@@ -3,6 +3,7 @@ in process): each prompt's rollouts scored as one group, equal to scoring that g
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from mrrm_jax.data import media
-from mrrm_jax.rl import trl, tunix, verl
+from mrrm_jax.rl import trl, tunix
 from mrrm_jax.rl.client import LocalScorer
 from tests.benchmark_files import ANSWERS
 from tests.test_serve import media_root, serve  # noqa: F401  (media_root is a fixture)
@@ -30,28 +31,21 @@ def _direct(model, media_root):
                            model.score(PROMPTS[1], ANSWERS[:2])])
 
 
-def test_verl_batch_reward_function(model, url, media_root):
-    infos = [{"prompt": PROMPTS[0], "image": "a.png", "uid": "u0"}] * 3 + [{"prompt": PROMPTS[1], "uid": "u1"}] * 2
-    rewards = verl.compute_score(data_sources=["mm"] * 5, solution_strs=ANSWERS[:3] + ANSWERS[:2],
-                                 ground_truths=[""] * 5, extra_infos=infos, url=url)
-    np.testing.assert_allclose(rewards, _direct(model, media_root), atol=1e-5)
-    with pytest.raises(ValueError, match="extra_info needs the question"):
-        verl.compute_score(["mm"], ["a"], [""], [{}], url=url)
-
-
 def test_tunix_reward_fn_over_http_and_in_process(model, url, media_root):
     prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
     completions = ANSWERS[:3] + ANSWERS[:3]
-    images = ["a.png"] * 3 + [None] * 3
+    images = np.array(["a.png"] * 3 + [""] * 3)  # a numpy string column: '' for none
     expected = np.concatenate([model.score(PROMPTS[0], ANSWERS[:3], images=[media.load_image(media_root / "a.png")]),
                                model.score(PROMPTS[1], ANSWERS[:3])])
-    over_http = tunix.make_reward_fn(url=url, num_generations=3)
-    np.testing.assert_allclose(over_http(prompts=prompts, completions=completions, image=images, mode="train"),
-                               expected, atol=1e-5)
-    in_process = tunix.make_reward_fn(model=model, num_generations=3, media_root=media_root)
-    np.testing.assert_allclose(in_process(prompts=prompts, completions=completions, image=images), expected, atol=1e-5)
+    over_http = tunix.make_reward_fn(url=url)
+    np.testing.assert_allclose(over_http(prompts=prompts, completions=completions, num_generations=3, image=images,
+                                         mode="train"), expected, atol=1e-5)
+    in_process = tunix.make_reward_fn(model=model, media_root=media_root)
+    trajectories = [f"{row}_{g}" for row in range(2) for g in range(3)]
+    np.testing.assert_allclose(in_process(prompts=prompts, completions=completions, num_generations=3, image=images,
+                                          trajectory_ids=trajectories), expected, atol=1e-5)
     with pytest.raises(ValueError, match="blocks of num_generations"):
-        over_http(prompts=prompts[:4], completions=completions[:4])
+        over_http(prompts=prompts[:4], completions=completions[:4], num_generations=3)
 
 
 def test_in_process_scorer_in_both_modes(model, media_root):
@@ -76,7 +70,7 @@ def test_trl_reward_func_groups_by_prompt_within_the_slice(model, url, media_roo
     completions = [[{"role": "assistant", "content": text}] for text in
                    [ANSWERS[0], ANSWERS[0], ANSWERS[1], ANSWERS[1], ANSWERS[2]]]
     image = ["a.png", None, "a.png", None, "a.png"]
-    rewards = trl.make_reward_func(url)(prompts=prompts, completions=completions, completion_ids=None, image=image,
+    rewards = pickle.loads(pickle.dumps(trl.make_reward_func(url)))(prompts=prompts, completions=completions, completion_ids=None, image=image,
                                         trainer_state=None)
     expected = _direct(model, media_root)
     np.testing.assert_allclose(np.asarray(rewards)[[0, 2, 4, 1, 3]], expected, atol=1e-5)
@@ -86,3 +80,56 @@ def test_server_command_line_refuses_bad_flags_in_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "mrrm_jax.serve", f"--checkpoint={tmp_path / 'none'}"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.strip().startswith("error: ") and "Traceback" not in done.stderr
+
+
+# Chat templates as their models' tokenizer configs ship them (Meta-Llama-3-8B-Instruct, gemma-2 and
+# gemma-3 instruction-tuned), the test data for recovering the question.
+LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' "
+          "+ message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+          "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+GEMMA2 = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+          "{% endif %}{% for message in messages %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+          "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + "
+          "message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}"
+          "{{'<start_of_turn>model\n'}}{% endif %}")
+GEMMA3 = ("{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = "
+          "messages[0]['content'][0]['text'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}{%- else -%}"
+          "{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+          "{%- for message in loop_messages -%}{%- if (message['role'] == 'assistant') -%}{%- set role = 'model' -%}"
+          "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+          "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+          "{%- if message['content'] is string -%}{{ message['content'] | trim }}{%- else -%}"
+          "{%- for item in message['content'] -%}{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+          "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}{%- endif -%}"
+          "{{ '<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}")
+
+
+def test_the_question_is_recovered_from_each_template_family():
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from mrrm_jax.backbones.molmo2.processor_files import CHAT_TEMPLATE as MOLMO2
+    from mrrm_jax.backbones.qwen3_vl.processor_files import QWEN3_VL_CHAT_TEMPLATE
+    from mrrm_jax.serving import templates
+
+    question = "What is in the picture, and why?"
+    turns = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"}]
+    with_image = [{"type": "image"}, {"type": "text", "text": question}]
+    cases = [  # template, messages, rule
+        (QWEN3_VL_CHAT_TEMPLATE, [{"role": "system", "content": "You are a helpful assistant."}, *turns,
+                                  {"role": "user", "content": with_image}], "chatml"),
+        (MOLMO2, [*turns, {"role": "user", "content": with_image}], "molmo2"),
+        (MOLMO2, [{"role": "user", "content": question}], "chatml"),  # no media head: plain ChatML
+        (LLAMA3, [{"role": "system", "content": "Be brief."}, *turns, {"role": "user", "content": question}], "llama3"),
+        (GEMMA2, [*turns, {"role": "user", "content": question}], "gemma"),
+        (GEMMA3, [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                  {"role": "user", "content": with_image}], "gemma"),
+    ]
+    for template, messages, rule in cases:
+        [text], _ = render_jinja_template([messages], chat_template=template, add_generation_prompt=True,
+                                          bos_token="<bos>")
+        got = templates.question(text)
+        # Gemma 3 puts the system prompt into the first user turn: it stays part of that turn's text.
+        want = "Be brief.\n\n" + question if template is GEMMA3 else question
+        assert got == (want, rule), (rule, text, got)
+    assert templates.question("  What is it?  ") == ("What is it?", "raw")

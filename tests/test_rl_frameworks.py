@@ -217,3 +217,53 @@ def test_verl_reward_loop_groups_rollouts_by_uid_across_workers(model, media_roo
         np.testing.assert_allclose([score for _, score in by_uid[uid]], model.score(question, texts, images=image),
                                    atol=1e-5)
     assert {o["reward_extra_info"]["mrrm_group_size"] for o in outputs} == {3.0}
+
+
+def test_tunix_grpo_learner_step_with_our_reward_fn(model, media_root):
+    """One `GRPOLearner` step on tunix's own toy policy; prompts templated by tunix's tokenizer adapter, an
+    image column with '' for the row without one. The rewards tunix used (its metrics buffer) equal the
+    model on each prompt's generations."""
+    import grain
+    import jax
+    import optax
+    from flax import nnx
+    from jax.sharding import Mesh
+    from tunix.generate import tokenizer_adapter
+    from tunix.rl import rl_cluster as rl_cluster_lib
+    from tunix.rl.grpo import grpo_learner
+    from tunix.rl.rollout import base_rollout
+    from tunix.tests import test_common
+
+    from mrrm_jax.rl import tunix as tunix_adapter
+
+    vocab = test_common.MockVocab()
+    template = tokenizer_adapter.TokenizerAdapter(vocab)
+    questions = ["hello world", "My name"]
+    rows = [{"prompts": template.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True),
+             "image": image} for q, image in zip(questions, ["a.png", ""])]
+    assert rows[0]["prompts"].startswith("<start_of_turn>user\nhello world")
+    config = test_common.ModelConfig(vocab_size=vocab.GetPieceSize())
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tp"))
+    cluster = rl_cluster_lib.RLCluster(
+        actor=test_common.ToyTransformer(config=config, rngs=nnx.Rngs(0)),
+        reference=test_common.ToyTransformer(config=config, rngs=nnx.Rngs(0)), tokenizer=vocab,
+        cluster_config=rl_cluster_lib.ClusterConfig(
+            role_to_mesh={role: mesh for role in rl_cluster_lib.Role}, rollout_engine="vanilla", offload_to_cpu=False,
+            training_config=rl_cluster_lib.RLTrainingConfig(actor_optimizer=optax.sgd(1e-3), eval_every_n_steps=10,
+                                                            max_steps=1),
+            rollout_config=base_rollout.RolloutConfig(max_tokens_to_generate=6, max_prompt_length=16,
+                                                      kv_cache_size=64, temperature=0.9)))
+    used = []
+    cluster.with_external_metrics_logger(used.append)
+    with serve(model, max_rows=2, media_root=str(media_root)) as base:
+        reward_fn = tunix_adapter.make_reward_fn(url=base)
+        learner = grpo_learner.GRPOLearner(rl_cluster=cluster, algo_config=grpo_learner.GRPOConfig(num_generations=3),
+                                           reward_fns=[reward_fn])
+        learner.train(grain.MapDataset.source(rows).batch(2))
+    metrics = {name: values for buffer in used for name, (values, _) in buffer.metrics.items()}
+    rewards = np.concatenate(metrics[f"rewards/{reward_fn.__name__}"])
+    completions = [str(c) for c in np.concatenate(metrics["completions"])]
+    assert len(rewards) == 6
+    image = [media.load_image(media_root / "a.png")]
+    np.testing.assert_allclose(rewards[:3], _expected(model, "hello world", completions[:3], image), atol=1e-5)
+    np.testing.assert_allclose(rewards[3:], _expected(model, "My name", completions[3:]), atol=1e-5)
