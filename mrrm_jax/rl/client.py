@@ -24,15 +24,6 @@ class RewardClient:
 
     def score(self, groups: list[dict]) -> list[list[float]]:
         reply = httpx.post(f"{self.url}/score", json={"groups": groups}, headers=self.headers, timeout=self.timeout_s)
-        return self._scores(reply)
-
-    async def score_async(self, groups: list[dict]) -> list[list[float]]:
-        """`score` without blocking an event loop (verl's reward workers, TRL's async rollouts)."""
-        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
-            reply = await client.post(f"{self.url}/score", json={"groups": groups}, headers=self.headers)
-        return self._scores(reply)
-
-    def _scores(self, reply: httpx.Response) -> list[list[float]]:
         if reply.status_code != 200:
             raise RuntimeError(f"reward server {self.url}: HTTP {reply.status_code}: {reply.text[:500]}")
         return [group["scores"] for group in reply.json()["groups"]]

@@ -14,8 +14,7 @@ the server's media root, a data: URI or base64); a numpy string column has no No
 
 from __future__ import annotations
 
-from mrrm_jax.rl.client import LocalScorer, RewardClient, column_at, media_ref, score_entries
-from mrrm_jax.serving import templates
+from mrrm_jax.rl.client import LocalScorer, RewardClient, column_at, media_ref, question_of, score_entries
 
 
 def make_reward_fn(url: str | None = None, model=None, image_key: str = "image", video_key: str = "video",
@@ -31,7 +30,7 @@ def make_reward_fn(url: str | None = None, model=None, image_key: str = "image",
             raise ValueError(f"{len(prompts)} completions are not blocks of num_generations={num_generations}")
         else:
             keys = [i // num_generations for i in range(len(prompts))]
-        entries = [(templates.question(str(prompt))[0], str(completion),
+        entries = [(question_of(str(prompt)), str(completion),
                     {"image": media_ref(column_at(kwargs.get(image_key), i)),
                      "video": media_ref(column_at(kwargs.get(video_key), i))})
                    for i, (prompt, completion) in enumerate(zip(prompts, completions))]

@@ -252,7 +252,7 @@ def create_app(model, batcher: Batcher, settings: ServeSettings, metrics: Server
 
         results = await by_deadline({f"groups[{i}]": score_group(g.prompt, g.responses, images(g), g.video,
                                                                    f"groups[{i}]") for i, g in enumerate(body.groups)})
-        return {"groups": [{"scores": scores_n.tolist(), "blank": [j for j, r in enumerate(g.responses) if not r.strip()]}
+        return {"groups": [{"scores": scores_n.tolist(), "blank": [j for j, r in enumerate(g.responses) if groups_lib.blank(r)]}
                            for g, scores_n in zip(body.groups, results)]}
 
     @app.post("/get_reward", response_model=RewardResponse, dependencies=[Depends(authorised), Depends(ready)])
@@ -280,7 +280,7 @@ def create_app(model, batcher: Batcher, settings: ServeSettings, metrics: Server
         # OpenRLHF logs the mean of each extra_logs list: one-hot rules read as the share of each rule.
         return {"rewards": rewards, "scores": [r[1] for r in results],
                 "extra_logs": {"raw_score": [r[0] for r in results], "group_size": [float(r[3]) for r in results],
-                               "blank_response": [float(not e[2].strip()) for e in entries],
+                               "blank_response": [float(groups_lib.blank(e[2])) for e in entries],
                                **{f"prompt_rule/{name}": [float(rule == name) for rule in rules]
                                   for name in templates.RULES}}}
 

@@ -136,8 +136,6 @@ class Batcher:
             for job in filter(None, waiting):  # answered now, not at their deadline
                 if job.future.running() or job.future.set_running_or_notify_cancel():
                     job.future.set_exception(down)
-        finally:
-            self._batch_started = None
 
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:

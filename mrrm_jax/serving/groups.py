@@ -75,9 +75,13 @@ def extract_response(query: str, prompt: str | None, special: re.Pattern) -> str
 BLANK_MARGIN = 1.0
 
 
+def blank(response: str) -> bool:
+    return not response.strip()
+
+
 def answered(responses: list[str]) -> list[int]:
     """Indices of the responses that are not blank, the ones the model scores."""
-    return [i for i, response in enumerate(responses) if response.strip()]
+    return [i for i, response in enumerate(responses) if not blank(response)]
 
 
 def with_blank_floor(num_responses: int, answered_a: list[int], scores_a: np.ndarray) -> np.ndarray:
