@@ -186,8 +186,8 @@ def test_one_decoder_layer(tiny, mixed_example):
     inv_freq, scaling = rope.inverse_frequencies({"rope_theta": cfg.text.rope_theta}, cfg.text.head_dim, 0, False)
     our_cos, our_sin = rope.mrope_tables(positions, inv_freq, cfg.text.mrope_section, scaling, jnp.float32)
     ours, _ = DecoderLayer(cfg).apply({"params": _layer(params["language_model"]["layers"], 0)}, hidden,
-                                      (0, -1), our_cos[None], our_sin[None], np.ones((1, length), np.int32),
-                                      np.zeros((1, length), bool), None)
+                                      (0, -1, None), our_cos[None], our_sin[None], np.ones((1, length), np.int32),
+                                      np.zeros((1, length), bool), None, None)
     _close("decoder layer", ours, theirs)
 
 

@@ -63,8 +63,9 @@ class Molmo2(nn.Module):
                 batch, crops * patches, -1)
         return self.multi_modal_projector(features_bpd, pooling_bks)
 
-    def __call__(self, batch: dict, vision_features_bpd=None):
-        """Final-norm hidden states [B, T, D]. `vision_features_bpd`: see `image_tokens`."""
+    def __call__(self, batch: dict, vision_features_bpd=None, cache=None, cache_index_b=None):
+        """Final-norm hidden states [B, T, D]. `vision_features_bpd`: see `image_tokens`. With a KV cache
+        (generation): (hidden states, the cache updated), see models/decoder.py."""
         tokens_bt = batch["tokens"]
         embeds_btd = self.language_model.embed(tokens_bt)
         if batch.get("pooling") is not None:  # scoring's loop passes the features without the crops
@@ -75,10 +76,11 @@ class Molmo2(nn.Module):
             features_btd = jnp.take_along_axis(image_bkd, feature_index_bt[..., None], axis=1)
             embeds_btd = embeds_btd + jnp.where(is_patch_bt[..., None], features_btd, 0).astype(embeds_btd.dtype)
         is_vision_bt = jnp.isin(tokens_bt, jnp.asarray(self.config.vision_token_ids))
-        hidden_btd = self.language_model(embeds_btd, batch["positions"], batch["segment_ids"], is_vision_bt)
+        out = self.language_model(embeds_btd, batch["positions"], batch["segment_ids"], is_vision_bt, cache,
+                                  cache_index_b)
         if self.is_initializing() and self.config.with_lm_head:
-            self.logits(hidden_btd)  # creates the lm_head parameters
-        return hidden_btd
+            self.logits(out)  # creates the lm_head parameters
+        return out
 
     def logits(self, hidden_btd):
         """LM logits [B, T, vocab]; for parity tests and generation, never on the reward path."""

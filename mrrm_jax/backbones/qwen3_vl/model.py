@@ -54,8 +54,9 @@ class Qwen3VL(nn.Module):
         return self.visual(batch["patches"], batch["patch_segment_ids"], batch["patch_positions"],
                            batch["patch_grid"])
 
-    def __call__(self, batch: dict):
-        """Final-norm hidden states [B, T, D]."""
+    def __call__(self, batch: dict, cache=None, cache_index_b=None):
+        """Final-norm hidden states [B, T, D]. With a KV cache (generation): (hidden states, the cache
+        updated), see models/decoder.py."""
         tokens_bt = batch["tokens"]
         embeds_btd = self.language_model.embed(tokens_bt)
         deepstack_kbtd = None
@@ -68,10 +69,11 @@ class Qwen3VL(nn.Module):
             vision_b1 = is_vision_bt[..., None]
             embeds_btd = jnp.where(vision_b1, merged_bnd[rows_b1, index_bt].astype(embeds_btd.dtype), embeds_btd)
             deepstack_kbtd = jnp.where(vision_b1[None], deepstack_kbnd[:, rows_b1, index_bt], 0)
-        hidden_btd = self.language_model(embeds_btd, batch["positions"], batch["segment_ids"], deepstack_kbtd)
+        out = self.language_model(embeds_btd, batch["positions"], batch["segment_ids"], deepstack_kbtd, cache,
+                                  cache_index_b)
         if self.is_initializing() and self.config.with_lm_head:
-            self.logits(hidden_btd)  # creates the lm_head parameters
-        return hidden_btd
+            self.logits(out)  # creates the lm_head parameters
+        return out
 
     def logits(self, hidden_btd):
         """LM logits [B, T, vocab]: for parity tests and generation, never on the reward path. Tied to
