@@ -110,11 +110,8 @@ def format_example(processor, prompt, responses, images=None, video=None, video_
     if _render(processor, media_parts, prompt, joined_responses) != head + prompt + middle + joined_responses + tail:
         raise ValueError("the chat template changes the prompt or response text; cannot place the separators")
 
-    special_tokens = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
-    longest_first = sorted(special_tokens, key=len, reverse=True)
-    special_pattern = re.compile("(" + "|".join(re.escape(t) for t in longest_first) + ")")
-    head_matches = list(special_pattern.finditer(head))
-    processor_text_end = head_matches[-1].end() if head_matches else 0
+    special_pattern = _special_pattern(tokenizer)
+    processor_text_end = _media_head_end(head, special_pattern)
 
     cache = {} if media_cache is None else media_cache
     key = (head[:processor_text_end], tuple(sorted(media_options.items())))
@@ -162,6 +159,40 @@ def format_example(processor, prompt, responses, images=None, video=None, video_
     return FormattedExample(input_ids=input_ids_t.astype(np.int32), read_positions=read_positions_n,
                             response_starts=np.asarray(response_starts_n, np.int32),
                             num_responses=len(responses), processor_outputs=outputs)
+
+
+def format_prompt(processor, prompt, images=None, video=None, video_metadata=None, **media_options) -> dict:
+    """What `processor(...)` returns (batch of 1, numpy) for a generation prompt: the user turn as
+    `format_example` writes it, then the template's opening of the assistant turn
+    (`add_generation_prompt`), the prompt tokenized as plain text. A policy samples its response from here."""
+    _check_inputs(prompt, ["-"], images, video)
+    images, tokenizer = list(images or []), processor.tokenizer
+    media_parts = [{"type": "image"}] * len(images) + [{"type": "video"}] * (video is not None)
+    messages = [{"role": "user", "content": [*media_parts, {"type": "text", "text": _PROMPT_SLOT}]}]
+    head, tail = _split_once(processor.apply_chat_template(messages, add_generation_prompt=True), _PROMPT_SLOT)
+    special_pattern = _special_pattern(tokenizer)
+    processor_text_end = _media_head_end(head, special_pattern)
+    outputs = dict(processor.media_head(head[:processor_text_end], images, video, video_metadata, **media_options))
+    input_ids_t = list(outputs["input_ids"][0])
+    for piece in [head[processor_text_end:] + prompt, *_template_pieces(tail, special_pattern, tokenizer)]:
+        input_ids_t += _plain_ids(processor, piece)[0] if isinstance(piece, str) else [piece]
+    outputs["input_ids"] = np.asarray(input_ids_t, outputs["input_ids"].dtype)[None]
+    outputs["attention_mask"] = np.ones_like(outputs["input_ids"])
+    outputs["mm_token_type_ids"] = processor.create_mm_token_type_ids(outputs["input_ids"])
+    return outputs
+
+
+def _special_pattern(tokenizer) -> re.Pattern:
+    """A pattern capturing any special token's text, longest first."""
+    special_tokens = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    longest_first = sorted(special_tokens, key=len, reverse=True)
+    return re.compile("(" + "|".join(re.escape(t) for t in longest_first) + ")")
+
+
+def _media_head_end(head: str, special_pattern: re.Pattern) -> int:
+    """Where the media head ends: after the last special token before the prompt."""
+    head_matches = list(special_pattern.finditer(head))
+    return head_matches[-1].end() if head_matches else 0
 
 
 class _ResponseText(str):
