@@ -12,7 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "mrrm_jax"
 # Lower tiers first; a module may import its own package and any lower tier, never a higher one or a
 # sibling of its own tier. The command lines (top-level modules) may import anything.
 TIERS = [("core",), ("models",), ("data",), ("backbones",), ("scoring", "interop"),
-         ("training", "benchmarks", "serving"), ("rl", "sources")]
+         ("training", "benchmarks", "serving"), ("rl", "sources"), ("policy",)]
 TIER = {package: level for level, packages in enumerate(TIERS) for package in packages}
 
 
