@@ -35,6 +35,7 @@ def get_config():
                              r"language_model/norm/.*", r"lm_head/.*"))
     config.lora = dict(rank=16, alpha=32.0, targets=(r"language_model/layers/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel",
                                                       r"lm_head/kernel"))
+    config.mesh = dict(data=-1, fsdp=1, tensor=1)  # the policy's: base laid out as in training, rollouts over rows
     config.reward = dict(checkpoint="/tmp/mrrm_jax_run/reward_model", url="", api_key="", mode="multi",
                          row_tokens=1024)
     config.data = dict(train="synthetic", eval="synthetic", media_root="", blank_media=False,

@@ -17,8 +17,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from mrrm_jax.train import stop_on_sigterm
-from mrrm_jax.training.checkpoints import UnusableCheckpoints
+from mrrm_jax.training.checkpoints import UnusableCheckpoints, stop_on_sigterm
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a GRPO config file (configs/grpo_*.py)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/mrrm_jax_grpo", "run directory: checkpoints, metrics, demo data")

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
-import threading
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -27,17 +25,10 @@ from mrrm_jax import process_flags
 from mrrm_jax.training import spec as run_spec
 from mrrm_jax.training import trainer
 from mrrm_jax.data.pipeline import PipelineError
-from mrrm_jax.training.checkpoints import UnusableCheckpoints
+from mrrm_jax.training.checkpoints import UnusableCheckpoints, stop_on_sigterm
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file (configs/*.py)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/mrrm_jax_run", "run directory: checkpoints, metrics, demo data")
-
-
-def stop_on_sigterm() -> threading.Event:
-    """An event that SIGTERM (a preemption) sets: the trainer then saves a checkpoint and stops."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    return stop
 
 
 def main(argv) -> None:

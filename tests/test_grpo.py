@@ -131,6 +131,7 @@ def _config(tiny_models, processor_dir, tiny_reward_dir, corpus: pathlib.Path, s
                          prompt=dict(tokens=512, crops=10, pooled=400, pool_slots=9, patches=0))
     config.sft = dict(steps=0, rows=2, learning_rate=1e-3, train=())
     config.lora = dict(rank=4, alpha=8.0, targets=(r"language_model/layers/self_attn/[qv]_proj/kernel",))
+    config.mesh = dict(data=-1, fsdp=1, tensor=1)
     config.reward = dict(checkpoint=str(tiny_reward_dir), url="", api_key="", mode="multi", row_tokens=2048)
     config.data = dict(train=str(corpus), eval=str(corpus), media_root="", blank_media=False, synthetic={})
     config.grpo = dict(num_steps=steps, prompts_per_step=2, group_size=2, updates_per_batch=2, learning_rate=1e-3,
@@ -180,3 +181,21 @@ def test_loop_resumes_exactly(tiny_models, processor_dir, tiny_reward_dir, corpu
     assert [r["step"] for r in resumed] == [1, 2, 3]
     for a, b in zip(straight, resumed):
         assert a == b
+
+
+def test_cli_error_is_one_line(tmp_path):
+    """`python -m mrrm_jax.grpo` without a reward model: one `error:` line and no traceback, before the
+    policy's warm-up spends any time."""
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "mrrm_jax.grpo", "--config=configs/grpo_demo.py",
+         "--config.reward.checkpoint=/no/such/reward_model", f"--workdir={tmp_path}"],
+        cwd=repo, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines == ["error: reward.checkpoint='/no/such/reward_model' is not a reward-model directory"], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "policy_base").exists()

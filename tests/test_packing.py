@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -64,3 +66,32 @@ def test_fullness_is_the_fullest_budget():
     assert budget.fullness([text]) == 0.3  # tokens 0.3, one example of 4: 0.25
     assert budget.fullness([text, image]) == 0.75  # crops 3 of 4 bind before tokens (0.5)
     assert budget.fullness([]) == 0.0
+
+
+def test_single_response_example_scores_equal_each_response_alone(model):
+    """`training_example(separate=...)` (a single-response RM's group): each response in its own sequence,
+    packed after another example, scores as `score_single`, which runs every response as its own row."""
+    from mrrm_jax.data import examples as examples_lib
+
+    rng = np.random.RandomState(1)
+    image = Image.fromarray(rng.randint(0, 256, (120, 200, 3), dtype=np.uint8))
+    frames = rng.randint(0, 256, (4, 90, 120, 3), dtype=np.uint8)
+    video = {"video": frames, "video_metadata": {"fps": 2.0, "total_num_frames": 4, "duration": 2.0}}
+    media_layout = backbones.media(model.config)
+    record = {"prompt": "What is shown?", "responses": ["A red square.", "A blue circle, small.", "Nothing."],
+              "rankings": [2, 1, 3]}
+    for media in ({"images": [image]}, video):
+        group = examples_lib.training_example(record, media, model.processor, examples_lib.Budget(),
+                                              np.random.default_rng(0), collections.Counter(), "record",
+                                              separate=media_layout)
+        assert group["read_positions"].shape == (1, 3) and group["segment_ids"].max() == 3
+        tokens = group["tokens"][0]
+        shuffled = [model.processor.tokenizer.decode(tokens[s: r + 1]).strip()
+                    for s, r in zip(group["response_starts"][0], group["read_positions"][0])]
+        assert sorted(shuffled) == sorted(record["responses"])
+        first = model.example("Which answer is right?", ["Four.", "Five."])
+        budget = packing.RowBudget(row_tokens=1024, row_crops=32, row_pooled=1024, row_examples=2, max_responses=3)
+        row = packing.pack_row([first, group], budget, media_layout)
+        packed = np.asarray(model._scores(model.params, model.head_params, row))[0]
+        np.testing.assert_allclose(packed[1], model.score_single(record["prompt"], shuffled, **media), atol=1e-4)
+        np.testing.assert_allclose(packed[0, :2], model.score_examples([first])[0], atol=1e-4)

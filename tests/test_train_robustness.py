@@ -15,7 +15,7 @@ import pytest
 from mrrm_jax.training import checkpoints as run_checkpoints
 from mrrm_jax.training import trainer
 from mrrm_jax.data import pipeline, synthetic
-from mrrm_jax.train import stop_on_sigterm
+from mrrm_jax.training.checkpoints import stop_on_sigterm
 from tests.test_train import losses, small_config, train
 
 

@@ -109,7 +109,7 @@ def tree_shardings(tree, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(spec, tree)
 
 
-def _rows_split(mesh, *arrays) -> bool:
+def rows_split(mesh, *arrays) -> bool:
     """Whether a mesh is set and its batch axes divide every array's leading (row) axis."""
     if mesh.empty:
         return False
@@ -126,7 +126,7 @@ def constrain_rows(x: jax.Array) -> jax.Array:
     Molmo2-4B step needed 34 GiB per v4 core at fsdp 8 instead of a few).
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if not _rows_split(mesh, x):
+    if not rows_split(mesh, x):
         return x
     return jax.lax.with_sharding_constraint(x, P(LOGICAL_RULES["batch"]))
 
@@ -139,7 +139,7 @@ def map_rows(fn):
     """
     def on_rows(*args):
         mesh = jax.sharding.get_abstract_mesh()
-        if not _rows_split(mesh, *args):
+        if not rows_split(mesh, *args):
             return fn(*args)
         axes = LOGICAL_RULES["batch"]
         return jax.shard_map(fn, mesh=mesh, in_specs=P(axes), out_specs=P(axes), check_vma=False)(*args)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 
 from mrrm_jax.core import reward
-from mrrm_jax.data import formatting
+from mrrm_jax.data import formatting, packing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +50,15 @@ def frames_to_keep(budget: Budget, processor) -> Callable[[dict], np.ndarray]:
 
 
 def training_example(record: dict, media: dict, processor, budget: Budget,
-                     rng: np.random.Generator, counts: collections.Counter, record_id: str = "record") -> dict:
+                     rng: np.random.Generator, counts: collections.Counter, record_id: str = "record",
+                     separate=None) -> dict:
     """One-row model batch with `read_positions`, `response_starts` and `labels`; raises `Skip`.
 
     `media`: decoded media ({"images": [...]} and/or {"video": frames, "video_metadata": {...}}).
     `counts` receives one count per drop (e.g. "crops_reduced", "response_dropped").
+    `separate`: None, all responses in one sequence (the multi-response model); or the backbone's
+    media layout (`backbones.media`), each response in its own sequence with its own copy of the prompt
+    and media (a single-response model, `packing.joined`). The budget holds all of them together.
     """
     responses = record.get("responses")
     if not isinstance(responses, list) or not responses or not all(isinstance(r, str) and r for r in responses):
@@ -70,10 +74,14 @@ def training_example(record: dict, media: dict, processor, budget: Budget,
     responses, rankings = [responses[i] for i in order], rankings[order]
     attempts = processor.media_attempts(budget, media.get("images"), media.get("video"))
     media_cache = {}  # the media preprocessed once per attempt, reused while responses are dropped
+    def sequences(responses, options) -> list[formatting.FormattedExample]:
+        groups = [responses] if separate is None else [[response] for response in responses]
+        return [formatting.format_example(processor, record.get("prompt", ""), group, **media,
+                                          media_cache=media_cache, **options) for group in groups]
+
     for attempt, options in enumerate(attempts):
-        formatted = formatting.format_example(processor, record.get("prompt", ""), responses, **media,
-                                              media_cache=media_cache, **options)
-        vision_tokens = int((formatted.processor_outputs["mm_token_type_ids"] > 0).sum())
+        formatted = sequences(responses, options)
+        vision_tokens = sum(int((f.processor_outputs["mm_token_type_ids"] > 0).sum()) for f in formatted)
         if vision_tokens <= budget.max_vision_tokens:
             break
     else:
@@ -81,20 +89,18 @@ def training_example(record: dict, media: dict, processor, budget: Budget,
     if attempt:
         counts["frames_reduced" if media.get("video") is not None else "crops_reduced"] += 1
 
-    while len(formatted.input_ids) > budget.max_tokens:
+    while (tokens := sum(len(f.input_ids) for f in formatted)) > budget.max_tokens:
         if len(responses) == 2:
-            raise Skip("too_long", f"{record_id}: {len(formatted.input_ids)} tokens with 2 responses "
-                                   f"(budget {budget.max_tokens})")
+            raise Skip("too_long", f"{record_id}: {tokens} tokens with 2 responses (budget {budget.max_tokens})")
         counts["response_dropped"] += 1
         if rankings[-1] == rankings.min() and (rankings == rankings.min()).sum() == 1:
             counts["best_response_dropped"] += 1  # the label moves to the best survivor: counted
         responses, rankings = responses[:-1], rankings[:-1]
-        formatted = formatting.format_example(processor, record.get("prompt", ""), responses, **media,
-                                              media_cache=media_cache, **options)
+        formatted = sequences(responses, options)
 
-    batch = processor.model_batch(formatted.processor_outputs)
-    batch["read_positions"] = formatted.read_positions[None]
-    batch["response_starts"] = formatted.response_starts[None]
+    parts = [{**processor.model_batch(f.processor_outputs), "read_positions": f.read_positions[None],
+              "response_starts": f.response_starts[None]} for f in formatted]
+    batch = parts[0] if separate is None else packing.joined(parts, separate)
     batch["labels"] = np.array([reward.label_from_rankings(rankings, rng)], np.int32)
     batch["rankings"] = rankings[None].astype(np.int32)
     # Drawn after the label, so adding it changed no earlier draw: best to worst, for `plackett_luce`.

@@ -138,12 +138,15 @@ def row_layout(budget: RowBudget, media) -> dict[str, tuple[tuple[int, ...], typ
 def pack_row(examples: list[dict], budget: RowBudget, media) -> dict:
     """One packed row (a batch of 1) from one-row examples; see the module docstring for the arrays."""
     row = {name: np.full((1, *shape), fill, dtype) for name, (shape, dtype, fill) in row_layout(budget, media).items()}
-    used = {"tokens": 0, **dict.fromkeys(MEDIA_RESOURCES, 0)}
+    used = {"tokens": 0, "segments": 0, **dict.fromkeys(MEDIA_RESOURCES, 0)}
     for slot, example in enumerate(examples):
         token, length = used["tokens"], example["tokens"].shape[1]
         row["tokens"][0, token: token + length] = example["tokens"][0]
         row["positions"][0, ..., token: token + length] = example["positions"][0]
-        row["segment_ids"][0, token: token + length] = slot + 1
+        # An example is one segment, or several (`joined`): its own ids 1, 2, ..., shifted past the row's
+        segments_t = example["segment_ids"][0] if "segment_ids" in example else np.ones(length, np.int32)
+        row["segment_ids"][0, token: token + length] = segments_t + used["segments"]
+        used["segments"] += int(segments_t.max(initial=0))
         media.place(row, example, used)
         for field in ("read_positions", "response_starts"):
             indices = example[field][0] if field in example else np.full(example["read_positions"].shape[1], -1)
@@ -155,4 +158,23 @@ def pack_row(examples: list[dict], budget: RowBudget, media) -> dict:
         used["tokens"] += length
         for name, count in media_counts(example).items():
             used[name] += count
+    return row
+
+
+def joined(examples: list[dict], media) -> dict:
+    """One example of several one-response sequences, each its own segment, read one score per sequence:
+    a single-response reward model's group (`examples.training_example(separate=...)`). Packed like a
+    row of its own, tight, so a response sees its prompt and media but no other response, with positions
+    restarting at 0, exactly as when it is scored alone."""
+    counts = [media_counts(e) for e in examples]
+    total = {name: sum(c[name] for c in counts) for name in MEDIA_RESOURCES}
+    budget = RowBudget(row_tokens=sum(e["tokens"].shape[1] for e in examples), row_crops=total["crops"],
+                       row_pooled=total["pooled"], row_examples=len(examples), max_responses=1,
+                       pool_slots=max((e["pooling"].shape[2] for e in examples if "pooling" in e), default=1),
+                       row_patches=total["patches"])
+    row = pack_row(examples, budget, media)
+    for field in ("read_positions", "response_starts"):  # [1, sequences, 1] -> [1, responses]
+        row[field] = row[field].reshape(1, -1)
+    for field in ("order", "labels", "media_kind"):  # the group's, set by the caller
+        del row[field]
     return row

@@ -95,12 +95,14 @@ class PrepareExample:
     """
 
     def __init__(self, processor_dir, load_processor, budget: examples.Budget, seed: int, media_root,
-                 media_transform: str = "none", row: packing.RowBudget | None = None, sources: tuple[str, ...] = ()):
+                 media_transform: str = "none", row: packing.RowBudget | None = None, sources: tuple[str, ...] = (),
+                 separate=None):
         if media_transform not in MEDIA_TRANSFORMS:
             raise ValueError(f"media_transform={media_transform!r}: expected one of {MEDIA_TRANSFORMS}")
         self.processor_dir, self.load_processor, self.budget = str(processor_dir), load_processor, budget
         self.row = row  # the packed row every example must fit: one that does not is a skip, not a crash
         self.seed, self.media_transform = seed, media_transform
+        self.separate = separate  # a media layout: each response in its own sequence (`training_example`)
         self.sources = sources  # a mixture's source names: a record id "NAME/..." is counted under NAME
         self.media_root = None if media_root is None else pathlib.Path(media_root)
         self._local = threading.local()
@@ -133,7 +135,8 @@ class PrepareExample:
             loaded = blank_media(records.load_media(record, record_id, files, self._local.keep_frames),
                                  self.media_transform)
             example = examples.training_example(record, loaded, processor, self.budget,
-                                                np.random.default_rng([self.seed, index]), counts, record_id)
+                                                np.random.default_rng([self.seed, index]), counts, record_id,
+                                                self.separate)
             over = packing.exceeds(example, self.row) if self.row else []
             if over:
                 raise Skip("too_large_for_row", f"{record_id}: {', '.join(over)} do not fit one packed row")

@@ -23,10 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mrrm_jax import backbones
 from mrrm_jax.backbones import checkpoint
-from mrrm_jax.core import lora, tree_paths
+from mrrm_jax.core import lora, sharding, tree_paths
 from mrrm_jax.data import packing, records, synthetic
 from mrrm_jax.policy import objective as objective_lib
 from mrrm_jax.policy import sampler, warmup
@@ -167,8 +168,12 @@ class Run:
         if len(self.train) < cfg.grpo.prompts_per_step or not self.eval:
             raise RunError(f"{len(self.train)} usable training prompts (need {cfg.grpo.prompts_per_step} per "
                            f"step) and {len(self.eval)} for evaluation; skipped: {self.skips}")
+        self.scorer = make_scorer(cfg, ref_root)  # before the warm-up: a wrong reward path fails at once
+        self.mesh = sharding.make_mesh(cfg.mesh.to_dict())
         self.policy = load_policy(cfg, workdir, self.train)
-        self.scorer = make_scorer(cfg, ref_root)
+        # The base laid out as the trainer lays it out (FSDP over 'fsdp', replicated over 'data'); the
+        # rollouts' rows go over the batch axes (`_rows`), and everything the jitted pieces compute follows.
+        self.policy.base = jax.device_put(self.policy.base, sharding.tree_shardings(self.policy.base, self.mesh))
         g = cfg.grpo
         self.objective = objective_lib.Objective(g.clip_eps, g.kl_coef, g.advantage)
         self.lora_spec = lora.LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=0.0,
@@ -205,20 +210,34 @@ class Run:
             return ({"step": state["step"], "lora": optax.apply_updates(state["lora"], updates), "opt": opt},
                     {"loss": loss, **metrics})
 
-        self._sample = jax.jit(sample, static_argnums=(4, 5))
-        self._policy_logp = jax.jit(lambda base, factors, batch, tokens: logprobs(view(base, factors), batch, tokens)[0])
-        self._ref_logp = jax.jit(lambda base, batch, tokens: logprobs(base, batch, tokens)[0])
-        self._update = jax.jit(update)
+        def on_mesh(fn):  # activations pinned to the batch axes (`sharding.constrain_rows`), as in training
+            def run(*args):
+                with jax.set_mesh(self.mesh):
+                    return fn(*args)
+            return run
+
+        self._sample = on_mesh(jax.jit(sample, static_argnums=(4, 5)))
+        self._policy_logp = on_mesh(jax.jit(lambda base, factors, batch, tokens:
+                                            logprobs(view(base, factors), batch, tokens)[0]))
+        self._ref_logp = on_mesh(jax.jit(lambda base, batch, tokens: logprobs(base, batch, tokens)[0]))
+        self._update = on_mesh(jax.jit(update))
+
+    def _rows(self, tree):
+        """Arrays of rows on the mesh: over the batch axes where those divide them all, else replicated."""
+        split = sharding.rows_split(self.mesh, *jax.tree.leaves(tree))
+        place = lambda x: sharding.batch_sharding(self.mesh, x.ndim) if split else NamedSharding(self.mesh, P())
+        return jax.tree.map(lambda x: jax.device_put(x, place(x)), tree)
 
     def initial_state(self) -> dict:
         factors = lora.init(self.policy.base, self.lora_spec, jax.random.key(self.cfg.seed + 1))
         factors = tree_paths.escape(factors)
-        return {"step": jnp.int32(0), "lora": factors, "opt": self.tx.init(factors)}
+        state = {"step": jnp.int32(0), "lora": factors, "opt": self.tx.init(factors)}
+        return jax.device_put(state, sharding.tree_shardings(state, self.mesh))
 
     # -- one step ---------------------------------------------------------------------------------
     def generate(self, factors, prompts: list[Prompt], key, samples: int, sampling=None) -> tuple:
         """(prompt batch, tokens [P * samples, N], lengths, texts) of the policy's samples."""
-        prompt_batch = self.policy.rows.batch(prompts)
+        prompt_batch = self._rows(self.policy.rows.batch(prompts))
         out = self._sample(self.policy.base, factors, prompt_batch, key, samples, sampling or self.sampling)
         tokens_bn, lengths_b = np.asarray(out["tokens"]), np.asarray(out["lengths"])
         return prompt_batch, tokens_bn, lengths_b, decoded(self.policy.processor.tokenizer, tokens_bn, lengths_b)
@@ -237,6 +256,7 @@ class Run:
         key = jax.random.fold_in(jax.random.key(self.cfg.seed), step)
         batch, tokens_bn, lengths_b, _, rewards_b = self.rollouts(state["lora"], prompts, key, g.group_size)
         advantages_b = objective_lib.advantages(jnp.asarray(rewards_b), g.group_size, self.objective)
+        batch, tokens_bn, advantages_b = self._rows((batch, tokens_bn, advantages_b))
         old_logp_bn = self._policy_logp(self.policy.base, state["lora"], batch, tokens_bn)
         ref_logp_bn = self._ref_logp(self.policy.base, batch, tokens_bn)
         for _ in range(g.updates_per_batch):
@@ -276,7 +296,8 @@ class Run:
             if run.get("config") != snapshot:
                 raise RunError(f"{self.workdir / 'checkpoints'} holds another config's run; use a new --workdir")
 
-        restored = checkpoints.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state),
+        restored = checkpoints.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                                    state),
                                        _NoDataState(), same_run)
         start = 0
         if restored is not None:

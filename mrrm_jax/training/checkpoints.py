@@ -32,6 +32,8 @@ import json
 import logging
 import pathlib
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -42,6 +44,14 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
+
+
+def stop_on_sigterm() -> threading.Event:
+    """An event that SIGTERM (a preemption) sets: a run then saves a checkpoint and stops."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return stop
+
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax 0.12.8's `atomicity.TMP_DIR_SUFFIX`: a step being written
 

@@ -110,7 +110,8 @@ def batches(source: pathlib.Path | str | Mixture, train: bool, spec: DataSpec, b
     media_root = spec.media_root or (source.parent if isinstance(source, pathlib.Path) else None)
     mixed = isinstance(source, Mixture)
     prepare = pipeline.PrepareExample(processor, backbones.load_processor, budget, seed + (0 if train else 1), media_root,
-                                      media_transform, packing.row, sources=source.names if mixed else ())
+                                      media_transform, packing.row, sources=source.names if mixed else (),
+                                      separate=packing.media if spec.single_response else None)
     return pipeline.batches(mixture_items(source) if mixed else record_items(source), prepare, packing, seed,
                             spec.num_epochs if train else 1, spec.num_workers if train else 0, jax.process_index(),
                             jax.process_count(), shuffle=train, num_threads=spec.num_threads,

@@ -42,6 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.num_epochs = -1  # -1: repeat for as many steps as `train.num_steps`
     c.data.num_workers = 0  # grain worker processes decoding media (0: in the training process)
     c.data.num_threads = 1  # reader threads per worker, each with its own processor
+    # Each response in its own sequence, with its own copy of the prompt and media, and the same N-way
+    # loss over the separate scores: a conventional single-response RM trained on the same data (the
+    # paper's GRPO baseline). Score it with `mode="single"`; the budget and rows hold all N copies.
+    c.data.single_response = False
     c.data.synthetic = ml_collections.ConfigDict({"train_images": 0, "train_videos": 0, "eval_images": 0,
                                                   "eval_videos": 0})
 

@@ -55,6 +55,7 @@ class DataSpec:
     num_workers: int
     num_threads: int
     synthetic: dict[str, int]  # {train,eval}_{images,videos}: the demo corpus' sizes
+    single_response: bool = False  # each response in its own sequence: a single-response RM (the baseline)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +148,7 @@ def parse(cfg: ml_collections.ConfigDict, training: bool = True) -> RunSpec:
         lora=lora.LoraSpec(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout) if c.lora.rank else None,
         data=DataSpec(c.data.train, c.data.eval, tuple((str(d), float(w)) for d, w in c.data.mixture), c.data.media_root,
                       None if c.data.num_epochs == -1 else c.data.num_epochs, c.data.num_workers,
-                      c.data.num_threads, c.data.synthetic.to_dict()),
+                      c.data.num_threads, c.data.synthetic.to_dict(), c.data.single_response),
         budget=budget, row=row, window=p.window,
         train=TrainSpec(c.train.num_steps, c.train.rows_per_step, c.train.grad_accum, c.train.objective,
                         tuple(c.train.full_train)),
