@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import threading
 
@@ -199,3 +200,38 @@ def test_cli_error_is_one_line(tmp_path):
     assert lines == ["error: reward.checkpoint='/no/such/reward_model' is not a reward-model directory"], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "policy_base").exists()
+
+
+def test_loop_on_two_devices_takes_the_same_steps(tiny_models, processor_dir, tiny_reward_dir, corpus, tmp_path):
+    """2 steps on one device, and in a process with 2 (the base FSDP-sharded over them, the rollouts' rows
+    split over them, the reward model's rows too): the same rewards, losses and KL."""
+    import subprocess
+    import sys
+    from mrrm_jax.policy import loop
+
+    loop.Run(_config(tiny_models, processor_dir, tiny_reward_dir, corpus, 2), tmp_path / "one").run(threading.Event())
+    script = (
+        "import sys, threading, types, pathlib, jax\n"
+        "assert jax.device_count() == 2, jax.devices()\n"
+        "from tests.test_grpo import _config\n"
+        "from mrrm_jax.policy import loop\n"
+        "models = types.SimpleNamespace(converted_native=sys.argv[1])\n"
+        "config = _config(models, sys.argv[2], sys.argv[3], pathlib.Path(sys.argv[4]), 2)\n"
+        "config.mesh = dict(data=1, fsdp=-1, tensor=1)\n"
+        "run = loop.Run(config, pathlib.Path(sys.argv[5]))\n"
+        "assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(run.policy.base))\n"
+        "run.run(threading.Event())\n")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PJRT_NPROC": "8"}
+    result = subprocess.run([sys.executable, "-c", script, str(tiny_models.converted_native), str(processor_dir),
+                             str(tiny_reward_dir), str(corpus), str(tmp_path / "two")],
+                            cwd=pathlib.Path(__file__).resolve().parents[1], env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = lambda d: [r for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
+                      if r["kind"] == "train"]
+    one, two = rows("one"), rows("two")
+    assert [r["step"] for r in two] == [1, 2]
+    for a, b in zip(one, two):
+        for name in ("reward_mean", "reward_std", "response_length", "loss", "kl", "entropy"):
+            assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-6), name
