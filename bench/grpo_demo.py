@@ -38,7 +38,7 @@ def run(name: str, workdir: pathlib.Path, overrides: dict) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| run | held-out sample accuracy | greedy accuracy | validation reward (own RM) | wall, s |",
+    lines = ["| run | held-out sample accuracy | greedy accuracy | validation reward (own RM) | wall, s (multi: with the SFT) |",
              "|---|---|---|---|---|"]
     for r in results:
         first, last = r["evals"][0], r["evals"][-1]
@@ -75,11 +75,13 @@ def main() -> None:
     parser.add_argument("--multi_rm", default="/tmp/mrrm_jax_run/reward_model")
     parser.add_argument("--single_rm", default="/tmp/mrrm_jax_run_single/reward_model")
     parser.add_argument("--plot", default="docs/grpo_demo.png")
+    parser.add_argument("--steps", type=int, default=60, help="GRPO steps per run (evaluated every 10)")
     args = parser.parse_args()
     workdir = pathlib.Path(args.workdir).absolute()
-    warmed = {"policy.checkpoint": str(workdir / "multi" / "policy_base"),
+    schedule = {"grpo.num_steps": args.steps, "eval.every_steps": 10}
+    warmed = {**schedule, "policy.checkpoint": str(workdir / "multi" / "policy_base"),
               "policy.processor_dir": str(workdir / "multi" / "processor")}
-    results = [run("multi", workdir, {"reward.checkpoint": args.multi_rm}),
+    results = [run("multi", workdir, {**schedule, "reward.checkpoint": args.multi_rm}),
                run("single", workdir, {**warmed, "reward.checkpoint": args.single_rm, "reward.mode": "single"}),
                run("blank", workdir, {**warmed, "reward.checkpoint": args.multi_rm, "data.blank_media": True})]
     print(table(results), flush=True)

@@ -26,7 +26,7 @@ def get_config():
         checkpoint="",  # a converted base directory; "" = random weights of `dims` + the SFT warm-up
         processor_dir="",
         type="molmo2", dims=rm.model.dims.to_dict(), processor=rm.processor.kwargs.to_dict(),
-        dtype="float32", attention="xla",
+        dtype="float32", attention="xla", remat="none",
         # the prompt rows' room: one prompt per row
         prompt=dict(tokens=96, crops=4, pooled=40, pool_slots=9, patches=0),
     )
@@ -37,11 +37,12 @@ def get_config():
                                                       r"lm_head/kernel"))
     config.mesh = dict(data=-1, fsdp=1, tensor=1)  # the policy's: base laid out as in training, rollouts over rows
     config.reward = dict(checkpoint="/tmp/mrrm_jax_run/reward_model", url="", api_key="", mode="multi",
-                         row_tokens=1024)
+                         rows=4, row_tokens=1024, row_crops=32)
     config.data = dict(train="synthetic", eval="synthetic", media_root="", blank_media=False,
                        synthetic=dict(train_images=400, train_videos=400, eval_images=32, eval_videos=32))
     config.grpo = dict(num_steps=60, prompts_per_step=8, group_size=4, updates_per_batch=2, learning_rate=3e-4,
-                       clip_norm=1.0, clip_eps=0.2, kl_coef=0.02, advantage="std")
+                       clip_norm=1.0, clip_eps=0.2, kl_coef=0.02, advantage="std",
+                       micro_rows=0)  # the full forwards' rows at a time (0: all); must divide the step's
     config.sampling = dict(max_new_tokens=8, temperature=1.0, top_p=1.0)
     config.eval = dict(every_steps=20, prompts=64)
     config.checkpoint = dict(every_steps=20, keep=2)

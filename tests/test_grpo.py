@@ -120,6 +120,35 @@ def test_grpo_gradient_matches_finite_differences(rollout):
     assert analytic == pytest.approx(numeric, rel=3e-2)
 
 
+def test_update_in_micro_batches_equals_one_pass(rollout):
+    """One row at a time (the gradients accumulated, the token-level mean over the whole batch's 10
+    response tokens, not a mean of the rows' means) and both rows at once: the same log-probabilities,
+    loss, metrics and update."""
+    import optax
+    from mrrm_jax.policy import loop
+
+    model, base, batch, tokens = rollout
+    spec = lora.LoraSpec(rank=2, alpha=4, dropout=0.0, targets=(r"language_model/layers/self_attn/[qv]_proj/kernel",))
+    tx = optax.sgd(1.0)  # the update is the gradient
+    state = loop.initial_state(base, spec, tx, 0)
+    state["lora"] = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), state["lora"])
+    whole, micro = (loop.programs(model, spec, sampler.Sampling(6), objective.Objective(), tx, rows)
+                    for rows in (0, 1))
+    logp = whole["policy_logp"](base, state["lora"], batch, tokens)
+    np.testing.assert_allclose(micro["policy_logp"](base, state["lora"], batch, tokens), logp, atol=1e-6)
+    ref = whole["ref_logp"](base, batch, tokens)
+    np.testing.assert_allclose(micro["ref_logp"](base, batch, tokens), ref, atol=1e-6)
+    args = (state, base, batch, tokens, logp - 0.05, ref, jnp.asarray([0.7, -1.3]))
+    (new_whole, metrics_whole), (new_micro, metrics_micro) = whole["update"](*args), micro["update"](*args)
+    assert metrics_micro.keys() == metrics_whole.keys()
+    for name in metrics_whole:
+        assert float(metrics_micro[name]) == pytest.approx(float(metrics_whole[name]), rel=1e-5, abs=1e-7), name
+    for a, b in zip(jax.tree.leaves(new_micro["lora"]), jax.tree.leaves(new_whole["lora"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(jax.tree.leaves(new_whole["lora"]),
+                                                               jax.tree.leaves(state["lora"])))
+
+
 # -- the loop --------------------------------------------------------------------------------------
 
 def _config(tiny_models, processor_dir, tiny_reward_dir, corpus: pathlib.Path, steps: int):
@@ -128,15 +157,16 @@ def _config(tiny_models, processor_dir, tiny_reward_dir, corpus: pathlib.Path, s
     config = ml_collections.ConfigDict()
     config.seed, config.log_every = 0, 1
     config.policy = dict(checkpoint=str(tiny_models.converted_native), processor_dir=str(processor_dir),
-                         type="molmo2", dims={}, processor={}, dtype="float32", attention="xla",
+                         type="molmo2", dims={}, processor={}, dtype="float32", attention="xla", remat="none",
                          prompt=dict(tokens=512, crops=10, pooled=400, pool_slots=9, patches=0))
     config.sft = dict(steps=0, rows=2, learning_rate=1e-3, train=())
     config.lora = dict(rank=4, alpha=8.0, targets=(r"language_model/layers/self_attn/[qv]_proj/kernel",))
     config.mesh = dict(data=-1, fsdp=1, tensor=1)
-    config.reward = dict(checkpoint=str(tiny_reward_dir), url="", api_key="", mode="multi", row_tokens=2048)
+    config.reward = dict(checkpoint=str(tiny_reward_dir), url="", api_key="", mode="multi", rows=4, row_tokens=2048,
+                         row_crops=32)
     config.data = dict(train=str(corpus), eval=str(corpus), media_root="", blank_media=False, synthetic={})
     config.grpo = dict(num_steps=steps, prompts_per_step=2, group_size=2, updates_per_batch=2, learning_rate=1e-3,
-                       clip_norm=1.0, clip_eps=0.2, kl_coef=0.04, advantage="std")
+                       clip_norm=1.0, clip_eps=0.2, kl_coef=0.04, advantage="std", micro_rows=0)
     config.sampling = dict(max_new_tokens=4, temperature=1.0, top_p=1.0)
     config.eval = dict(every_steps=100, prompts=2)
     config.checkpoint = dict(every_steps=1, keep=3)

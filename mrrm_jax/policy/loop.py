@@ -98,7 +98,9 @@ def load_policy(cfg, workdir: pathlib.Path, train_prompts) -> Policy:
     files, or `policy.processor_dir`), or, without one, a model of `policy.dims` from random weights
     given the SFT warm-up (saved under workdir/policy_base and reused)."""
     runtime = dict(dtype=cfg.policy.dtype, param_dtype=cfg.policy.dtype, attention=cfg.policy.attention,
-                   remat="none", with_lm_head=True)
+                   remat=cfg.policy.remat, with_lm_head=True)
+    if not cfg.policy.checkpoint and not cfg.policy.dims:
+        raise RunError("policy.checkpoint is empty: give a converted base directory (tools/convert_checkpoint.py)")
     if cfg.policy.checkpoint:
         base_dir = pathlib.Path(cfg.policy.checkpoint)
         processor_dir = pathlib.Path(cfg.policy.processor_dir or base_dir)
@@ -137,7 +139,8 @@ def make_scorer(cfg, media_root: pathlib.Path):
         return RewardClient(cfg.reward.url, cfg.reward.api_key or None)
     if not pathlib.Path(cfg.reward.checkpoint, checkpoint.BASE_DIR).is_dir():
         raise RunError(f"reward.checkpoint={cfg.reward.checkpoint!r} is not a reward-model directory")
-    model = RewardModel.load(cfg.reward.checkpoint, row_tokens=cfg.reward.row_tokens)
+    model = RewardModel.load(cfg.reward.checkpoint, rows=cfg.reward.rows, row_tokens=cfg.reward.row_tokens,
+                             row_crops=cfg.reward.row_crops)
     return LocalScorer(model, media_root, cfg.reward.mode)
 
 
@@ -150,6 +153,83 @@ def decoded(tokenizer, tokens_bn: np.ndarray, lengths_b: np.ndarray) -> list[str
 def groups_of(prompts: list[Prompt], texts: list[str], group_size: int) -> list[dict]:
     return [{"prompt": p.question, "responses": texts[i * group_size:(i + 1) * group_size], **p.refs}
             for i, p in enumerate(prompts)]
+
+
+def settings(cfg, stop_ids: tuple[int, ...]) -> tuple:
+    """(objective, LoRA spec, sampling, optimizer) of a config."""
+    g = cfg.grpo
+    return (objective_lib.Objective(g.clip_eps, g.kl_coef, g.advantage),
+            lora.LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=0.0, targets=tuple(cfg.lora.targets)),
+            sampler.Sampling(cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p, stop_ids),
+            make_optimizer(g.learning_rate, g.num_steps * g.updates_per_batch, clip_norm=g.clip_norm))
+
+
+def initial_state(base: dict, spec: lora.LoraSpec, tx, seed: int) -> dict:
+    """Step 0: the LoRA factors (B at zero: the policy starts as its base) and their optimizer state."""
+    factors = tree_paths.escape(lora.init(base, spec, jax.random.key(seed + 1)))
+    return {"step": jnp.int32(0), "lora": factors, "opt": tx.init(factors)}
+
+
+def micro_batches(tree, chunks: int):
+    """Rows [B, ...] -> [chunks, B / chunks, ...], chunk c taking rows c, c + chunks, ...: with the rows
+    split over the mesh in contiguous blocks, every chunk keeps rows on every device."""
+    return jax.tree.map(lambda x: x.reshape(-1, chunks, *x.shape[1:]).swapaxes(0, 1), tree)
+
+
+def from_micro_batches(x, rows: int):
+    return x.swapaxes(0, 1).reshape(rows, *x.shape[2:])
+
+
+def programs(model, spec: lora.LoraSpec, sampling: sampler.Sampling, objective: objective_lib.Objective,
+             tx, micro_rows: int = 0) -> dict:
+    """The loop's jitted pieces, as `Run` calls them and `bench/grpo_memory.py` compiles them for a slice:
+    sample (static: samples, sampling), policy_logp, ref_logp (the adapter off), update (one optimizer
+    step on the LoRA factors). The full forwards run `micro_rows` rows at a time (0: all at once), the
+    update accumulating the micro-batches' gradients: the same step, in a fraction of the memory."""
+    # logprobs are taken at the sampling temperature (the distribution the tokens came from)
+    view = lambda base, factors: lora.apply(base, tree_paths.unescape(factors), spec, dropout=False)
+    chunks_of = lambda tokens_bn: tokens_bn.shape[0] // micro_rows if micro_rows else 1
+
+    def sample(base, factors, prompts, key, samples, sampling):
+        return sampler.sample(model, view(base, factors), prompts, sampling, key, samples)
+
+    def logprobs(params, batch, tokens_bn):
+        return objective_lib.token_logprobs(sampler.token_logits(model, params, batch), tokens_bn,
+                                            sampling.temperature)
+
+    def logprobs_in_micro_batches(params, batch, tokens_bn):
+        logp_cbn = jax.lax.map(lambda micro: logprobs(params, *micro)[0],
+                               micro_batches((batch, tokens_bn), chunks_of(tokens_bn)))
+        return from_micro_batches(logp_cbn, tokens_bn.shape[0])
+
+    def update(state, base, batch, tokens_bn, old_logp_bn, ref_logp_bn, advantages_b):
+        tokens = jnp.maximum(batch["response_mask"].sum(), 1).astype(jnp.float32)  # the whole batch's
+
+        def loss_fn(factors, micro):
+            batch, tokens_bn, old_logp_bn, ref_logp_bn, advantages_b = micro
+            logp_bn, entropy_bn = logprobs(view(base, factors), batch, tokens_bn)
+            loss, metrics = objective_lib.grpo_loss(logp_bn, old_logp_bn, ref_logp_bn, advantages_b,
+                                                    batch["response_mask"], objective, tokens)
+            metrics["entropy"] = (entropy_bn * batch["response_mask"]).sum() / tokens
+            return loss, metrics
+
+        def accumulate(total, micro):
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["lora"], micro)
+            return jax.tree.map(jnp.add, total, (grads, {"loss": loss, **metrics})), None
+
+        micro = micro_batches((batch, tokens_bn, old_logp_bn, ref_logp_bn, advantages_b), chunks_of(tokens_bn))
+        loss, metrics = jax.eval_shape(loss_fn, state["lora"], jax.tree.map(lambda x: x[0], micro))
+        zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (state["lora"], {"loss": loss, **metrics}))
+        (grads, metrics), _ = jax.lax.scan(accumulate, zero, micro)
+        updates, opt = tx.update(grads, state["opt"], state["lora"])
+        return ({"step": state["step"], "lora": optax.apply_updates(state["lora"], updates), "opt": opt},
+                metrics)
+
+    return {"sample": jax.jit(sample, static_argnums=(4, 5)),
+            "policy_logp": jax.jit(lambda base, factors, batch, tokens:
+                                   logprobs_in_micro_batches(view(base, factors), batch, tokens)),
+            "ref_logp": jax.jit(logprobs_in_micro_batches),
+            "update": jax.jit(update)}
 
 
 class Run:
@@ -168,47 +248,21 @@ class Run:
         if len(self.train) < cfg.grpo.prompts_per_step or not self.eval:
             raise RunError(f"{len(self.train)} usable training prompts (need {cfg.grpo.prompts_per_step} per "
                            f"step) and {len(self.eval)} for evaluation; skipped: {self.skips}")
+        rows, micro = cfg.grpo.prompts_per_step * cfg.grpo.group_size, cfg.grpo.micro_rows
+        if micro and rows % micro:
+            raise RunError(f"grpo.micro_rows={micro} does not divide a step's {rows} rows (prompts_per_step x group_size)")
         self.scorer = make_scorer(cfg, ref_root)  # before the warm-up: a wrong reward path fails at once
         self.mesh = sharding.make_mesh(cfg.mesh.to_dict())
         self.policy = load_policy(cfg, workdir, self.train)
         # The base laid out as the trainer lays it out (FSDP over 'fsdp', replicated over 'data'); the
         # rollouts' rows go over the batch axes (`_rows`), and everything the jitted pieces compute follows.
         self.policy.base = jax.device_put(self.policy.base, sharding.tree_shardings(self.policy.base, self.mesh))
-        g = cfg.grpo
-        self.objective = objective_lib.Objective(g.clip_eps, g.kl_coef, g.advantage)
-        self.lora_spec = lora.LoraSpec(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=0.0,
-                                       targets=tuple(cfg.lora.targets))
-        self.sampling = sampler.Sampling(cfg.sampling.max_new_tokens, cfg.sampling.temperature, cfg.sampling.top_p,
-                                         self.policy.stop_ids)
-        self.tx = make_optimizer(g.learning_rate, g.num_steps * g.updates_per_batch, clip_norm=g.clip_norm)
+        self.objective, self.lora_spec, self.sampling, self.tx = settings(cfg, self.policy.stop_ids)
         self._compile()
 
-    # -- the jitted pieces ------------------------------------------------------------------------
     def _compile(self):
-        model, spec, sampling, objective, tx = (self.policy.model, self.lora_spec, self.sampling, self.objective,
-                                                self.tx)
-        # logprobs are taken at the sampling temperature (the distribution the tokens came from)
-        view = lambda base, factors: lora.apply(base, tree_paths.unescape(factors), spec, dropout=False)
-
-        def sample(base, factors, prompts, key, samples, sampling):
-            return sampler.sample(model, view(base, factors), prompts, sampling, key, samples)
-
-        def logprobs(params, batch, tokens_bn):
-            return objective_lib.token_logprobs(sampler.token_logits(model, params, batch), tokens_bn,
-                                                sampling.temperature)
-
-        def update(state, base, batch, tokens_bn, old_logp_bn, ref_logp_bn, advantages_b):
-            def loss_fn(factors):
-                logp_bn, entropy_bn = logprobs(view(base, factors), batch, tokens_bn)
-                loss, metrics = objective_lib.grpo_loss(logp_bn, old_logp_bn, ref_logp_bn, advantages_b,
-                                                        batch["response_mask"], objective)
-                mask = batch["response_mask"]
-                metrics["entropy"] = (entropy_bn * mask).sum() / jnp.maximum(mask.sum(), 1)
-                return loss, metrics
-            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["lora"])
-            updates, opt = tx.update(grads, state["opt"], state["lora"])
-            return ({"step": state["step"], "lora": optax.apply_updates(state["lora"], updates), "opt": opt},
-                    {"loss": loss, **metrics})
+        jitted = programs(self.policy.model, self.lora_spec, self.sampling, self.objective, self.tx,
+                          self.cfg.grpo.micro_rows)
 
         def on_mesh(fn):  # activations pinned to the batch axes (`sharding.constrain_rows`), as in training
             def run(*args):
@@ -216,11 +270,8 @@ class Run:
                     return fn(*args)
             return run
 
-        self._sample = on_mesh(jax.jit(sample, static_argnums=(4, 5)))
-        self._policy_logp = on_mesh(jax.jit(lambda base, factors, batch, tokens:
-                                            logprobs(view(base, factors), batch, tokens)[0]))
-        self._ref_logp = on_mesh(jax.jit(lambda base, batch, tokens: logprobs(base, batch, tokens)[0]))
-        self._update = on_mesh(jax.jit(update))
+        self._sample, self._policy_logp, self._ref_logp, self._update = (
+            on_mesh(jitted[name]) for name in ("sample", "policy_logp", "ref_logp", "update"))
 
     def _rows(self, tree):
         """Arrays of rows on the mesh: over the batch axes where those divide them all, else replicated."""
@@ -229,9 +280,7 @@ class Run:
         return jax.tree.map(lambda x: jax.device_put(x, place(x)), tree)
 
     def initial_state(self) -> dict:
-        factors = lora.init(self.policy.base, self.lora_spec, jax.random.key(self.cfg.seed + 1))
-        factors = tree_paths.escape(factors)
-        state = {"step": jnp.int32(0), "lora": factors, "opt": self.tx.init(factors)}
+        state = initial_state(self.policy.base, self.lora_spec, self.tx, self.cfg.seed)
         return jax.device_put(state, sharding.tree_shardings(state, self.mesh))
 
     # -- one step ---------------------------------------------------------------------------------

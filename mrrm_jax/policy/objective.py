@@ -57,10 +57,12 @@ def token_logprobs(logits_bnv, tokens_bn, temperature: float = 1.0):
     return chosen_bn, entropy_bn
 
 
-def grpo_loss(logp_bn, old_logp_bn, ref_logp_bn, advantages_b, mask_bn, objective: Objective):
-    """(the loss, metrics): see the module docstring. `mask_bn`: the response tokens."""
+def grpo_loss(logp_bn, old_logp_bn, ref_logp_bn, advantages_b, mask_bn, objective: Objective, tokens=None):
+    """(the loss, metrics): see the module docstring. `mask_bn`: the response tokens. `tokens`: the
+    mean's denominator, when these rows are a micro-batch of a larger batch (that batch's response
+    tokens): the micro-batches' losses, gradients and metrics then sum to the whole batch's."""
     mask_bn = mask_bn.astype(jnp.float32)
-    tokens = jnp.maximum(mask_bn.sum(), 1.0)
+    tokens = jnp.maximum(mask_bn.sum(), 1.0) if tokens is None else tokens
     mean = lambda x_bn: (x_bn * mask_bn).sum() / tokens
     ratio_bn = jnp.exp(logp_bn - old_logp_bn)
     adv_b1 = advantages_b[:, None]

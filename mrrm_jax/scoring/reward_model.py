@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import json
 import os
 import pathlib
@@ -32,6 +33,13 @@ from mrrm_jax.models.attention import inference_backend
 
 # How a group's responses reach the model: all in one pass, or each in its own (the baseline).
 MODES = ("multi", "single")
+
+
+def forward(backbone, head, vision_crops: int | None, devices: int, params, head_params, batch: dict):
+    """Scores [B, E, N] of a batch of packed rows on `devices` data-parallel devices (jit it with the
+    first four bound)."""
+    hidden_btd = backbones.hidden_states(backbone, params, batch, vision_crops, devices)
+    return reward.scores(head, head_params, hidden_btd, batch)
 
 
 class RewardModel:
@@ -59,7 +67,7 @@ class RewardModel:
         self.shapes = batch_shapes.BatchShapes(budget, backbones.media(self.config), rows, self.mesh.size,
                                               deterministic=deterministic)
         self._rows = NamedSharding(self.mesh, P("data"))
-        self._scores = jax.jit(self._forward)
+        self._scores = jax.jit(functools.partial(forward, self.backbone, self.head, self.vision_crops, self.mesh.size))
 
     @classmethod
     def load(cls, reward_dir: str | pathlib.Path, dtype: str | None = None, attention: str | None = None,
@@ -77,10 +85,6 @@ class RewardModel:
         processor = backbones.load_processor(reward_dir / checkpoint.PROCESSOR_DIR)
         return cls(backbones.with_processor(config, processor), params, head_config, trainable["head"], processor,
                    **shape)
-
-    def _forward(self, params, head_params, batch: dict):
-        hidden_btd = backbones.hidden_states(self.backbone, params, batch, self.vision_crops, self.mesh.size)
-        return reward.scores(self.head, head_params, hidden_btd, batch)
 
     def example(self, prompt, responses, images=None, video=None, video_metadata=None, media_cache=None) -> dict:
         """One example as a one-row model batch with its read positions. `media_cache`: a dict kept across
