@@ -5,9 +5,9 @@ against the demo reward model.
     python -m mrrm_jax.grpo --config=configs/grpo_demo.py [--workdir=/tmp/mrrm_jax_grpo]
 
 The policy has the reward-model demo's dimensions, random weights, and an SFT warm-up on ALL of each
-record's four answers: it learns the answer format and something of the colour, but names the right one
-only about as often as the corpus lists it (1 in 4). GRPO then trains LoRA (rank 16 on the LM) with the
-reward model's scores of each prompt's 4 samples. `reward.mode=single` scores each sample alone (the
+record's four answers: it learns the answer format, but not to look (it names the right colour 1 time in
+8, chance; docs/grpo.md has why, and why GRPO does not yet lift it). GRPO then trains LoRA (rank 16 on the
+LM) with the reward model's scores of each prompt's 4 samples. `reward.mode=single` scores each sample alone (the
 baseline); `data.blank_media=True` blacks out the policy's images and videos (the control: a policy that
 cannot see cannot learn the colour, whatever the reward).
 """
