@@ -17,11 +17,14 @@ from configs import grpo_demo
 
 def get_config():
     config = grpo_demo.get_config()
-    config.policy.update(
-        checkpoint="", processor_dir="", dims={}, processor={}, dtype="bfloat16", attention="pallas", remat="full",
-        preset="molmo2_4b",  # the dimensions bench/grpo_memory.py compiles for (a run reads the checkpoint's)
-        # one image prompt per row: 9 crops of 378 px at 2x2 pooling (196 pooled tokens each) and the text
-        prompt=dict(tokens=2048, crops=9, pooled=1764, pool_slots=9, patches=0))
+    config.policy.update(checkpoint="", processor_dir="", dtype="bfloat16", attention="pallas", remat="full",
+                         preset="molmo2_4b")  # the dimensions bench/grpo_memory.py compiles for
+    # Assigned, not updated (`update` merges into the demo's): no dims (a run reads the checkpoint's), the
+    # Molmo2 release's processor settings (a run reads the checkpoint's processor files; the bench writes these)
+    config.policy.dims = {}
+    config.policy.processor = dict(crop=378, max_crops=8, num_frames=384, max_fps=2.0)
+    # one image prompt per row: 9 crops of 378 px at 2x2 pooling (196 pooled tokens each) and the text
+    config.policy.prompt = dict(tokens=2048, crops=9, pooled=1764, pool_slots=9, patches=0)
     config.sft.steps = 0  # a real policy needs no warm-up (it runs only without policy.checkpoint)
     config.lora = dict(rank=64, alpha=128.0,
                        targets=(r"language_model/layers/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel",))
