@@ -83,7 +83,9 @@ def measure(cfg, topology: str) -> dict:
     advantages = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=sharding.batch_sharding(mesh, 1))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, P()))
 
-    rm_mesh = Mesh(np.asarray(devices), ("data",))  # as `RewardModel`: replicated, rows over every chip
+    # The reward model: the policy's backbone type at `reward.preset`, laid out as `RewardModel` lays it
+    # out (replicated, rows over every chip), one batch of `reward.rows` rows of `reward.row_tokens`.
+    rm_mesh = Mesh(np.asarray(devices), ("data",))
     rm_config = preset_config(cfg.policy.type, cfg.reward.preset, dtype=dtype, param_dtype=dtype,
                               attention=inference_backend(cfg.policy.attention), remat="none", with_lm_head=False)
     rm_config = backbones.with_processor(rm_config, processor)
